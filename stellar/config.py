@@ -1,0 +1,200 @@
+"""Typed, validated configuration.
+
+One YAML file (``conf/local.yaml`` is the embedded default) describes where
+data live, how Spark and MLflow are reached and the parameters of every stage.
+Unknown keys and bad values fail on load with a message that names the key,
+and ``--set section.key=value`` overrides are applied before validation so
+they are checked the same way. ``{work_dir}`` in any string is replaced by the
+resolved work folder, so one setting moves every table.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stellar.errors import ConfigError
+
+CONF_DIR_ENV = "STELLAR_CONF_DIR"
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class SparkConfig(StrictModel):
+    master: str = "local[*]"
+    app_name: str = "stellar"
+    driver_memory: str = "4g"
+    log_level: Literal["ALL", "DEBUG", "INFO", "WARN", "ERROR", "FATAL", "OFF"] = "WARN"
+    # Passed through verbatim to SparkSession.builder.config(); keys must start with "spark.".
+    conf: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("conf", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            bad = [k for k in value if not str(k).startswith("spark.")]
+            if bad:
+                raise ValueError(f"keys must start with 'spark.', got {bad}")
+            return {str(k): _spark_str(v) for k, v in value.items()}
+        return value
+
+    @field_validator("driver_memory")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"\d+[kmgtKMGT]?", value):
+            raise ValueError(f"expected a JVM memory size such as '4g', got {value!r}")
+        return value
+
+
+def _spark_str(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+class MlflowConfig(StrictModel):
+    tracking_uri: str = "sqlite:///{work_dir}/mlflow.db"
+    artifact_root: str = "{work_dir}/mlartifacts"
+    experiment: str = "stellar"
+    model_name: str = "stellar-hybrid"
+
+
+class SynthConfig(StrictModel):
+    """The synthetic survey: population, defects and file layout."""
+
+    n_stars: int = Field(20000, gt=0, le=200_000_000)
+    seed: int = Field(42, ge=0)
+    # Target stars per bulk file; files split the sky by HEALPix level-8 ranges
+    # of equal expected star counts, as the Gaia archive does.
+    stars_per_file: int = Field(2500, gt=0)
+    # Share of in-distribution stars that have APOGEE-like training labels.
+    training_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    # Share of stars that are out-of-distribution (hot, extremely metal-poor, SB2); never labelled.
+    ood_fraction: float = Field(0.03, ge=0.0, le=0.5)
+    missing_bp_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    nan_pixel_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    edge_spike_fraction: float = Field(0.005, ge=0.0, le=1.0)
+    # Share of labelled stars whose label catalogue row carries a STAR_BAD-like flag.
+    label_bad_fraction: float = Field(0.03, ge=0.0, le=1.0)
+    # Faintest G_RVS of the sample; sets the low-S/N tail (about a third at S/N 15-25).
+    grvs_limit: float = Field(14.1, gt=6.0, le=17.0)
+    gzip_level: int = Field(1, ge=1, le=9)
+    output_dir: str = "{work_dir}/synth"
+
+
+class StellarConfig(StrictModel):
+    work_dir: str = "./work"
+    instrument: str = "gaia_rvs"
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    # Directory the config was loaded from: instrument presets are looked up under it.
+    conf_dir: str = Field(default="", exclude=True)
+
+    @model_validator(mode="after")
+    def _expand(self) -> "StellarConfig":
+        work = str(Path(os.path.expanduser(self.work_dir)).resolve())
+        object.__setattr__(self, "work_dir", work)
+        for section in (self.mlflow, self.synth):
+            for name, value in section:
+                if isinstance(value, str) and "{work_dir}" in value:
+                    object.__setattr__(section, name, value.replace("{work_dir}", work))
+        return self
+
+    def digest(self) -> str:
+        """A short hash of the effective config; recorded with outputs for provenance."""
+        payload = json.dumps(self.model_dump(), sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML so numbers and booleans keep their type."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. spark.master=local[2]")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    # Spark masters such as local[*] parse as YAML lists; keep them as written.
+    if isinstance(value, (list, dict)) and not raw.strip().startswith(("[", "{")):
+        value = raw
+    if isinstance(value, list) and raw.strip().startswith("local["):
+        value = raw.strip()
+    return key.split("."), value
+
+
+def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    # spark.conf keys contain dots themselves: spark.conf.spark.sql.x=1 sets conf["spark.sql.x"].
+    if len(path) > 2 and path[:2] == ["spark", "conf"]:
+        path = ["spark", "conf", ".".join(path[2:])]
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = err.get("input")
+        shown = "" if err["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> StellarConfig:
+    """Load and validate a config file, applying ``KEY=VALUE`` overrides first."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    conf_dir = ""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        data = copy.deepcopy(loaded)
+        source = str(p)
+        conf_dir = str(p.resolve().parent)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _apply_override(data, keys, value)
+    if overrides:
+        source += " + --set " + " ".join(overrides)
+    data["conf_dir"] = conf_dir or os.environ.get(CONF_DIR_ENV, "")
+    try:
+        return StellarConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from None
