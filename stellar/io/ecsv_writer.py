@@ -4,13 +4,12 @@ A YAML header declares every column (arrays as ``datatype: string`` with a
 ``subtype``), then CSV rows with ``null`` for missing values and arrays as
 quoted ``"[v1,v2,...]"`` text (``null`` for NaN elements). Formatting is done
 column-wise with Arrow compute kernels, never value by value in Python, and
-the gzip stream has a zero timestamp and no file name so that the same input
+the gzip stream (ISA-L, standard gzip) has a zero timestamp and no file name so that the same input
 gives byte-identical files.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
 from pathlib import Path
 from typing import Mapping
@@ -19,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
+from isal import igzip
 
 from stellar.io.gaia_schema import GaiaTable
 
@@ -85,8 +85,12 @@ def format_rows(table: GaiaTable, columns: Mapping[str, pa.Array], n_rows: int) 
 
 
 def write_ecsv_gz(path: str | os.PathLike, table: GaiaTable, columns: Mapping[str, pa.Array], n_rows: int,
-                  meta: Mapping | None = None, level: int = 6) -> int:
-    """Write atomically (temp file + rename); returns the number of bytes written."""
+                  meta: Mapping | None = None, level: int = 1) -> int:
+    """Write atomically (temp file + rename); returns the number of bytes written.
+
+    Compression is gzip by ISA-L (``isal``), about 3x faster than zlib at the
+    same ratio; ``level`` is ISA-L's 0-3.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -94,7 +98,7 @@ def write_ecsv_gz(path: str | os.PathLike, table: GaiaTable, columns: Mapping[st
     names_line = (",".join(table.names) + "\n").encode()
     try:
         with open(tmp, "wb") as raw:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=level, mtime=0) as gz:
+            with igzip.IGzipFile(filename="", mode="wb", fileobj=raw, compresslevel=level, mtime=0) as gz:
                 gz.write(header)
                 gz.write(names_line)
                 for lo in range(0, n_rows, ROWS_PER_CHUNK):

@@ -333,7 +333,12 @@ def md5sum_files(folder: Path) -> None:
     (folder / "_MD5SUM.txt").write_text("".join(lines))
 
 
-Runner = Callable[[list[FileTask]], Iterable[dict]]
+# Maps (tasks, config, instrument, output folder) to one result dict per task.
+Runner = Callable[[list[FileTask], SynthConfig, Instrument, str], Iterable[dict]]
+
+
+def local_runner(tasks: list[FileTask], cfg: SynthConfig, instrument: Instrument, out_dir: str) -> list[dict]:
+    return [generate_file(t, cfg, instrument, out_dir) for t in tasks]
 
 
 def run_survey(cfg: SynthConfig, instrument: Instrument, runner: Runner | None = None,
@@ -352,10 +357,7 @@ def run_survey(cfg: SynthConfig, instrument: Instrument, runner: Runner | None =
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     tasks = plan_survey(cfg)
-    if runner is None:
-        results = [generate_file(t, cfg, instrument, str(staging)) for t in tasks]
-    else:
-        results = list(runner(tasks))
+    results = list((runner or local_runner)(tasks, cfg, instrument, str(staging)))
     results.sort(key=lambda r: r["index"])
     truth = pq.read_table(staging / TRUTH_DIR)
     n_lab = labels_catalogue.write_label_catalogue(truth, instrument.labels, staging / LABELS_DIR / "allStar-synth.fits")

@@ -17,8 +17,8 @@ N_SAMPLES = 240
 H_C_OVER_K = 1.4387769e7  # nm K
 BANDS = {
     # name: (lambda_min, lambda_max, centre, half width of the response, pseudo-wavelength range)
-    "bp": (330.0, 680.0, 505.0, 140.0, 7.0),
-    "rp": (630.0, 1050.0, 835.0, 190.0, 7.0),
+    "bp": (330.0, 680.0, 505.0, 120.0, 7.0),
+    "rp": (630.0, 1050.0, 840.0, 140.0, 7.0),
 }
 CORRELATION_RHO = {"bp": -0.30, "rp": -0.25}
 BASIS_FUNCTION_ID = {"bp": 56, "rp": 57}

@@ -1,0 +1,143 @@
+"""The ``stellar`` command: one subcommand per stage plus set-up helpers.
+
+Every subcommand takes ``--config FILE`` (default ``conf/local.yaml`` when it
+exists) and any number of ``--set section.key=value`` overrides. Errors a
+user can fix (bad config, missing Java, bad input) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from stellar import __version__
+from stellar.config import StellarConfig, load_config
+from stellar.errors import StellarError
+
+DEFAULT_CONFIG = Path("conf/local.yaml")
+
+
+def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    # Accepted before and after the subcommand; the two are merged in _load().
+    prefix = "sub_" if suppress else ""
+    parser.add_argument("--config", "-c", dest=f"{prefix}config", default=None, metavar="FILE",
+                        help="YAML config (default: conf/local.yaml if present, else built-in defaults)")
+    parser.add_argument("--set", dest=f"{prefix}overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config value, e.g. --set spark.master=local[2] (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stellar",
+        description="Stellar labels from survey spectra with hybrid CNN ensembles on Spark.",
+        epilog="Run 'stellar COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"stellar {__version__}")
+    _common(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("doctor", help="print versions, Java, Spark master, MLflow URI and GPUs")
+    _common(p, suppress=True)
+    p.add_argument("--spark", action="store_true", help="also start a SparkSession and run a tiny job")
+
+    p = sub.add_parser("synth", help="generate a synthetic survey in the Gaia archive / APOGEE formats")
+    _common(p, suppress=True)
+    p.add_argument("--stars", type=int, help="number of stars (synth.n_stars)")
+    p.add_argument("--seed", type=int, help="random seed (synth.seed)")
+    p.add_argument("--output", help="output folder (synth.output_dir)")
+    p.add_argument("--instrument", help="instrument preset name or YAML path")
+    p.add_argument("--no-spark", action="store_true", help="generate in this process instead of Spark tasks")
+
+    p = sub.add_parser("demo", help="run the demo end to end on the embedded default (today: synth)")
+    _common(p, suppress=True)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> StellarConfig:
+    path = getattr(args, "sub_config", None) or args.config
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    overrides = list(args.overrides) + list(getattr(args, "sub_overrides", []))
+    for flag, key in (("stars", "synth.n_stars"), ("seed", "synth.seed"), ("output", "synth.output_dir"),
+                      ("instrument", "instrument")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return load_config(path, overrides)
+
+
+def cmd_doctor(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    from stellar.doctor import report
+
+    lines, ok = report(cfg, spark_check=args.spark)
+    print("\n".join(lines))
+    return 0 if ok else 2
+
+
+def run_synth(cfg: StellarConfig, use_spark: bool = True) -> dict:
+    from stellar.instruments import load_instrument
+    from stellar.synth.survey import run_survey
+
+    instrument = load_instrument(cfg.instrument, cfg.conf_dir)
+    if not use_spark:
+        return run_survey(cfg.synth, instrument)
+    from stellar.spark import build_session
+    from stellar.synth.distributed import spark_runner
+
+    spark = build_session(cfg, "synth")
+    try:
+        return run_survey(cfg.synth, instrument, runner=spark_runner(spark))
+    finally:
+        spark.stop()
+
+
+def summarise_synth(m: dict) -> str:
+    total = sum(sum(f["bytes"].values()) for f in m["files"])
+    rate = m["n_stars"] / m["seconds"] if m["seconds"] else float("nan")
+    return "\n".join([
+        f"synthetic survey ({m['instrument']}) written to {m['path']}",
+        f"  stars {m['n_stars']} in {m['n_files']} HEALPix-range files, {total / 1e6:.1f} MB",
+        f"  training labels {m['n_labelled']} (labels/allStar-synth.fits), out-of-distribution {m['n_ood']}",
+        f"  truth table: truth/*.parquet; manifest: survey.json",
+        f"  {m['seconds']:.1f} s wall, {rate:.0f} stars/s",
+    ])
+
+
+def cmd_synth(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    manifest = run_synth(cfg, use_spark=not args.no_spark)
+    print(summarise_synth(manifest))
+    return 0
+
+
+def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    print(f"[demo] stage synth: {cfg.synth.n_stars} stars -> {cfg.synth.output_dir}", flush=True)
+    manifest = run_synth(cfg)
+    print(summarise_synth(manifest))
+    summary = {"stages": {"synth": {k: manifest[k] for k in ("n_stars", "n_files", "n_labelled", "n_ood", "path")}},
+               "seconds": round(time.perf_counter() - t0, 1)}
+    out = Path(cfg.work_dir) / "demo-summary.json"
+    out.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"[demo] done in {summary['seconds']} s; summary: {out}")
+    return 0
+
+
+COMMANDS = {"doctor": cmd_doctor, "synth": cmd_synth, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = _load(args)
+        return COMMANDS[args.command](cfg, args)
+    except StellarError as exc:
+        print(f"stellar: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Shared fixtures: real-data folder, a small generated survey, one local SparkSession."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from stellar.config import load_config
+from stellar.instruments import load_instrument
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL = Path(os.environ.get("STELLAR_REAL_DATA", ROOT.parent / "shared" / "data" / "real"))
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not REAL.is_dir():
+        pytest.skip(f"real Gaia/APOGEE samples not found at {REAL} (set STELLAR_REAL_DATA to their folder)")
+    return REAL
+
+
+@pytest.fixture(scope="session")
+def rvs_instrument():
+    return load_instrument("gaia_rvs")
+
+
+@pytest.fixture(scope="session")
+def hr15n_instrument():
+    return load_instrument("ges_hr15n")
+
+
+def small_config(tmp: Path, n_stars: int = 1200, stars_per_file: int = 500, **extra):
+    sets = [f"work_dir={tmp}", f"synth.n_stars={n_stars}", f"synth.stars_per_file={stars_per_file}"]
+    sets += [f"{k}={v}" for k, v in extra.items()]
+    return load_config(ROOT / "conf" / "local.yaml", sets)
+
+
+@pytest.fixture(scope="session")
+def small_survey(tmp_path_factory, rvs_instrument):
+    """A 1200-star, 3-file Gaia RVS survey generated in-process (shared by read-only tests)."""
+    from stellar.synth.survey import run_survey
+
+    tmp = tmp_path_factory.mktemp("survey")
+    cfg = small_config(tmp, **{"synth.ood_fraction": 0.05, "synth.missing_bp_fraction": 0.03,
+                               "synth.nan_pixel_fraction": 0.1})
+    manifest = run_survey(cfg.synth, rvs_instrument)
+    return Path(manifest["path"]), manifest, cfg
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    from stellar.spark import build_session
+
+    tmp = tmp_path_factory.mktemp("spark")
+    cfg = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={tmp}", "spark.master=local[2]"])
+    session = build_session(cfg, "tests")
+    yield session
+    session.stop()

@@ -1,0 +1,36 @@
+import subprocess
+import sys
+
+from stellar.cli import main
+from stellar.java import find_java
+
+
+def test_doctor_lists_versions_and_java(capsys):
+    rc = main(["doctor"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for name in ("pyspark", "torch", "mlflow", "java", "spark", "gpu"):
+        assert name in out
+    assert "MISSING" not in out
+
+
+def test_java_helper_finds_a_spark_capable_java():
+    info = find_java()
+    assert info is not None and info.major >= 17
+    out = subprocess.run([sys.executable, "-m", "stellar.java"], capture_output=True, text=True)
+    assert out.returncode == 0 and f"java {info.version}" in out.stdout
+
+
+def test_synth_command_in_process(tmp_path, capsys):
+    rc = main(["synth", "--no-spark", "--stars", "150", "--set", f"work_dir={tmp_path}",
+               "--set", "synth.stars_per_file=100"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "stars 150 in 2 HEALPix-range files" in out
+    assert (tmp_path / "synth" / "labels" / "allStar-synth.fits").is_file()
+
+
+def test_help_texts_list_every_command():
+    out = subprocess.run([sys.executable, "-m", "stellar.cli", "--help"], capture_output=True, text=True).stdout
+    for cmd in ("doctor", "synth", "demo"):
+        assert cmd in out

@@ -1,0 +1,201 @@
+"""The synthetic survey: formats as the real archive files, values as designed, reproducible."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from stellar.healpix import healpix_index, pixels_of_lonlat
+from stellar.synth.labels_catalogue import ASPCAP_STAR_BAD
+from stellar.synth.survey import RVS_DIR, SOURCE_DIR, XP_DIR, run_survey
+
+from conftest import small_config
+
+GAIA_NULL = [("null", "0"), ("", "0")]  # bulk files write missing values as "null" (astropy issue 13331), query results as ""
+
+
+def read_ecsv(path: Path) -> Table:
+    return Table.read(path, format="ascii.ecsv", fill_values=GAIA_NULL)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "survey.json"}
+
+
+@pytest.fixture(scope="module")
+def truth(small_survey):
+    return pq.read_table(small_survey[0] / "truth").to_pandas()
+
+
+def test_layout_and_counts_add_up(small_survey, truth):
+    path, manifest, cfg = small_survey
+    n = cfg.synth.n_stars
+    assert manifest["n_stars"] == n == len(truth) == truth.source_id.nunique()
+    for sub, prefix in ((RVS_DIR, "RvsMeanSpectrum_"), (XP_DIR, "XpContinuousMeanSpectrum_"), (SOURCE_DIR, "GaiaSource_")):
+        files = sorted((path / sub).glob(f"{prefix}*.csv.gz"))
+        assert len(files) == manifest["n_files"] == 3
+        rows = sum(sum(1 for ln in gzip.open(f, "rt") if not ln.startswith("#")) - 1 for f in files)
+        assert rows == n
+        # _MD5SUM.txt lists every file with its real checksum
+        listed = dict(line.split("  ")[::-1] for line in (path / sub / "_MD5SUM.txt").read_text().splitlines())
+        assert {f.name for f in files} == set(listed)
+        for f in files:
+            assert hashlib.md5(f.read_bytes()).hexdigest() == listed[f.name]
+    assert json.loads((path / "survey.json").read_text())["n_stars"] == n
+
+
+def test_files_sit_in_their_healpix_range(small_survey, truth):
+    path, manifest, _ = small_survey
+    for task in manifest["tasks"]:
+        lo, hi = task["hp8_lo"], task["hp8_hi"]
+        t = read_ecsv(path / SOURCE_DIR / f"GaiaSource_{lo:06d}-{hi:06d}.csv.gz")
+        sid = np.asarray(t["source_id"], dtype=np.int64)
+        assert np.all(np.diff(sid) > 0)  # sorted, unique
+        hp8 = healpix_index(sid, 8)
+        assert hp8.min() >= lo and hp8.max() <= hi
+        hp12 = healpix_index(sid, 12)
+        assert hp12.max() < 12 * 4**12
+        assert np.array_equal(hp12, pixels_of_lonlat(12, t["ra"], t["dec"]))
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path, rvs_instrument):
+    a = run_survey(small_config(tmp_path / "a", n_stars=300, stars_per_file=150).synth, rvs_instrument)
+    b = run_survey(small_config(tmp_path / "b", n_stars=300, stars_per_file=150).synth, rvs_instrument)
+    c = run_survey(small_config(tmp_path / "c", n_stars=300, stars_per_file=150,
+                                **{"synth.seed": 43}).synth, rvs_instrument)
+    da, db, dc = (tree_digest(Path(m["path"])) for m in (a, b, c))
+    assert da == db and len(da) >= 9
+    assert da != dc
+    # gzip header: no timestamp, no file name
+    gz = next((Path(a["path"]) / RVS_DIR).glob("*.csv.gz")).read_bytes()
+    assert gz[:2] == b"\x1f\x8b" and gz[4:8] == b"\x00\x00\x00\x00" and not gz[3] & 0x08
+
+
+def test_rvs_file_matches_the_real_format(small_survey, truth, real_data, rvs_instrument):
+    path = small_survey[0]
+    t = read_ecsv(sorted((path / RVS_DIR).glob("*.csv.gz"))[0])
+    assert t.colnames == ["solution_id", "source_id", "ra", "dec", "flux", "flux_error",
+                          "combined_transits", "combined_ccds", "deblended_ccds"]
+    flux = np.stack([np.asarray(f, dtype=np.float32) for f in t["flux"]])
+    assert flux.shape[1] == 2401 and t["flux"][0].dtype == np.float32
+    # the real DataLink products of the same table: 2401 pixels on the same grid, float32 flux
+    real = Table.read(real_data / "gaiaspec_rvs" / "Kepler-93.csv", format="ascii.csv")
+    assert len(real) == 2401
+    assert np.allclose(np.asarray(real["wavelength"]), rvs_instrument.wave, atol=1e-6)
+    with fits.open(real_data / "msc_adriana_rvs_fits" / "RVS-Gaia DR3 2887834618539920256.fits") as hdul:
+        assert hdul[1].columns["flux"].format == "E" and hdul[1].data.size == 2401
+    # NaN pixels survive the text round trip, exactly where the truth says
+    tr = truth.set_index("source_id").loc[np.asarray(t["source_id"])]
+    assert np.array_equal(np.isnan(flux).sum(axis=1), tr.n_nan_pixels.to_numpy())
+    assert tr.n_nan_pixels.max() <= 110 and (tr.n_nan_pixels > 0).any()
+    # continuum-normalised, noise consistent with the S/N in gaia_source
+    good = ~np.isnan(flux)
+    assert 0.95 < np.median(flux[good]) < 1.02
+    err = np.stack([np.asarray(f) for f in t["flux_error"]])
+    snr_est = np.nanmedian(np.where(good, flux / err, np.nan), axis=1)
+    assert np.corrcoef(snr_est, tr.snr)[0, 1] > 0.95
+
+
+def test_xp_file_matches_the_real_format(small_survey, truth, real_data):
+    path = small_survey[0]
+    ours = read_ecsv(sorted((path / XP_DIR).glob("*.csv.gz"))[0])
+    real = read_ecsv(real_data / "gaiaxpy_xp" / "XP_CONTINUOUS_RAW_with_missing_BP.ecsv")
+    assert ours.colnames == real.colnames
+    assert [ours[c].dtype for c in ours.colnames] == [real[c].dtype for c in real.colnames]
+    present = [np.asarray(v) for v in ours["rp_coefficient_correlations"]]
+    assert {v.size for v in present} == {1485}
+    assert {np.asarray(v).size for v in ours["rp_coefficients"]} == {55}
+    # missing BP looks like the real missing-BP source: empty array, masked scalars
+    tr = truth.set_index("source_id").loc[np.asarray(ours["source_id"])]
+    no_bp = ~tr.has_bp.to_numpy()
+    assert no_bp.any()
+    sizes = np.array([np.asarray(v).size for v in ours["bp_coefficients"]])
+    assert np.array_equal(sizes == 0, no_bp)
+    real_missing = np.asarray(real["source_id"]) == 5405570973190252288
+    assert np.asarray(real["bp_coefficients"][real_missing][0]).size == 0
+    assert np.all(ours["bp_n_relevant_bases"].mask == no_bp)
+
+
+def test_gaia_source_matches_the_real_format(small_survey, truth, real_data):
+    ours = read_ecsv(sorted((small_survey[0] / SOURCE_DIR).glob("*.csv.gz"))[0])
+    real = Table.read(real_data / "astroquery_gaia" / "1712337806100O-result.ecsv", format="ascii.ecsv")
+    real_cols = [c for c in real.colnames if c != "dist"]  # 'dist' is the cone query's own column
+    assert ours.colnames == real_cols
+    for c in real_cols:
+        assert ours[c].dtype.kind == real[c].dtype.kind, c
+    tr = truth.set_index("source_id").loc[np.asarray(ours["source_id"])]
+    assert np.allclose(ours["phot_g_mean_mag"], tr.phot_g_mean_mag, atol=1e-4)
+    assert np.allclose(ours["parallax"], tr.parallax)
+    assert np.allclose(ours["rvs_spec_sig_to_noise"], tr.snr, rtol=1e-5)
+
+
+def test_population_is_milky_way_like(truth):
+    t = truth[~truth.is_ood]
+    assert t.m_h.min() >= -2.5 and t.m_h.max() <= 0.5
+    frac_low = ((truth.snr >= 15) & (truth.snr < 25)).mean()
+    assert 0.25 < frac_low < 0.45  # about a third of the stars at S/N 15-25
+    # the thin/thick-disc [alpha/M] bimodality at intermediate metallicity
+    mid = t[(t.m_h > -0.8) & (t.m_h < -0.2)]
+    hist, edges = np.histogram(mid.alpha_m, bins=np.arange(-0.1, 0.46, 0.05))
+    peaks = [i for i in range(1, len(hist) - 1) if hist[i] >= hist[i - 1] and hist[i] >= hist[i + 1] and hist[i] > 5]
+    assert len(peaks) >= 2 and edges[peaks[-1]] - edges[peaks[0]] >= 0.15, hist
+    giants = t.logg < 3.5
+    assert 0.3 < giants.mean() < 0.8
+    assert np.corrcoef(t.teff[giants], t.logg[giants])[0, 1] > 0.5  # RGB locus
+    assert (truth.parallax_error > 0).all() and np.isfinite(truth.phot_bp_mean_mag).all()
+
+
+def test_ood_stars_injected_and_never_labelled(small_survey, truth):
+    ood = truth[truth.is_ood]
+    assert 0.02 < len(ood) / len(truth) < 0.09  # configured 5 %
+    assert set(ood.ood_kind) == {"hot_star", "extremely_metal_poor", "sb2_binary"}
+    assert not ood.in_training.any()
+    assert (ood[ood.ood_kind == "hot_star"].teff > 7400).all()
+    assert (ood[ood.ood_kind == "extremely_metal_poor"].m_h < -2.9).all()
+
+
+def test_allstar_labels_match_truth_within_noise(small_survey, truth, real_data):
+    path = small_survey[0]
+    with fits.open(path / "labels" / "allStar-synth.fits") as hdul:
+        data = hdul[1].data
+        ours_fmt = {c.name: c.format for c in hdul[1].columns}
+    with fits.open(real_data / "apogee_dr17_montalban_kepler" / "Montalban2021_X_APOGEE_DR17.fits") as hdul:
+        real_fmt = {c.name: c.format for c in hdul[1].columns}
+    shared = [c for c in ours_fmt if c in real_fmt]
+    assert len(shared) >= 30
+    assert {c: ours_fmt[c] for c in shared} == {c: real_fmt[c] for c in shared}
+    assert len(data) == truth.in_training.sum()
+    tr = truth.set_index("source_id").loc[data["GAIAEDR3_SOURCE_ID"]]
+    good = (data["ASPCAPFLAG"] & (1 << ASPCAP_STAR_BAD)) == 0
+    assert 0.9 < good.mean() < 1.0
+    for col, lab in (("TEFF", "teff"), ("LOGG", "logg"), ("M_H", "m_h"), ("ALPHA_M", "alpha_m"), ("FE_H", "fe_h")):
+        z = (data[col] - tr[lab].to_numpy()) / data[f"{col}_ERR"]
+        assert np.abs(z[good]).max() < 5.5, col
+        assert 0.85 < np.std(z[good]) < 1.15, col
+        assert np.std(z[~good]) > 3, col  # flagged rows really are bad
+    ids = data["APOGEE_ID"]
+    assert all(i.startswith("2M") and len(i) == 18 for i in ids[:20])
+
+
+def test_second_instrument_writes_fits_spectra_and_lithium(tmp_path, hr15n_instrument):
+    cfg = small_config(tmp_path, n_stars=200, stars_per_file=100, instrument="ges_hr15n")
+    m = run_survey(cfg.synth, hr15n_instrument)
+    path = Path(m["path"])
+    files = sorted((path / "Spectroscopy" / "ges_hr15n").glob("Spectra_*.fits"))
+    assert len(files) == m["n_files"] == 2
+    with fits.open(files[0]) as hdul:
+        assert hdul["SPECTRA"].columns["flux"].format == "3201E"
+        assert np.allclose(hdul["WAVELENGTH"].data, hr15n_instrument.wave)
+    assert not (path / RVS_DIR).exists()
+    with fits.open(path / "labels" / "allStar-synth.fits") as hdul:
+        cols = hdul[1].columns.names
+        assert "A_LI" in cols and "A_LI_ERR" in cols
