@@ -51,7 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instrument", help="instrument preset name or YAML path")
     p.add_argument("--no-spark", action="store_true", help="generate in this process instead of Spark tasks")
 
-    p = sub.add_parser("demo", help="run the demo end to end on the embedded default (today: synth)")
+    p = sub.add_parser("ingest", help="Gaia archive files and label catalogues -> partitioned Parquet tables")
+    _common(p, suppress=True)
+    p.add_argument("--gaia-root", help="root of a Gaia bulk-download layout (ingest.gaia_root)")
+    p.add_argument("--datalink", action="append", help="DataLink/query product file or folder (repeatable)")
+    p.add_argument("--output", help="table store folder (ingest.output_dir)")
+    p.add_argument("--no-spark", action="store_true", help="parse in this process instead of Spark tasks")
+
+    p = sub.add_parser("demo", help="run the demo end to end on the embedded default (today: synth -> ingest)")
     _common(p, suppress=True)
     return parser
 
@@ -61,11 +68,14 @@ def _load(args: argparse.Namespace) -> StellarConfig:
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
     overrides = list(args.overrides) + list(getattr(args, "sub_overrides", []))
-    for flag, key in (("stars", "synth.n_stars"), ("seed", "synth.seed"), ("output", "synth.output_dir"),
-                      ("instrument", "instrument")):
+    output_key = "ingest.output_dir" if args.command == "ingest" else "synth.output_dir"
+    for flag, key in (("stars", "synth.n_stars"), ("seed", "synth.seed"), ("output", output_key),
+                      ("instrument", "instrument"), ("gaia_root", "ingest.gaia_root")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if getattr(args, "datalink", None):
+        overrides.append("ingest.datalink=[" + ",".join(json.dumps(d) for d in args.datalink) + "]")
     return load_config(path, overrides)
 
 
@@ -112,12 +122,59 @@ def cmd_synth(cfg: StellarConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_ingest(cfg: StellarConfig, use_spark: bool = True) -> dict:
+    from stellar.ingest.run import ingest
+    from stellar.instruments import load_instrument
+
+    instrument = load_instrument(cfg.instrument, cfg.conf_dir)
+    if not use_spark:
+        return ingest(cfg.ingest, instrument, cfg.conf_dir)
+    from stellar.ingest.distributed import spark_mapper
+    from stellar.spark import build_session
+
+    spark = build_session(cfg, "ingest")
+    try:
+        return ingest(cfg.ingest, instrument, cfg.conf_dir, mapper=spark_mapper(spark))
+    finally:
+        spark.stop()
+
+
+def summarise_ingest(s: dict, root: str) -> str:
+    if s.get("up_to_date"):
+        return f"tables in {root} are up to date (version {s['version']}): nothing to ingest"
+    lines = [f"ingested into {root} (version {s['version']}; {s['parsed_files']} files parsed in {s['tasks']} tasks, "
+             f"{s['reused_files']} unchanged files reused)"]
+    for table, c in sorted(s["tables"].items()):
+        lines.append(f"  {table:<11} in {c['rows_in']:>9}  written {c['written']:>9}  quarantined {c['quarantined']:>7}")
+    lines.append(f"  bad fraction {s['bad_fraction']:.4%}; {s['seconds']:.1f} s")
+    for name, f in s["per_file"].items():
+        for note in f["notes"]:
+            lines.append(f"  warning: {name}: {note}")
+    kinds: dict[str, int] = {}
+    for per in s["reasons"].values():
+        for k, v in per.items():
+            kinds[k] = kinds.get(k, 0) + v
+    for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:10]:
+        lines.append(f"  quarantine: {v} x {k}")
+    return "\n".join(lines)
+
+
+def cmd_ingest(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    summary = run_ingest(cfg, use_spark=not args.no_spark)
+    print(summarise_ingest(summary, cfg.ingest.output_dir))
+    return 0
+
+
 def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"[demo] stage synth: {cfg.synth.n_stars} stars -> {cfg.synth.output_dir}", flush=True)
     manifest = run_synth(cfg)
     print(summarise_synth(manifest))
-    summary = {"stages": {"synth": {k: manifest[k] for k in ("n_stars", "n_files", "n_labelled", "n_ood", "path")}},
+    print(f"[demo] stage ingest: {cfg.ingest.gaia_root} -> {cfg.ingest.output_dir}", flush=True)
+    ing = run_ingest(cfg)
+    print(summarise_ingest(ing, cfg.ingest.output_dir))
+    summary = {"stages": {"synth": {k: manifest[k] for k in ("n_stars", "n_files", "n_labelled", "n_ood", "path")},
+                          "ingest": {k: ing.get(k) for k in ("version", "rows_in", "written", "quarantined", "tables")}},
                "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(cfg.work_dir) / "demo-summary.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")
@@ -125,7 +182,7 @@ def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"doctor": cmd_doctor, "synth": cmd_synth, "demo": cmd_demo}
+COMMANDS = {"doctor": cmd_doctor, "synth": cmd_synth, "ingest": cmd_ingest, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

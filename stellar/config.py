@@ -96,12 +96,57 @@ class SynthConfig(StrictModel):
     output_dir: str = "{work_dir}/synth"
 
 
+DEFAULT_ASTROMETRY_COLUMNS = [
+    "source_id", "ra", "dec", "l", "b", "parallax", "parallax_error", "pmra", "pmdec", "ruwe",
+    "phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag", "phot_g_mean_flux", "phot_g_mean_flux_error",
+    "bp_rp", "grvs_mag", "rvs_spec_sig_to_noise", "radial_velocity", "vbroad", "has_xp_continuous", "has_rvs",
+]
+
+
+class LabelInput(StrictModel):
+    path: str
+    catalogue: str = "apogee_dr17"  # preset under conf/catalogues/ (or a path to one)
+
+
+class IngestConfig(StrictModel):
+    """Inputs and layout of the ingest stage."""
+
+    # Root of a Gaia archive bulk layout (gaia_source/, Spectroscopy/rvs_mean_spectrum/,
+    # Spectroscopy/xp_continuous_mean_spectrum/); any of the three may be absent.
+    gaia_root: str | None = "{work_dir}/synth"
+    # DataLink / query products (files or folders): RVS CSV/FITS, XP_CONTINUOUS CSV/ECSV/FITS/VOTable, Parquet.
+    datalink: list[str] = Field(default_factory=list)
+    labels: list[LabelInput] = Field(default_factory=lambda: [
+        LabelInput(path="{work_dir}/synth/labels/allStar-synth.fits")])
+    healpix_order: int = Field(1, ge=0, le=12)
+    astrometry_columns: list[str] = Field(default_factory=lambda: list(DEFAULT_ASTROMETRY_COLUMNS))
+    keep_xp_correlations: bool = True
+    # Large files are split into chunks of about this many uncompressed MB, parsed in parallel.
+    chunk_mb: int = Field(64, ge=1)
+    # Above this share of quarantined rows (over all inputs) the run fails and commits nothing.
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    verify_md5: bool = True
+    output_dir: str = "{work_dir}/tables"
+
+    @field_validator("astrometry_columns")
+    @classmethod
+    def _known_columns(cls, value: list[str]) -> list[str]:
+        from stellar.io.gaia_schema import gaia_table
+
+        known = set(gaia_table("gaia_source").names)
+        unknown = [c for c in value if c not in known]
+        if unknown:
+            raise ValueError(f"not gaia_source columns: {unknown}")
+        return value
+
+
 class StellarConfig(StrictModel):
     work_dir: str = "./work"
     instrument: str = "gaia_rvs"
     spark: SparkConfig = Field(default_factory=SparkConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
     # Directory the config was loaded from: instrument presets are looked up under it.
     conf_dir: str = Field(default="", exclude=True)
 
@@ -109,16 +154,32 @@ class StellarConfig(StrictModel):
     def _expand(self) -> "StellarConfig":
         work = str(Path(os.path.expanduser(self.work_dir)).resolve())
         object.__setattr__(self, "work_dir", work)
-        for section in (self.mlflow, self.synth):
-            for name, value in section:
-                if isinstance(value, str) and "{work_dir}" in value:
-                    object.__setattr__(section, name, value.replace("{work_dir}", work))
+        _expand_placeholders(self, work)
         return self
 
     def digest(self) -> str:
         """A short hash of the effective config; recorded with outputs for provenance."""
         payload = json.dumps(self.model_dump(), sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _expand_placeholders(model: BaseModel, work: str) -> None:
+    """Replace {work_dir} in every string of every (nested) section."""
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace("{work_dir}", work)
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        if isinstance(value, BaseModel):
+            _expand_placeholders(value, work)
+        return value
+
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        new = fix(value)
+        if new is not value and not isinstance(value, BaseModel):
+            object.__setattr__(model, name, new)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

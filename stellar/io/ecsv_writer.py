@@ -74,6 +74,8 @@ def format_rows(table: GaiaTable, columns: Mapping[str, pa.Array], n_rows: int) 
         if arr is None:
             parts.append(pa.array([NULL] * n_rows, pa.string()))
             continue
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
         if len(arr) != n_rows:
             raise ValueError(f"column {col.name}: {len(arr)} values for {n_rows} rows")
         parts.append(_array_text(arr) if col.is_array else _scalar_text(arr))

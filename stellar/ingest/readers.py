@@ -1,0 +1,391 @@
+"""Readers for every input format, each yielding typed columns, per-row problems and line numbers.
+
+* Gaia bulk / query ECSV (gzip or plain): pyarrow CSV + Arrow kernels, chunked.
+* DataLink RVS CSV (one row per pixel): pixels grouped into one spectrum per source.
+* DataLink RVS FITS (2401-row table, source in the header).
+* XP_CONTINUOUS / gaia_source as CSV (``(...)`` arrays), FITS, VOTable, Parquet.
+
+The unit of accounting is the input row (a line, a FITS row, or, for the
+per-pixel RVS CSV, one star); every unit ends in the output or in quarantine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from stellar.ingest.products import Product
+from stellar.io import gaia_ecsv
+from stellar.io.gaia_schema import gaia_table
+from stellar.io.text_parse import list_from_numpy, merge_problems, parse_array, parse_scalar
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    source_file: str  # location-independent name recorded in tables ("gaia:gaia_source/GaiaSource_...csv.gz")
+    product: str  # rvs | xp | astrometry | labels
+    fmt: str  # ecsv | rvs_pixel_csv | csv | fits | rvs_fits | votable | parquet
+    size: int
+    mtime_ns: int
+    md5: str | None = None  # expected checksum from the folder's _MD5SUM.txt
+    catalogue: str | None = None  # label catalogue preset (labels only)
+
+
+@dataclass
+class Batch:
+    columns: dict[str, pa.Array]
+    problems: pa.Array | None
+    lines: np.ndarray
+
+
+@dataclass
+class ReadResult:
+    batches: list[Batch] = field(default_factory=list)
+    quarantine: list[tuple[int | None, int | None, str]] = field(default_factory=list)  # (line, source_id, reason)
+    rows_in: int = 0
+    notes: list[str] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+
+
+def md5_of(path: str) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _kind(dtype: str) -> str:
+    if dtype.startswith(("int", "uint")):
+        return "int"
+    if dtype.startswith("float"):
+        return "float"
+    return dtype
+
+
+def check_header(header: gaia_ecsv.EcsvHeader, product: Product) -> None:
+    missing = [c for c in product.required if c not in header.names]
+    if missing:
+        raise gaia_ecsv.HeaderError(f"header does not declare required column(s) {missing}")
+    schema = gaia_table(product.gaia_table)
+    for name in product.columns:
+        if name not in header.names:
+            continue
+        declared, subtype = header.datatype(name)
+        expected = schema.column(name)
+        if expected.is_array:
+            if declared != "string" or not subtype or "[" not in subtype:
+                raise gaia_ecsv.HeaderError(f"header declares {name} as {declared}, expected an array (string + subtype)")
+            if _kind(subtype.split("[")[0]) != _kind(expected.subtype.split("[")[0]):
+                raise gaia_ecsv.HeaderError(f"header declares {name} with subtype {subtype}, expected {expected.subtype}")
+        elif _kind(declared) != _kind(expected.datatype):
+            raise gaia_ecsv.HeaderError(f"header declares {name} as {declared}, expected {expected.datatype}")
+
+
+def typed_from_text(table: pa.Table, product: Product) -> tuple[dict[str, pa.Array], pa.Array]:
+    columns: dict[str, pa.Array] = {}
+    problems = []
+    for name in product.columns:
+        if name not in table.column_names:
+            continue
+        text = table[name].combine_chunks() if table.num_rows else pa.array([], pa.string())
+        target = product.arrow_type(name)
+        if pa.types.is_list(target):
+            values, prob = parse_array(text, target.value_type, name)
+        else:
+            values, prob = parse_scalar(text, target, name)
+        columns[name] = values
+        problems.append(prob)
+    return columns, merge_problems(*problems) if problems else None
+
+
+def read_ecsv(inp: InputFile, product: Product, start: int = 0, end: int | None = None) -> ReadResult:
+    res = ReadResult()
+    try:
+        header = gaia_ecsv.read_header(inp.path)
+        check_header(header, product)
+    except (gaia_ecsv.HeaderError, OSError, EOFError, UnicodeDecodeError) as exc:
+        # Nothing in the file can be trusted: every data line goes to quarantine (counted by lines).
+        if start == 0:
+            n = _count_lines(inp.path)
+            reason = f"header: {exc}"
+            res.quarantine = [(None, None, reason)] if n == 0 else [(None, None, f"{reason} ({n} lines)")]
+            res.rows_in = 1
+        return res
+    if start == 0:
+        res.provenance = {"ecsv_meta": header.meta}
+    chunk = gaia_ecsv.read_chunk(inp.path, header, start, end)
+    if chunk.damage:
+        res.notes.append(f"{chunk.damage} (after line {chunk.first_line + chunk.n_lines - 1})")
+        if chunk.partial_line is not None:
+            res.quarantine.append((chunk.first_line + chunk.n_lines, None,
+                                   f"truncated: incomplete last line ({chunk.damage})"))
+            res.rows_in += 1
+    include = [c for c in product.columns if c in header.names]
+    table, lines, bad = gaia_ecsv.parse_text_table(chunk, header.names, include)
+    res.rows_in += chunk.n_lines
+    res.quarantine += [(ln, None, reason) for ln, reason in bad]
+    columns, problems = typed_from_text(table, product)
+    res.batches.append(Batch(columns, problems, lines))
+    if "solution_id" in columns and len(columns["solution_id"]):
+        sol = pc.unique(columns["solution_id"].drop_null()).to_pylist()
+        res.provenance["solution_ids"] = sorted(sol)
+    return res
+
+
+def _count_lines(path: str) -> int:
+    try:
+        with gaia_ecsv._open(path) as fh:
+            return sum(1 for ln in fh if not ln.startswith(b"#"))
+    except (OSError, EOFError):
+        return 0
+
+
+def _table_from_astropy(path: str, fmt: str):
+    """FITS/VOTable as an astropy Table whose column names are lower-case (Gaia's own names)."""
+    from astropy.table import Table
+
+    if fmt == "votable":
+        t = Table.read(path, format="votable", use_names_over_ids=True)
+    else:
+        t = Table.read(path, format="fits")
+    for name in list(t.colnames):
+        if name != name.lower() and name.lower() not in t.colnames:
+            t.rename_column(name, name.lower())
+    return t
+
+
+def _typed_from_astropy(t, product: Product) -> tuple[dict[str, pa.Array], pa.Array | None]:
+    cols: dict[str, pa.Array] = {}
+    for name in product.columns:
+        if name not in t.colnames:
+            continue
+        target = product.arrow_type(name)
+        col = t[name]
+        if pa.types.is_list(target):
+            rows = [None if (np.ma.is_masked(v) or v is None) else np.ma.filled(np.asarray(v, dtype=float), np.nan)
+                    for v in col]
+            cols[name] = list_from_numpy(rows, target.value_type)
+        else:
+            data = np.ma.getdata(col)
+            mask = np.ma.getmaskarray(col)
+            cols[name] = pa.array(np.asarray(data).astype(target.to_pandas_dtype()), mask=mask, type=target)
+    return cols, None
+
+
+def read_table_file(inp: InputFile, product: Product) -> ReadResult:
+    """XP / gaia_source as FITS, VOTable, CSV or Parquet (DataLink and query products)."""
+    res = ReadResult()
+    if inp.fmt in ("fits", "votable"):
+        t = _table_from_astropy(inp.path, inp.fmt)
+        missing = [c for c in product.required if c not in t.colnames]
+        if missing:
+            res.quarantine = [(None, None, f"header: file lacks required column(s) {missing} ({len(t)} rows)")]
+            res.rows_in = 1
+            return res
+        cols, problems = _typed_from_astropy(t, product)
+        lines = np.arange(1, len(t) + 1, dtype=np.int64)
+    else:
+        if inp.fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            raw = pq.read_table(inp.path)
+            text = pa.table({c: (raw[c].cast(pa.string()) if raw[c].type != pa.string() else raw[c])
+                             for c in raw.column_names})
+            lines = np.arange(1, raw.num_rows + 1, dtype=np.int64)
+        else:
+            text = pacsv.read_csv(inp.path, convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in gaia_table(product.gaia_table).names},
+                strings_can_be_null=False, quoted_strings_can_be_null=False))
+            lines = np.arange(2, text.num_rows + 2, dtype=np.int64)  # line 1 is the header
+        missing = [c for c in product.required if c not in text.column_names]
+        if missing:
+            res.quarantine = [(None, None, f"header: file lacks required column(s) {missing} ({text.num_rows} rows)")]
+            res.rows_in = 1
+            return res
+        cols, problems = typed_from_text(text, product)
+    res.rows_in = len(lines)
+    res.batches.append(Batch(cols, problems, lines))
+    return res
+
+
+def read_rvs_pixel_csv(inp: InputFile, product: Product, wave: np.ndarray) -> ReadResult:
+    """DataLink RVS CSV: one line per pixel -> one spectrum per source_id."""
+    res = ReadResult()
+    text = pacsv.read_csv(inp.path, convert_options=pacsv.ConvertOptions(
+        column_types={c: pa.string() for c in ("source_id", "solution_id", "ra", "dec", "wavelength", "flux",
+                                               "flux_error", "combined_transits", "combined_ccds", "deblended_ccds")},
+        strings_can_be_null=False))
+    line_no = np.arange(2, text.num_rows + 2, dtype=np.int64)
+    sid, p_sid = parse_scalar(text["source_id"].combine_chunks(), pa.int64(), "source_id")
+    bad_sid = pc.is_valid(p_sid).to_numpy(zero_copy_only=False) | pc.is_null(sid).to_numpy(zero_copy_only=False)
+    for ln in line_no[bad_sid]:
+        res.quarantine.append((int(ln), None, "source_id: unparseable in pixel line"))
+    keep = ~bad_sid
+    sid_np = sid.to_numpy(zero_copy_only=False)[keep].astype(np.int64)
+    w, p_w = parse_scalar(text["wavelength"].combine_chunks().filter(pa.array(keep)), pa.float64(), "wavelength")
+    f, p_f = parse_scalar(text["flux"].combine_chunks().filter(pa.array(keep)), pa.float32(), "flux")
+    e, p_e = parse_scalar(text["flux_error"].combine_chunks().filter(pa.array(keep)), pa.float32(), "flux_error")
+    prob = merge_problems(p_w, p_f, p_e)
+    w_np = pc.fill_null(w, np.nan).to_numpy(zero_copy_only=False)
+    order = np.lexsort((w_np, sid_np))
+    sid_s, lines_s = sid_np[order], line_no[keep][order]
+    uniq, first, counts = np.unique(sid_s, return_index=True, return_counts=True)
+    res.rows_in = len(uniq) + int(bad_sid.sum())
+    npx = wave.size
+    ok_count = counts == npx
+    prob_s = prob.take(pa.array(order)).to_numpy(zero_copy_only=False)
+    has_prob = np.array([p is not None for p in prob_s])
+    group_prob = np.add.reduceat(has_prob.astype(int), first) > 0 if len(first) else np.zeros(0, bool)
+    w_s = w_np[order]
+    good_groups = []
+    for g, (s, i0, c) in enumerate(zip(uniq, first, counts)):  # per star, not per pixel
+        if not ok_count[g]:
+            res.quarantine.append((int(lines_s[i0]), int(s), f"flux: {c} pixel lines, expected {npx}"))
+        elif group_prob[g]:
+            j = i0 + int(np.argmax(has_prob[i0:i0 + c]))
+            res.quarantine.append((int(lines_s[j]), int(s), f"{prob_s[j]} (pixel line {int(lines_s[j])})"))
+        elif not np.allclose(w_s[i0:i0 + c], wave, atol=1e-4):
+            res.quarantine.append((int(lines_s[i0]), int(s), "wavelength: grid does not match the instrument's"))
+        else:
+            good_groups.append(g)
+    idx = np.array(good_groups, dtype=np.int64)
+    starts = first[idx]
+    pix = (starts[:, None] + np.arange(npx)[None, :]).ravel()
+    f_s = pc.fill_null(f, np.nan).to_numpy(zero_copy_only=False)[order]
+    e_s = pc.fill_null(e, np.nan).to_numpy(zero_copy_only=False)[order]
+    offsets = pa.array(np.arange(len(idx) + 1, dtype=np.int32) * npx)
+    cols: dict[str, pa.Array] = {
+        "source_id": pa.array(uniq[idx]),
+        "flux": pa.ListArray.from_arrays(offsets, pa.array(f_s[pix].astype(np.float32))),
+        "flux_error": pa.ListArray.from_arrays(offsets, pa.array(e_s[pix].astype(np.float32))),
+    }
+    first_rows = pa.array(np.flatnonzero(keep)[order][starts])
+    for name in ("solution_id", "ra", "dec", "combined_transits", "combined_ccds", "deblended_ccds"):
+        if name in text.column_names:
+            vals, _ = parse_scalar(text[name].combine_chunks().take(first_rows), product.arrow_type(name), name)
+            cols[name] = vals
+    res.batches.append(Batch(cols, None, lines_s[starts]))
+    return res
+
+
+def read_rvs_fits(inp: InputFile, product: Product, wave: np.ndarray) -> ReadResult:
+    """DataLink RVS FITS: a 2401-row (wavelength, flux, flux_error) table, the source in the header."""
+    from astropy.io import fits
+
+    res = ReadResult(rows_in=1)
+    with fits.open(inp.path) as hdul:
+        hdr = hdul[1].header
+        data = hdul[1].data
+        try:
+            sid = int(str(hdr.get("SOURCEID", "")).strip())
+        except ValueError:
+            res.quarantine.append((None, None, "source_id: no SOURCEID in the FITS header"))
+            return res
+        if data is None or len(data) != wave.size:
+            res.quarantine.append((None, sid, f"flux: {0 if data is None else len(data)} rows, expected {wave.size}"))
+            return res
+        if not np.allclose(np.asarray(data["wavelength"], dtype=float), wave, atol=1e-4):
+            res.quarantine.append((None, sid, "wavelength: grid does not match the instrument's"))
+            return res
+        flux = np.asarray(data["flux"], dtype=np.float32)
+        err = np.asarray(data["flux_error"], dtype=np.float32)
+        pos = str(hdr.get("POS", "")).strip("() ").split(",")
+        ra, dec = (float(pos[0]), float(pos[1])) if len(pos) == 2 else (np.nan, np.nan)
+
+        def _int(key):
+            try:
+                return int(str(hdr.get(key, "")).strip())
+            except ValueError:
+                return None
+
+        offsets = pa.array([0, wave.size], pa.int32())
+        cols = {
+            "source_id": pa.array([sid], pa.int64()),
+            "solution_id": pa.array([_int("SOLUTION")], pa.int64()),
+            "ra": pa.array([ra]), "dec": pa.array([dec]),
+            "flux": pa.ListArray.from_arrays(offsets, pa.array(flux)),
+            "flux_error": pa.ListArray.from_arrays(offsets, pa.array(err)),
+            "combined_transits": pa.array([_int("NTRANSIT")], pa.int16()),
+            "combined_ccds": pa.array([_int("NCCDS")], pa.int16()),
+            "deblended_ccds": pa.array([_int("NDEBLEND")], pa.int16()),
+        }
+    res.batches.append(Batch(cols, None, np.array([1], dtype=np.int64)))
+    return res
+
+
+def sniff_csv_columns(path: str) -> list[str]:
+    opener = gaia_ecsv._open(path)
+    with opener as fh:
+        first = fh.readline().decode("utf-8", "replace").strip()
+    return [c.strip().strip('"') for c in first.split(",")] if first else []
+
+
+def sniff(path: Path) -> tuple[str, str] | None:
+    """(product, format) of a DataLink / query product file, from its name and columns."""
+    name = path.name.lower()
+    suffix = "".join(path.suffixes[-2:]).lower() if name.endswith(".gz") else path.suffix.lower()
+    if suffix in (".csv", ".csv.gz"):
+        cols = sniff_csv_columns(str(path))
+        if "wavelength" in cols and "flux" in cols:
+            return "rvs", "rvs_pixel_csv"
+        if "bp_coefficients" in cols:
+            return "xp", "csv"
+        if "parallax" in cols and "source_id" in cols:
+            return "astrometry", "csv"
+        return None
+    if suffix in (".ecsv", ".ecsv.gz"):
+        try:
+            names = gaia_ecsv.read_header(path).names
+        except (gaia_ecsv.HeaderError, OSError):
+            return ("xp", "ecsv") if "xp_continuous" in name else None
+        if "flux" in names:
+            return "rvs", "ecsv"
+        if "bp_coefficients" in names:
+            return "xp", "ecsv"
+        if "parallax" in names:
+            return "astrometry", "ecsv"
+        return None
+    if suffix in (".fits", ".fit"):
+        if name.startswith("rvs"):
+            return "rvs", "rvs_fits"
+        from astropy.io import fits
+
+        with fits.open(path) as hdul:
+            cols = [c.lower() for c in hdul[1].columns.names] if len(hdul) > 1 else []
+        if "bp_coefficients" in cols:
+            return "xp", "fits"
+        if "wavelength" in cols and "flux" in cols and name.startswith("rvs"):
+            return "rvs", "rvs_fits"
+        return None
+    if suffix in (".xml", ".vot"):
+        if "xp_continuous" in name or name.startswith("xp_continuous"):
+            return "xp", "votable"
+        from astropy.table import Table
+
+        try:
+            cols = Table.read(path, format="votable").colnames
+        except Exception:  # noqa: BLE001 - not a VOTable we understand
+            return None
+        if "bp_coefficients" in cols:
+            return "xp", "votable"
+        if "parallax" in cols:
+            return "astrometry", "votable"
+        return None
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        cols = pq.read_schema(path).names
+        if "bp_coefficients" in cols:
+            return "xp", "parquet"
+        if "parallax" in cols and "source_id" in cols:
+            return "astrometry", "parquet"
+    return None

@@ -1,0 +1,413 @@
+"""The ingest stage: discover inputs, parse them in parallel tasks, deduplicate, account, commit.
+
+Tasks are (file, chunk) pairs; each parses its share, writes its Parquet
+parts (one per HEALPix partition) into the new table version and returns
+counts. Files unchanged since the committed version (same name, size, mtime
+and ingest settings) are not parsed again: their parts are hard-linked into
+the new version. Duplicated source_ids (within or across files) are resolved
+per HEALPix partition (a source_id fixes its partition): the first occurrence
+by (file, line) wins, the others go to quarantine naming the winner. The new
+version becomes visible in one atomic pointer switch, only when every task
+succeeded and the share of bad rows is under ``max_bad_fraction``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from stellar import __version__
+from stellar.config import IngestConfig
+from stellar.errors import StellarError
+from stellar.healpix import healpix_index
+from stellar.ingest import labels as label_io
+from stellar.ingest.products import (QUARANTINE_SCHEMA, Product, astrometry_product, normalise,
+                                     quarantine_rows, rvs_product, xp_product)
+from stellar.ingest.readers import (InputFile, ReadResult, md5_of, read_ecsv, read_rvs_fits,
+                                    read_rvs_pixel_csv, read_table_file, sniff)
+from stellar.instruments import Instrument
+from stellar.io.gaia_ecsv import uncompressed_size_hint
+from stellar.tables import TableStore, write_part
+
+TABLES = ("rvs", "xp", "astrometry", "labels")
+BULK_LAYOUT = {
+    "gaia_source": ("astrometry", "GaiaSource_"),
+    "Spectroscopy/rvs_mean_spectrum": ("rvs", "RvsMeanSpectrum_"),
+    "Spectroscopy/xp_continuous_mean_spectrum": ("xp", "XpContinuousMeanSpectrum_"),
+}
+
+
+class IngestError(StellarError):
+    pass
+
+
+@dataclass(frozen=True)
+class IngestTask:
+    input: InputFile
+    key: str  # short stable id of the input file (part names)
+    chunk: int
+    start: int
+    end: int | None
+
+
+def file_key(source_file: str) -> str:
+    return hashlib.sha1(source_file.encode()).hexdigest()[:12]
+
+
+def settings_digest(cfg: IngestConfig, instrument: Instrument) -> str:
+    """Settings that change what a file's parts contain; a change re-ingests everything."""
+    relevant = {"order": cfg.healpix_order, "astrometry": cfg.astrometry_columns,
+                "xp_corr": cfg.keep_xp_correlations, "n_pixels": instrument.n_pixels,
+                "grid": [instrument.wavelength.start, instrument.wavelength.step], "version": __version__}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _md5_table(folder: Path) -> dict[str, str]:
+    f = folder / "_MD5SUM.txt"
+    if not f.is_file():
+        return {}
+    out = {}
+    for line in f.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            out[parts[1]] = parts[0]
+    return out
+
+
+def discover(cfg: IngestConfig) -> list[InputFile]:
+    """Every input file with its product and format, in a stable order."""
+    found: list[InputFile] = []
+
+    def add(path: Path, source_file: str, product: str, fmt: str, md5=None, catalogue=None):
+        st = path.stat()
+        found.append(InputFile(str(path), source_file, product, fmt, st.st_size, st.st_mtime_ns, md5, catalogue))
+
+    if cfg.gaia_root:
+        root = Path(cfg.gaia_root)
+        if not root.is_dir():
+            raise IngestError(f"ingest.gaia_root {root} is not a folder")
+        for sub, (product, prefix) in BULK_LAYOUT.items():
+            folder = root / sub
+            if not folder.is_dir():
+                continue
+            sums = _md5_table(folder)
+            for path in sorted(folder.glob(f"{prefix}*.csv*")):
+                add(path, f"gaia:{sub}/{path.name}", product, "ecsv", sums.get(path.name))
+    for entry in cfg.datalink:
+        base = Path(entry)
+        if not base.exists():
+            raise IngestError(f"ingest.datalink entry {base} does not exist")
+        paths = sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else [base]
+        for path in paths:
+            kind = sniff(path)
+            if kind is None:
+                continue
+            rel = path.relative_to(base).as_posix() if base.is_dir() else path.name
+            add(path, f"datalink:{base.name}/{rel}" if base.is_dir() else f"datalink:{rel}", kind[0], kind[1])
+    for lab in cfg.labels:
+        path = Path(lab.path)
+        if not path.is_file():
+            raise IngestError(f"label catalogue {path} not found")
+        add(path, f"labels:{path.name}", "labels", "fits", catalogue=lab.catalogue)
+    return found
+
+
+def plan(inputs: list[InputFile], chunk_bytes: int) -> list[IngestTask]:
+    tasks = []
+    for inp in inputs:
+        key = file_key(inp.source_file)
+        if inp.fmt == "ecsv":
+            size = uncompressed_size_hint(inp.path)
+            n = max(1, int(np.ceil(size / chunk_bytes)))
+            bounds = [size * k // n for k in range(n)] + [None]
+            tasks += [IngestTask(inp, key, k, bounds[k], bounds[k + 1]) for k in range(n)]
+        else:
+            tasks.append(IngestTask(inp, key, 0, 0, None))
+    # Largest files first: better packing of tasks on executors.
+    return sorted(tasks, key=lambda t: (-t.input.size, t.key, t.chunk))
+
+
+@dataclass
+class TaskContext:
+    order: int
+    products: dict[str, Product]
+    wave: np.ndarray
+    conf_dir: str | None
+    version_dir: str
+    verify_md5: bool
+
+
+def _read(task: IngestTask, ctx: TaskContext) -> ReadResult:
+    inp = task.input
+    if inp.product == "labels":
+        return label_io.read_label_fits(inp, label_io.load_catalogue(inp.catalogue, ctx.conf_dir))
+    product = ctx.products[inp.product]
+    if inp.fmt == "ecsv":
+        return read_ecsv(inp, product, task.start, task.end)
+    if inp.fmt == "rvs_pixel_csv":
+        return read_rvs_pixel_csv(inp, product, ctx.wave)
+    if inp.fmt == "rvs_fits":
+        return read_rvs_fits(inp, product, ctx.wave)
+    return read_table_file(inp, product)
+
+
+def _write_partitioned(table: pa.Table, name: str, ctx: TaskContext, key: str, chunk: int, meta: dict) -> list[str]:
+    if table.num_rows == 0:
+        return []
+    sid = table["source_id"].to_numpy(zero_copy_only=False)
+    valid = ~pc.is_null(table["source_id"]).to_numpy(zero_copy_only=False)
+    hpx = np.full(len(sid), -1, dtype=np.int64)
+    hpx[valid] = healpix_index(np.where(valid, sid, 0)[valid].astype(np.int64), ctx.order)
+    order = np.argsort(hpx, kind="stable")
+    table = table.take(pa.array(order))
+    hpx = hpx[order]
+    rels = []
+    cuts = np.flatnonzero(np.diff(hpx)) + 1
+    for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(hpx)]])):
+        rel = f"{name}/hpx={int(hpx[lo])}/part-{key}-{chunk:04d}.parquet"
+        write_part(Path(ctx.version_dir) / rel, table.slice(lo, hi - lo), meta)
+        rels.append(rel)
+    return rels
+
+
+def run_task(task: IngestTask, ctx: TaskContext) -> dict:
+    """Parse one (file, chunk), write its parts; returns counts and provenance."""
+    t0 = time.perf_counter()
+    inp = task.input
+    try:
+        res = _read(task, ctx)
+    except Exception as exc:  # noqa: BLE001 - an unreadable file is quarantined, not fatal
+        res = ReadResult(rows_in=1, quarantine=[(None, None, f"file unreadable: {type(exc).__name__}: {exc}")])
+    table_name = inp.product
+    goods, quars = [], []
+    for b in res.batches:
+        if table_name == "labels":
+            good, q = label_io.normalise_labels(b.columns, b.lines, inp.source_file)
+        else:
+            good, q = normalise(ctx.products[table_name], b.columns, b.problems, b.lines, inp.source_file)
+        goods.append(good)
+        quars.append(q)
+    if res.quarantine:
+        lines, sids, reasons = zip(*res.quarantine)
+        quars.append(quarantine_rows(table_name, inp.source_file, lines, sids, reasons))
+    notes = list(res.notes)
+    if task.chunk == 0 and ctx.verify_md5 and inp.md5:
+        actual = md5_of(inp.path)
+        if actual != inp.md5:
+            notes.append(f"md5 mismatch: _MD5SUM.txt says {inp.md5}, file has {actual}")
+    meta = {"stellar.table": table_name, "stellar.source_file": inp.source_file,
+            "stellar.provenance": json.dumps(res.provenance, sort_keys=True, default=str)}
+    good = pa.concat_tables(goods) if goods else None
+    quar = pa.concat_tables(quars).cast(QUARANTINE_SCHEMA) if quars else pa.table({}, schema=QUARANTINE_SCHEMA)
+    parts = _write_partitioned(good, table_name, ctx, task.key, task.chunk, meta) if good is not None else []
+    parts += _write_partitioned(quar, "quarantine", ctx, f"{task.key}", task.chunk,
+                                {"stellar.table": "quarantine", "stellar.source_file": inp.source_file})
+    return {"source_file": inp.source_file, "chunk": task.chunk, "rows_in": res.rows_in,
+            "written": 0 if good is None else good.num_rows, "quarantined": quar.num_rows, "parts": parts,
+            "notes": notes, "provenance": res.provenance, "seconds": time.perf_counter() - t0}
+
+
+def dedup_partition(version_dir: str, rel_dir: str) -> dict:
+    """Resolve duplicated source_ids inside one table partition (``rvs/hpx=17``).
+
+    Returns the quarantine parts written, as (relative path, source file).
+    """
+    folder = Path(version_dir) / rel_dir
+    parts = sorted(folder.glob("part-*.parquet"))
+    frames = [pq.read_table(p, columns=["source_id", "source_file", "source_line"]) for p in parts]
+    if not frames:
+        return {"quarantine_parts": []}
+    sid = np.concatenate([f["source_id"].to_numpy() for f in frames])
+    if np.unique(sid).size == sid.size:
+        return {"quarantine_parts": []}
+    part_idx = np.concatenate([np.full(f.num_rows, i, dtype=np.int32) for i, f in enumerate(frames)])
+    files = np.concatenate([np.asarray(f["source_file"].to_pylist(), dtype=object) for f in frames])
+    lines = np.concatenate([f["source_line"].to_numpy() for f in frames])
+    names, codes = np.unique(files.astype(str), return_inverse=True)
+    order = np.lexsort((lines, codes, sid))
+    first = np.ones(sid.size, dtype=bool)
+    first[1:] = sid[order][1:] != sid[order][:-1]
+    loser = np.zeros(sid.size, dtype=bool)
+    loser[order[~first]] = True
+    winner = np.empty(sid.size, dtype=np.int64)
+    group_start = np.maximum.accumulate(np.where(first, np.arange(sid.size), 0))
+    winner[order] = order[group_start]
+    table = rel_dir.split("/")[0]
+    for i, p in enumerate(parts):
+        drop = loser[part_idx == i]
+        if drop.any():
+            full = pq.read_table(p)
+            meta = {k.decode(): v.decode() for k, v in (full.schema.metadata or {}).items()
+                    if k.startswith(b"stellar.")}
+            write_part(p, full.filter(pa.array(~drop)), meta)
+    hpx = rel_dir.split("=", 1)[1]
+    written = []
+    for code in np.unique(codes[loser]):
+        rows = np.flatnonzero(loser & (codes == code))
+        rows = rows[np.argsort(lines[rows], kind="stable")]
+        f = str(names[code])
+        reasons = [f"source_id: duplicate (first seen in {files[winner[r]]} line {lines[winner[r]]})" for r in rows]
+        q = quarantine_rows(table, f, lines[rows].tolist(), sid[rows].tolist(), reasons)
+        rel = f"quarantine/hpx={hpx}/part-dedup-{table}-{file_key(f)}.parquet"
+        write_part(Path(version_dir) / rel, q, {"stellar.table": "quarantine", "stellar.source_file": f})
+        written.append((rel, f))
+    return {"quarantine_parts": written}
+
+
+Runner = Callable[[Callable, list], Iterable]
+
+
+def local_map(fn: Callable, items: list) -> list:
+    return [fn(x) for x in items]
+
+
+def ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None = None,
+           mapper: Runner | None = None) -> dict:
+    """Run the ingest stage; returns the summary (also written beside the tables)."""
+    t0 = time.perf_counter()
+    mapper = mapper or local_map
+    store = TableStore(cfg.output_dir)
+    store.root.mkdir(parents=True, exist_ok=True)
+    cleaned = store.clean_uncommitted()
+    previous = store.current_manifest()
+    digest = settings_digest(cfg, instrument)
+    inputs = discover(cfg)
+    if not inputs:
+        raise IngestError("no input files found (check ingest.gaia_root, ingest.datalink, ingest.labels)")
+    for lab in {i.catalogue for i in inputs if i.product == "labels"}:
+        label_io.load_catalogue(lab, conf_dir)  # fail fast on a bad preset, before any work
+
+    def fingerprint(inp: InputFile) -> str:
+        return f"{inp.size}:{inp.mtime_ns}:{inp.fmt}:{inp.catalogue}:{digest}"
+
+    prev_files = (previous or {}).get("files", {})
+    # A file involved in duplicate resolution is re-parsed whenever anything changes: its
+    # winners or losers may have come or gone.
+    unchanged = [i for i in inputs if prev_files.get(i.source_file, {}).get("fingerprint") == fingerprint(i)
+                 and not any("/part-dedup-" in p for p in prev_files[i.source_file]["parts"])]
+    todo = [i for i in inputs if i not in unchanged]
+    if previous and not todo and set(prev_files) == {i.source_file for i in inputs}:
+        return {**previous["summary"], "up_to_date": True, "version": store.current_version(),
+                "cleaned": cleaned, "seconds": time.perf_counter() - t0}
+
+    version = store.new_version()
+    vdir = store.root / version
+    prev_version = store.current_version()
+    for inp in unchanged:
+        for rel in prev_files[inp.source_file]["parts"]:
+            store.link_part(prev_version, rel, version)
+    ctx = TaskContext(cfg.healpix_order, {"rvs": rvs_product(instrument.n_pixels),
+                                          "xp": xp_product(cfg.keep_xp_correlations),
+                                          "astrometry": astrometry_product(cfg.astrometry_columns)},
+                      instrument.wave, conf_dir, str(vdir), cfg.verify_md5)
+    tasks = plan(todo, cfg.chunk_mb << 20)
+    results = list(mapper(lambda t: run_task(t, ctx), tasks))
+
+    # Per-file bookkeeping (rows in, parts) from this run and carried over from the last one.
+    files: dict[str, dict] = {}
+    for inp in unchanged:
+        files[inp.source_file] = dict(prev_files[inp.source_file])
+    for inp in todo:
+        files[inp.source_file] = {"fingerprint": fingerprint(inp), "table": inp.product, "rows_in": 0,
+                                  "parts": [], "notes": [], "provenance": {}}
+    for r in sorted(results, key=lambda r: (r["source_file"], r["chunk"])):
+        f = files[r["source_file"]]
+        f["rows_in"] += r["rows_in"]
+        f["parts"] += r["parts"]
+        f["notes"] += r["notes"]
+        if r["provenance"]:
+            f["provenance"].update(r["provenance"])
+
+    # Duplicates, per partition (parallel); rewritten parts are fresh files, links stay intact.
+    partitions = sorted({str(Path(p).parent) for f in files.values() for p in f["parts"]
+                         if not p.startswith("quarantine/")})
+    dedup = list(mapper(lambda rel: dedup_partition(str(vdir), rel), partitions))
+    for d in dedup:
+        for rel, owner in d["quarantine_parts"]:
+            if rel not in files[owner]["parts"]:
+                files[owner]["parts"].append(rel)
+
+    summary = account(vdir, files)
+    summary.update({"version": version, "previous_version": prev_version, "reused_files": len(unchanged),
+                    "parsed_files": len(todo), "tasks": len(tasks), "cleaned": cleaned,
+                    "settings_digest": digest, "seconds": round(time.perf_counter() - t0, 3)})
+    bad_fraction = summary["quarantined"] / max(1, summary["rows_in"])
+    summary["bad_fraction"] = round(bad_fraction, 6)
+    (store.root / "_runs").mkdir(exist_ok=True)
+    if bad_fraction > cfg.max_bad_fraction:
+        (store.root / "_runs" / f"{version}-failed.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+        worst = sorted(summary["per_file"].items(), key=lambda kv: -kv[1]["quarantined"])[:3]
+        raise IngestError(
+            f"{summary['quarantined']} of {summary['rows_in']} rows ({bad_fraction:.1%}) were quarantined, above "
+            f"ingest.max_bad_fraction={cfg.max_bad_fraction:.1%}; nothing was committed. Worst files: "
+            + "; ".join(f"{k} ({v['quarantined']} bad: {v['top_reason']})" for k, v in worst)
+            + f". Details: {store.root / '_runs' / (version + '-failed.json')}")
+    manifest = {"stellar_version": __version__, "schema_version": 1, "files": files,
+                "summary": {k: v for k, v in summary.items() if k not in ("seconds", "cleaned")}}
+    store.commit(version, manifest)
+    (store.root / "_runs" / f"{version}.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+    return summary
+
+
+def account(vdir: Path, files: dict[str, dict]) -> dict:
+    """Count rows written and quarantined per input file from the parts themselves; check they add up."""
+    written: dict[str, int] = defaultdict(int)
+    quarantined: dict[str, int] = defaultdict(int)
+    reasons: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for table in TABLES + ("quarantine",):
+        folder = vdir / table
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.glob("hpx=*/part-*.parquet")):
+            cols = ["source_file", "reason"] if table == "quarantine" else ["source_file"]
+            t = pq.read_table(p, columns=cols)
+            if t.num_rows == 0:
+                continue
+            counts = pc.value_counts(t["source_file"]).to_pylist()
+            target = quarantined if table == "quarantine" else written
+            for c in counts:
+                target[c["values"]] += c["counts"]
+            if table == "quarantine":
+                for f, r in zip(t["source_file"].to_pylist(), t["reason"].to_pylist()):
+                    reasons[f][_reason_kind(r)] += 1
+    per_file = {}
+    mismatched = []
+    by_table: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for name, f in sorted(files.items()):
+        w, q = written.get(name, 0), quarantined.get(name, 0)
+        top = max(reasons[name].items(), key=lambda kv: kv[1])[0] if reasons[name] else ""
+        per_file[name] = {"table": f["table"], "rows_in": f["rows_in"], "written": w, "quarantined": q,
+                          "top_reason": top, "notes": f["notes"]}
+        by_table[f["table"]]["rows_in"] += f["rows_in"]
+        by_table[f["table"]]["written"] += w
+        by_table[f["table"]]["quarantined"] += q
+        if w + q != f["rows_in"]:
+            mismatched.append(f"{name}: in {f['rows_in']} != written {w} + quarantined {q}")
+    if mismatched:
+        raise IngestError("row accounting does not add up (a bug; please report): " + "; ".join(mismatched[:5]))
+    return {"rows_in": sum(v["rows_in"] for v in per_file.values()),
+            "written": sum(v["written"] for v in per_file.values()),
+            "quarantined": sum(v["quarantined"] for v in per_file.values()),
+            "tables": {k: dict(v) for k, v in by_table.items()},
+            "reasons": {k: dict(v) for k, v in reasons.items() if v},
+            "per_file": per_file}
+
+
+def _reason_kind(reason: str) -> str:
+    """Group quarantine reasons for the summary (drop per-row specifics such as counts and line numbers)."""
+    import re
+
+    text = re.sub(r"\(first seen in .*\)", "", reason)
+    text = re.sub(r"\d+", "N", text)
+    return text.strip()[:100]
+

@@ -1,0 +1,201 @@
+"""Read Gaia archive ECSV files (bulk gzip or plain) in line-aligned chunks, fast.
+
+The YAML header is parsed once; the CSV body is parsed by pyarrow's CSV reader
+with every column as text, then converted column by column with Arrow kernels
+(stellar.io.text_parse), so a bad value costs its row, not the file. Large
+files are split into chunks by uncompressed byte offset: a line belongs to the
+chunk in which it starts, so chunks of one file can be parsed by different
+tasks and together cover every line exactly once. A truncated or corrupt gzip
+stream yields the complete lines before the damage plus a record of it.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import yaml
+from isal import igzip
+
+READ_BLOCK = 4 << 20
+
+
+@dataclass
+class EcsvHeader:
+    columns: list[dict]
+    meta: dict
+    names: list[str]
+    data_offset: int  # uncompressed byte offset of the first data line
+    n_header_lines: int  # lines before the first data line (YAML header + the names line)
+
+    def datatype(self, name: str) -> tuple[str, str | None]:
+        for c in self.columns:
+            if c["name"] == name:
+                return c.get("datatype", "string"), c.get("subtype")
+        raise KeyError(name)
+
+
+@dataclass
+class Chunk:
+    """The complete data lines of one chunk, with the absolute line number of the first."""
+
+    data: bytes
+    first_line: int  # 1-based line number in the file of the first line in ``data``
+    n_lines: int
+    damage: str | None = None  # set when the stream ended early / was corrupt
+    partial_line: bytes | None = None  # the incomplete last line of a truncated stream
+    extra: dict = field(default_factory=dict)
+
+
+class HeaderError(ValueError):
+    pass
+
+
+def is_gzip(path: str | Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+def _open(path: str | Path):
+    return igzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+
+
+def uncompressed_size_hint(path: str | Path) -> int:
+    """Uncompressed size for planning: gzip ISIZE (mod 2**32), or the file size."""
+    size = Path(path).stat().st_size
+    if not is_gzip(path) or size < 18:
+        return size
+    with open(path, "rb") as fh:
+        fh.seek(-4, 2)
+        isize = struct.unpack("<I", fh.read(4))[0]
+    # ISIZE wraps at 4 GiB; text compresses at least ~2x, so correct upwards when it wrapped.
+    while isize < size:
+        isize += 1 << 32
+    return isize
+
+
+def read_header(path: str | Path) -> EcsvHeader:
+    lines: list[bytes] = []
+    offset = 0
+    with _open(path) as fh:
+        for raw in fh:
+            offset += len(raw)
+            if raw.startswith(b"#"):
+                lines.append(raw)
+                continue
+            names_line = raw
+            break
+        else:
+            raise HeaderError("no data section after the ECSV header")
+    if not lines or not lines[0].startswith(b"# %ECSV"):
+        raise HeaderError("not an ECSV file (first line is not '# %ECSV ...')")
+    body = b"".join(ln[2:] if ln.startswith(b"# ") else ln[1:] for ln in lines[1:])
+    try:
+        doc = yaml.safe_load(body.decode("utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise HeaderError(f"ECSV header is not valid YAML: {exc}") from exc
+    columns = doc.get("datatype") or []
+    if not isinstance(columns, list) or not all(isinstance(c, dict) and "name" in c for c in columns):
+        raise HeaderError("ECSV header has no valid 'datatype' column list")
+    delimiter = doc.get("delimiter", " ")
+    names = names_line.decode("utf-8").rstrip("\r\n").split(delimiter)
+    declared = [c["name"] for c in columns]
+    if names != declared:
+        raise HeaderError(f"column names line does not match the header's datatype list "
+                          f"({len(names)} names vs {len(declared)} declared)")
+    meta = doc.get("meta") or {}
+    return EcsvHeader(columns, meta if isinstance(meta, dict) else {"meta": meta}, names, offset, len(lines) + 1)
+
+
+def read_chunk(path: str | Path, header: EcsvHeader, start: int = 0, end: int | None = None) -> Chunk:
+    """Data lines starting at uncompressed offsets in [start, end) (end=None: to EOF)."""
+    start = max(start, header.data_offset)
+    pos = 0
+    lines_before = 0
+    out = io.BytesIO()
+    damage = None
+    partial = None
+    first_line = None
+    n_lines = 0
+    try:
+        with _open(path) as fh:
+            # Skip to `start`, counting newlines for absolute line numbers.
+            while pos < start:
+                block = fh.read(min(READ_BLOCK, start - pos))
+                if not block:
+                    break
+                lines_before += block.count(b"\n")
+                last_byte = block[-1:]
+                pos += len(block)
+            if pos < start:
+                return Chunk(b"", lines_before + 1, 0)
+            if start > header.data_offset and last_byte != b"\n":
+                # The line in progress at `start` belongs to the previous chunk.
+                rest = fh.readline()
+                pos += len(rest)
+                lines_before += 1 if rest.endswith(b"\n") else 0
+            first_line = lines_before + 1
+            while end is None or pos < end:
+                want = READ_BLOCK if end is None else max(1, min(READ_BLOCK, end - pos))
+                block = fh.read(want)
+                if not block:
+                    break
+                pos += len(block)
+                out.write(block)
+            if end is not None and pos >= end:
+                buf = out.getvalue()
+                if buf and not buf.endswith(b"\n"):
+                    out.write(fh.readline())  # finish the last line that started before `end`
+    except (EOFError, OSError, ValueError) as exc:
+        damage = f"gzip stream damaged: {exc}"
+        if first_line is None:
+            first_line = lines_before + 1
+    data = out.getvalue()
+    if damage is not None or (data and not data.endswith(b"\n") and end is None):
+        cut = data.rfind(b"\n") + 1
+        if cut < len(data):
+            partial = data[cut:]
+            data = data[:cut]
+            if damage is None:
+                damage = "file does not end with a newline"
+    n_lines = data.count(b"\n")
+    return Chunk(data, first_line or 1, n_lines, damage, partial)
+
+
+def parse_text_table(chunk: Chunk, names: list[str], include: list[str]) -> tuple[pa.Table, np.ndarray, list[tuple[int, str]]]:
+    """CSV text -> table of string columns; returns (table, line numbers of its rows, bad lines).
+
+    A line with the wrong number of fields is skipped by the parser and reported.
+    """
+    bad: list[tuple[int, str]] = []
+
+    def on_invalid(row):
+        number = row.number if row.number is not None else -1
+        text = (row.text or "")[:120]
+        bad.append((chunk.first_line + number - 1, f"wrong number of fields ({row.actual_columns} for "
+                                                    f"{row.expected_columns}): {text!r}"))
+        return "skip"
+
+    if chunk.n_lines == 0:
+        empty = pa.table({n: pa.array([], pa.string()) for n in include})
+        return empty, np.zeros(0, dtype=np.int64), bad
+    table = pacsv.read_csv(
+        io.BytesIO(chunk.data),
+        read_options=pacsv.ReadOptions(column_names=names, use_threads=False, block_size=64 << 20),
+        parse_options=pacsv.ParseOptions(delimiter=",", quote_char='"', ignore_empty_lines=False,
+                                         newlines_in_values=False, invalid_row_handler=on_invalid),
+        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                             include_columns=include, strings_can_be_null=False,
+                                             quoted_strings_can_be_null=False),
+    )
+    lines = np.arange(chunk.first_line, chunk.first_line + chunk.n_lines, dtype=np.int64)
+    if bad:
+        lines = np.setdiff1d(lines, np.array([ln for ln, _ in bad], dtype=np.int64))
+    if len(lines) != table.num_rows:
+        raise RuntimeError(f"line accounting failed: {len(lines)} lines vs {table.num_rows} rows")
+    return table, lines, bad

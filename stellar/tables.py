@@ -1,0 +1,129 @@
+"""Versioned Parquet table store: a run writes a new version, one pointer commits it.
+
+Layout under a store root (e.g. ``work/tables``)::
+
+    _CURRENT                      {"version": "v000002", "schema_version": 1}
+    v000002/_manifest.json        what the version holds (inputs, counts, provenance)
+    v000002/rvs/hpx=17/part-<key>-<chunk>.parquet
+    v000002/xp/...  astrometry/...  labels/...  quarantine/...
+
+Readers resolve ``_CURRENT`` once (``table_path``). A run builds its version
+folder next to the committed one (hard-linking parts it does not change),
+then replaces ``_CURRENT`` atomically: a killed run leaves the previous
+version visible and whole, and its half-written folder is removed by the next
+run. Part files are written with deterministic names and content, so the
+same inputs give byte-identical tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+POINTER = "_CURRENT"
+MANIFEST = "_manifest.json"
+_VERSION_RE = re.compile(r"^v(\d{6})$")
+
+
+class TableStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    # -- committed state -------------------------------------------------
+    def current_version(self) -> str | None:
+        ptr = self.root / POINTER
+        if not ptr.is_file():
+            return None
+        return json.loads(ptr.read_text())["version"]
+
+    def current_manifest(self) -> dict | None:
+        v = self.current_version()
+        if v is None:
+            return None
+        return json.loads((self.root / v / MANIFEST).read_text())
+
+    def table_path(self, table: str, version: str | None = None) -> Path:
+        v = version or self.current_version()
+        if v is None:
+            raise FileNotFoundError(f"no committed tables under {self.root} (run 'stellar ingest' first)")
+        return self.root / v / table
+
+    # -- a run -------------------------------------------------------------
+    def clean_uncommitted(self) -> list[str]:
+        """Remove version folders newer than the committed one (left by a killed run)."""
+        current = self.current_version()
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        for d in sorted(self.root.iterdir()):
+            m = _VERSION_RE.match(d.name)
+            if m and d.is_dir() and (current is None or d.name > current):
+                shutil.rmtree(d)
+                removed.append(d.name)
+        return removed
+
+    def new_version(self) -> str:
+        current = self.current_version()
+        n = int(current[1:]) + 1 if current else 1
+        name = f"v{n:06d}"
+        (self.root / name).mkdir(parents=True, exist_ok=False)
+        return name
+
+    def link_part(self, src_version: str, rel: str, dst_version: str) -> None:
+        """Carry an unchanged part into the new version without copying (copy where links fail)."""
+        src = self.root / src_version / rel
+        dst = self.root / dst_version / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    def commit(self, version: str, manifest: dict, keep: int = 2) -> None:
+        vdir = self.root / version
+        tmp = vdir / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, vdir / MANIFEST)
+        ptr_tmp = self.root / f".{POINTER}.tmp"
+        ptr_tmp.write_text(json.dumps({"version": version, "schema_version": SCHEMA_VERSION}) + "\n")
+        os.replace(ptr_tmp, self.root / POINTER)
+        self._prune(keep)
+
+    def _prune(self, keep: int) -> None:
+        versions = sorted(d.name for d in self.root.iterdir() if _VERSION_RE.match(d.name) and d.is_dir())
+        current = self.current_version()
+        for name in versions[:-keep] if keep > 0 else versions:
+            if name != current:
+                shutil.rmtree(self.root / name)
+
+
+def write_part(path: Path, table: pa.Table, metadata: dict[str, str]) -> None:
+    """Write one Parquet part atomically, with stellar metadata in the schema."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(table.schema.metadata or {})
+    meta.update({k.encode(): v.encode() for k, v in metadata.items()})
+    meta[b"stellar.schema_version"] = str(SCHEMA_VERSION).encode()
+    table = table.replace_schema_metadata(meta)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if path.exists():  # never write through a hard link shared with an older version
+        path.unlink()
+    pq.write_table(table, tmp, compression="zstd", write_statistics=True, row_group_size=8192)
+    os.replace(tmp, path)
+
+
+def read_table(root: str | os.PathLike, table: str, columns: list[str] | None = None) -> pa.Table:
+    """The committed table as one Arrow table (small tables / tests), hpx partition column included."""
+    import pyarrow.dataset as ds
+
+    path = TableStore(root).table_path(table)
+    if not path.exists():
+        return pa.table({})
+    dataset = ds.dataset(path, format="parquet", partitioning="hive")
+    return dataset.to_table(columns=columns)
