@@ -121,8 +121,9 @@ class IngestConfig(StrictModel):
     healpix_order: int = Field(1, ge=0, le=12)
     astrometry_columns: list[str] = Field(default_factory=lambda: list(DEFAULT_ASTROMETRY_COLUMNS))
     keep_xp_correlations: bool = True
-    # Large files are split into chunks of about this many uncompressed MB, parsed in parallel.
-    chunk_mb: int = Field(64, ge=1)
+    # Text files above this many uncompressed MB are split into chunks parsed in parallel (big
+    # files are also split when there are fewer of them than task slots).
+    chunk_mb: int = Field(512, ge=1)
     # Above this share of quarantined rows (over all inputs) the run fails and commits nothing.
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
     verify_md5: bool = True

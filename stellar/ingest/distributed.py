@@ -19,4 +19,5 @@ def spark_mapper(spark, description: str = "stellar ingest") -> Callable[[Callab
         sc.setJobDescription(f"{description}: {len(items)} tasks")
         return sc.parallelize(list(items), numSlices=len(items)).map(fn).collect()
 
+    mapper.parallelism = spark.sparkContext.defaultParallelism  # type: ignore[attr-defined]
     return mapper

@@ -115,38 +115,50 @@ def read_ecsv(inp: InputFile, product: Product, start: int = 0, end: int | None 
     except (gaia_ecsv.HeaderError, OSError, EOFError, UnicodeDecodeError) as exc:
         # Nothing in the file can be trusted: every data line goes to quarantine (counted by lines).
         if start == 0:
-            n = _count_lines(inp.path)
+            data_lines = _data_line_numbers(inp.path)
             reason = f"header: {exc}"
-            res.quarantine = [(None, None, reason)] if n == 0 else [(None, None, f"{reason} ({n} lines)")]
-            res.rows_in = 1
+            res.quarantine = [(ln, None, reason) for ln in data_lines] or [(None, None, reason)]
+            res.rows_in = max(1, len(data_lines))
         return res
     if start == 0:
         res.provenance = {"ecsv_meta": header.meta}
-    chunk = gaia_ecsv.read_chunk(inp.path, header, start, end)
-    if chunk.damage:
-        res.notes.append(f"{chunk.damage} (after line {chunk.first_line + chunk.n_lines - 1})")
-        if chunk.partial_line is not None:
-            res.quarantine.append((chunk.first_line + chunk.n_lines, None,
-                                   f"truncated: incomplete last line ({chunk.damage})"))
-            res.rows_in += 1
     include = [c for c in product.columns if c in header.names]
-    table, lines, bad = gaia_ecsv.parse_text_table(chunk, header.names, include)
-    res.rows_in += chunk.n_lines
-    res.quarantine += [(ln, None, reason) for ln, reason in bad]
-    columns, problems = typed_from_text(table, product)
-    res.batches.append(Batch(columns, problems, lines))
-    if "solution_id" in columns and len(columns["solution_id"]):
-        sol = pc.unique(columns["solution_id"].drop_null()).to_pylist()
-        res.provenance["solution_ids"] = sorted(sol)
+    solutions: set = set()
+    for chunk in gaia_ecsv.iter_chunks(inp.path, header, start, end):
+        if chunk.damage:
+            res.notes.append(f"{chunk.damage} (after line {chunk.first_line - 1})")
+            if chunk.partial_line is not None:
+                res.quarantine.append((chunk.first_line, None, f"truncated: incomplete last line ({chunk.damage})"))
+                res.rows_in += 1
+            continue
+        table, lines, bad = gaia_ecsv.parse_text_table(chunk, header.names, include)
+        res.rows_in += chunk.n_lines
+        res.quarantine += [(ln, None, reason) for ln, reason in bad]
+        columns, problems = typed_from_text(table, product)
+        res.batches.append(Batch(columns, problems, lines))
+        if "solution_id" in columns and len(columns["solution_id"]):
+            solutions.update(pc.unique(columns["solution_id"].drop_null()).to_pylist())
+    if solutions:
+        res.provenance["solution_ids"] = sorted(solutions)
     return res
 
 
-def _count_lines(path: str) -> int:
+def _data_line_numbers(path: str) -> list[int]:
+    """Line numbers of the data lines of a file whose header cannot be used (rare, slow path)."""
+    numbers: list[int] = []
+    seen_names = False
     try:
         with gaia_ecsv._open(path) as fh:
-            return sum(1 for ln in fh if not ln.startswith(b"#"))
-    except (OSError, EOFError):
-        return 0
+            for i, line in enumerate(fh, start=1):
+                if line.startswith(b"#"):
+                    continue
+                if not seen_names:
+                    seen_names = True
+                    continue
+                numbers.append(i)
+    except (OSError, EOFError, ValueError):
+        pass
+    return numbers
 
 
 def _table_from_astropy(path: str, fmt: str):

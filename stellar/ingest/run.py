@@ -122,13 +122,22 @@ def discover(cfg: IngestConfig) -> list[InputFile]:
     return found
 
 
-def plan(inputs: list[InputFile], chunk_bytes: int) -> list[IngestTask]:
+MIN_SPLIT_BYTES = 32 << 20
+
+
+def plan(inputs: list[InputFile], chunk_bytes: int, parallelism: int = 1) -> list[IngestTask]:
+    """(file, chunk) tasks. Text files above ``chunk_bytes`` are split, and so are big files when
+    there are fewer of them than task slots. A chunk must decompress everything before it (gzip
+    cannot seek), so splitting is kept to what the slots need."""
     tasks = []
+    sizes = {inp.path: uncompressed_size_hint(inp.path) for inp in inputs if inp.fmt == "ecsv"}
+    big = [p for p, size in sizes.items() if size >= MIN_SPLIT_BYTES]
+    want = int(np.ceil(parallelism / len(big))) if big else 1
     for inp in inputs:
         key = file_key(inp.source_file)
         if inp.fmt == "ecsv":
-            size = uncompressed_size_hint(inp.path)
-            n = max(1, int(np.ceil(size / chunk_bytes)))
+            size = sizes[inp.path]
+            n = max(1, int(np.ceil(size / chunk_bytes)), want if size >= MIN_SPLIT_BYTES else 1)
             bounds = [size * k // n for k in range(n)] + [None]
             tasks += [IngestTask(inp, key, k, bounds[k], bounds[k + 1]) for k in range(n)]
         else:
@@ -208,7 +217,7 @@ def run_task(task: IngestTask, ctx: TaskContext) -> dict:
     meta = {"stellar.table": table_name, "stellar.source_file": inp.source_file,
             "stellar.provenance": json.dumps(res.provenance, sort_keys=True, default=str)}
     good = pa.concat_tables(goods) if goods else None
-    quar = pa.concat_tables(quars).cast(QUARANTINE_SCHEMA) if quars else pa.table({}, schema=QUARANTINE_SCHEMA)
+    quar = pa.concat_tables(quars).cast(QUARANTINE_SCHEMA) if quars else QUARANTINE_SCHEMA.empty_table()
     parts = _write_partitioned(good, table_name, ctx, task.key, task.chunk, meta) if good is not None else []
     parts += _write_partitioned(quar, "quarantine", ctx, f"{task.key}", task.chunk,
                                 {"stellar.table": "quarantine", "stellar.source_file": inp.source_file})
@@ -310,7 +319,7 @@ def ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None = Non
                                           "xp": xp_product(cfg.keep_xp_correlations),
                                           "astrometry": astrometry_product(cfg.astrometry_columns)},
                       instrument.wave, conf_dir, str(vdir), cfg.verify_md5)
-    tasks = plan(todo, cfg.chunk_mb << 20)
+    tasks = plan(todo, cfg.chunk_mb << 20, getattr(mapper, "parallelism", 1))
     results = list(mapper(lambda t: run_task(t, ctx), tasks))
 
     # Per-file bookkeeping (rows in, parts) from this run and carried over from the last one.
@@ -350,7 +359,7 @@ def ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None = Non
         raise IngestError(
             f"{summary['quarantined']} of {summary['rows_in']} rows ({bad_fraction:.1%}) were quarantined, above "
             f"ingest.max_bad_fraction={cfg.max_bad_fraction:.1%}; nothing was committed. Worst files: "
-            + "; ".join(f"{k} ({v['quarantined']} bad: {v['top_reason']})" for k, v in worst)
+            + "; ".join(f"{k} ({v['quarantined']} bad, e.g. {v['example']})" for k, v in worst if v["quarantined"])
             + f". Details: {store.root / '_runs' / (version + '-failed.json')}")
     manifest = {"stellar_version": __version__, "schema_version": 1, "files": files,
                 "summary": {k: v for k, v in summary.items() if k not in ("seconds", "cleaned")}}
@@ -364,12 +373,13 @@ def account(vdir: Path, files: dict[str, dict]) -> dict:
     written: dict[str, int] = defaultdict(int)
     quarantined: dict[str, int] = defaultdict(int)
     reasons: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    examples: dict[str, str] = {}
     for table in TABLES + ("quarantine",):
         folder = vdir / table
         if not folder.is_dir():
             continue
         for p in sorted(folder.glob("hpx=*/part-*.parquet")):
-            cols = ["source_file", "reason"] if table == "quarantine" else ["source_file"]
+            cols = ["source_file", "reason", "line"] if table == "quarantine" else ["source_file"]
             t = pq.read_table(p, columns=cols)
             if t.num_rows == 0:
                 continue
@@ -378,8 +388,9 @@ def account(vdir: Path, files: dict[str, dict]) -> dict:
             for c in counts:
                 target[c["values"]] += c["counts"]
             if table == "quarantine":
-                for f, r in zip(t["source_file"].to_pylist(), t["reason"].to_pylist()):
+                for f, r, ln in zip(t["source_file"].to_pylist(), t["reason"].to_pylist(), t["line"].to_pylist()):
                     reasons[f][_reason_kind(r)] += 1
+                    examples.setdefault(f, r if ln is None else f"line {ln}: {r}")
     per_file = {}
     mismatched = []
     by_table: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -387,7 +398,7 @@ def account(vdir: Path, files: dict[str, dict]) -> dict:
         w, q = written.get(name, 0), quarantined.get(name, 0)
         top = max(reasons[name].items(), key=lambda kv: kv[1])[0] if reasons[name] else ""
         per_file[name] = {"table": f["table"], "rows_in": f["rows_in"], "written": w, "quarantined": q,
-                          "top_reason": top, "notes": f["notes"]}
+                          "top_reason": top, "example": examples.get(name, ""), "notes": f["notes"]}
         by_table[f["table"]]["rows_in"] += f["rows_in"]
         by_table[f["table"]]["written"] += w
         by_table[f["table"]]["quarantined"] += q
@@ -408,6 +419,6 @@ def _reason_kind(reason: str) -> str:
     import re
 
     text = re.sub(r"\(first seen in .*\)", "", reason)
-    text = re.sub(r"\d+", "N", text)
+    text = re.sub(r"\b\d+\b", "N", text)
     return text.strip()[:100]
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import yaml
-from isal import igzip
+from isal import isal_zlib
 
 READ_BLOCK = 4 << 20
 
@@ -61,8 +61,82 @@ def is_gzip(path: str | Path) -> bool:
         return fh.read(2) == b"\x1f\x8b"
 
 
+class _GzipStream:
+    """Decompressing reader that keeps every byte before damage.
+
+    ``igzip.open().read(n)`` discards the data of a call that hits a truncated
+    stream; decompressing compressed blocks ourselves returns everything up to
+    the damage and only then raises ``EOFError``. Multi-member files are read
+    through.
+    """
+
+    def __init__(self, path: str | Path):
+        self._raw = open(path, "rb")
+        self._dec = isal_zlib.decompressobj(wbits=31)
+        self._buf = bytearray()
+        self._pos = 0  # consumed prefix of _buf (compacted lazily: no memmove per read)
+        self._eof = False
+
+    def _avail(self) -> int:
+        return len(self._buf) - self._pos
+
+    def _fill(self, n: int) -> None:
+        if self._pos and self._pos >= len(self._buf) // 2:
+            del self._buf[: self._pos]
+            self._pos = 0
+        while self._avail() < n and not self._eof:
+            comp = self._raw.read(1 << 20)
+            if not comp:
+                if not self._dec.eof:
+                    self._eof = True
+                    if self._avail():
+                        return
+                    raise EOFError("compressed file ended before the end-of-stream marker was reached")
+                self._eof = True
+                return
+            self._buf += self._dec.decompress(comp)
+            while self._dec.eof and self._dec.unused_data:
+                rest = self._dec.unused_data
+                self._dec = isal_zlib.decompressobj(wbits=31)
+                self._buf += self._dec.decompress(rest)
+        if self._eof and not self._avail() and not self._dec.eof:
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
+
+    def read(self, n: int = -1) -> bytes:
+        self._fill(n if n >= 0 else 1 << 62)
+        n = self._avail() if n < 0 else min(n, self._avail())
+        out = bytes(memoryview(self._buf)[self._pos : self._pos + n])
+        self._pos += n
+        return out
+
+    def readline(self) -> bytes:
+        while True:
+            i = self._buf.find(b"\n", self._pos)
+            if i >= 0:
+                return self.read(i + 1 - self._pos)
+            if self._eof:
+                return self.read()
+            before = self._avail()
+            self._fill(before + (1 << 16))
+            if self._avail() == before:
+                return self.read()
+
+    def __iter__(self):
+        while True:
+            line = self.readline()
+            if not line:
+                return
+            yield line
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._raw.close()
+
+
 def _open(path: str | Path):
-    return igzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+    return _GzipStream(path) if is_gzip(path) else open(path, "rb")
 
 
 def uncompressed_size_hint(path: str | Path) -> int:
@@ -112,59 +186,72 @@ def read_header(path: str | Path) -> EcsvHeader:
     return EcsvHeader(columns, meta if isinstance(meta, dict) else {"meta": meta}, names, offset, len(lines) + 1)
 
 
-def read_chunk(path: str | Path, header: EcsvHeader, start: int = 0, end: int | None = None) -> Chunk:
-    """Data lines starting at uncompressed offsets in [start, end) (end=None: to EOF)."""
+def iter_chunks(path: str | Path, header: EcsvHeader, start: int = 0, end: int | None = None,
+                block_bytes: int = 16 << 20):
+    """Yield line-aligned Chunks of about ``block_bytes`` covering the lines that start in [start, end).
+
+    Memory stays bounded by the block size whatever the file size.
+    """
     start = max(start, header.data_offset)
     pos = 0
-    lines_before = 0
-    out = io.BytesIO()
+    line = 1
+    carry = b""  # an incomplete line carried to the next block
     damage = None
-    partial = None
-    first_line = None
-    n_lines = 0
     try:
         with _open(path) as fh:
-            # Skip to `start`, counting newlines for absolute line numbers.
-            while pos < start:
+            last_byte = b"\n"
+            while pos < start:  # skip to `start`, counting lines for absolute line numbers
                 block = fh.read(min(READ_BLOCK, start - pos))
                 if not block:
-                    break
-                lines_before += block.count(b"\n")
+                    return
+                line += block.count(b"\n")
                 last_byte = block[-1:]
                 pos += len(block)
-            if pos < start:
-                return Chunk(b"", lines_before + 1, 0)
             if start > header.data_offset and last_byte != b"\n":
-                # The line in progress at `start` belongs to the previous chunk.
-                rest = fh.readline()
+                rest = fh.readline()  # the line in progress at `start` belongs to the previous chunk
                 pos += len(rest)
-                lines_before += 1 if rest.endswith(b"\n") else 0
-            first_line = lines_before + 1
-            while end is None or pos < end:
-                want = READ_BLOCK if end is None else max(1, min(READ_BLOCK, end - pos))
+                if not rest.endswith(b"\n"):
+                    return
+                line += 1
+            while True:
+                if end is not None and pos >= end:
+                    if carry:  # finish the line that started before `end`
+                        tail = fh.readline()
+                        carry += tail
+                        if not tail.endswith(b"\n"):
+                            raise EOFError("file ends inside a line")
+                    if carry:
+                        yield Chunk(carry, line, carry.count(b"\n"))
+                    return
+                want = block_bytes if end is None else max(1, min(block_bytes, end - pos))
                 block = fh.read(want)
                 if not block:
                     break
                 pos += len(block)
-                out.write(block)
-            if end is not None and pos >= end:
-                buf = out.getvalue()
-                if buf and not buf.endswith(b"\n"):
-                    out.write(fh.readline())  # finish the last line that started before `end`
+                data = carry + block
+                cut = data.rfind(b"\n") + 1
+                carry = data[cut:]
+                if cut:
+                    n = data.count(b"\n", 0, cut)
+                    yield Chunk(data[:cut], line, n)
+                    line += n
     except (EOFError, OSError, ValueError) as exc:
         damage = f"gzip stream damaged: {exc}"
-        if first_line is None:
-            first_line = lines_before + 1
-    data = out.getvalue()
-    if damage is not None or (data and not data.endswith(b"\n") and end is None):
-        cut = data.rfind(b"\n") + 1
-        if cut < len(data):
-            partial = data[cut:]
-            data = data[:cut]
-            if damage is None:
-                damage = "file does not end with a newline"
-    n_lines = data.count(b"\n")
-    return Chunk(data, first_line or 1, n_lines, damage, partial)
+    if carry or damage:
+        partial = carry or None
+        if damage is None:
+            damage = "file does not end with a newline"
+        yield Chunk(b"", line, 0, damage, partial)
+
+
+def read_chunk(path: str | Path, header: EcsvHeader, start: int = 0, end: int | None = None) -> Chunk:
+    """All lines of [start, end) as one Chunk (tests and small files)."""
+    parts = list(iter_chunks(path, header, start, end))
+    if not parts:
+        return Chunk(b"", 1, 0)
+    data = b"".join(p.data for p in parts)
+    last = parts[-1]
+    return Chunk(data, parts[0].first_line, sum(p.n_lines for p in parts), last.damage, last.partial_line)
 
 
 def parse_text_table(chunk: Chunk, names: list[str], include: list[str]) -> tuple[pa.Table, np.ndarray, list[tuple[int, str]]]:

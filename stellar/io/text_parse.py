@@ -20,8 +20,16 @@ _BOOL_TRUE = ("True", "true", "TRUE", "T", "1")
 _BOOL_FALSE = ("False", "false", "FALSE", "F", "0")
 
 
+def _token_in(text: pa.Array, tokens=NULL_TOKENS) -> pa.Array:
+    """Membership in a few short tokens; chained equals are ~100x faster than is_in here."""
+    out = pc.equal(text, tokens[0])
+    for tok in tokens[1:]:
+        out = pc.or_(out, pc.equal(text, tok))
+    return out
+
+
 def _is_null_token(text: pa.Array) -> pa.Array:
-    return pc.or_kleene(pc.is_null(text), pc.is_in(text, value_set=pa.array(NULL_TOKENS)))
+    return pc.or_kleene(pc.is_null(text), _token_in(text))
 
 
 def _problem(mask: pa.Array, message: str) -> pa.Array:
@@ -42,8 +50,8 @@ def parse_scalar(text: pa.Array, target: pa.DataType, column: str) -> tuple[pa.A
     if pa.types.is_string(target):
         return pc.if_else(null, pa.scalar(None, pa.string()), text), pa.nulls(len(text), pa.string())
     if pa.types.is_boolean(target):
-        t = pc.is_in(text, value_set=pa.array(_BOOL_TRUE))
-        f = pc.is_in(text, value_set=pa.array(_BOOL_FALSE))
+        t = _token_in(text, _BOOL_TRUE)
+        f = _token_in(text, _BOOL_FALSE)
         bad = pc.and_(pc.invert(null), pc.invert(pc.or_(t, f)))
         values = pc.if_else(null, pa.scalar(None, pa.bool_()), t)
         return values, _problem(bad, f"{column}: not a boolean")
@@ -75,7 +83,7 @@ def parse_array(text: pa.Array, value_type: pa.DataType, column: str,
     closed = pc.or_(pc.ends_with(text, "]"), pc.ends_with(text, ")"))
     shape_ok = pc.and_(opened, closed)
     bad_shape = pc.and_(pc.invert(null), pc.invert(pc.fill_null(shape_ok, False)))
-    inner = pc.utf8_slice_codeunits(text, 1, -1)
+    inner = pc.binary_slice(text.cast(pa.binary()), 1, -1).cast(pa.string())  # bytes: no UTF-8 decoding
     inner = pc.if_else(pc.or_(null, bad_shape), pa.scalar(None, pa.string()), inner)
     inner = pc.utf8_trim_whitespace(inner)
     empty = pc.fill_null(pc.equal(inner, ""), False)
@@ -83,12 +91,16 @@ def parse_array(text: pa.Array, value_type: pa.DataType, column: str,
     parts = pc.split_pattern(inner, ",")
     flat = pc.list_flatten(parts)
     bad_value_rows = np.zeros(len(text), dtype=bool)
-    is_null_value = pc.is_in(flat, value_set=pa.array(NULL_TOKENS))
+    is_null_value = _token_in(flat)
     try:  # fast path: well-formed numbers ("[1,2]" style, no padding)
-        values = pc.cast(pc.if_else(is_null_value, pa.scalar(None, pa.string()), flat), value_type)
+        if pc.any(is_null_value).as_py():
+            flat_clean = pc.if_else(is_null_value, pa.scalar(None, pa.string()), flat)
+        else:
+            flat_clean = flat
+        values = pc.cast(flat_clean, value_type)
     except pa.ArrowInvalid:  # padded "(1, 2)" style, or genuinely bad values: validate each
         flat = pc.utf8_trim_whitespace(flat)
-        is_null_value = pc.is_in(flat, value_set=pa.array(NULL_TOKENS))
+        is_null_value = _token_in(flat)
         ok = pc.or_(is_null_value, pc.fill_null(pc.match_substring_regex(flat, _NUMBER), False))
         parent = pc.list_parent_indices(parts)
         bad_idx = pc.filter(parent, pc.invert(ok)).to_numpy(zero_copy_only=False)

@@ -1,0 +1,249 @@
+"""Ingest on generated surveys: bad-input corpus, accounting, idempotency, crash safety, increments."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from stellar.config import load_config
+from stellar.errors import StellarError
+from stellar.ingest.run import ingest
+from stellar.synth.survey import RVS_DIR, run_survey
+from stellar.tables import TableStore, read_table
+
+from conftest import ROOT, small_config
+
+
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory, rvs_instrument):
+    tmp = tmp_path_factory.mktemp("ingest-survey")
+    cfg = small_config(tmp, n_stars=800, stars_per_file=200)
+    return Path(run_survey(cfg.synth, rvs_instrument)["path"])
+
+
+def ingest_cfg(tmp: Path, gaia_root: Path, **sets):
+    over = [f"work_dir={tmp}", f"ingest.gaia_root={gaia_root}", f"ingest.output_dir={tmp / 'tables'}",
+            f"ingest.labels=[{{path: {gaia_root / 'labels' / 'allStar-synth.fits'}, catalogue: apogee_dr17}}]"]
+    return load_config(ROOT / "conf" / "local.yaml", over + [f"{k}={v}" for k, v in sets.items()])
+
+
+def store_digest(root: Path) -> dict[str, str]:
+    """Content of the committed version (paths relative to it) -> sha256."""
+    vdir = TableStore(root).table_path("rvs").parent
+    return {str(p.relative_to(vdir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(vdir.rglob("*.parquet"))}
+
+
+def same_table(a, b) -> bool:
+    """Equality that treats NaN == NaN (spectra have NaN pixels)."""
+    import pyarrow as pa
+
+    if a.schema != b.schema or a.num_rows != b.num_rows:
+        return False
+    for name in a.column_names:
+        x, y = a[name].combine_chunks(), b[name].combine_chunks()
+        if pa.types.is_list(x.type):
+            if x.offsets != y.offsets or x.is_null() != y.is_null():
+                return False
+            x, y = pc.list_flatten(x), pc.list_flatten(y)
+        if pa.types.is_floating(x.type):
+            if not np.array_equal(x.to_numpy(zero_copy_only=False), y.to_numpy(zero_copy_only=False), equal_nan=True):
+                return False
+        elif not x.equals(y):
+            return False
+    return True
+
+
+def split_gz(path: Path) -> tuple[list[str], list[str]]:
+    lines = gzip.open(path, "rt").read().splitlines(keepends=True)
+    n_head = next(i for i, ln in enumerate(lines) if not ln.startswith("#")) + 1
+    return lines[:n_head], lines[n_head:]
+
+
+def write_gz(path: Path, lines: list[str]) -> None:
+    path.write_bytes(gzip.compress("".join(lines).encode(), mtime=0))
+
+
+def edit(line: str, field: int, fn) -> str:
+    row = next(csv.reader([line]))
+    row[field] = fn(row[field])
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_MINIMAL).writerow(row)
+    return out.getvalue()
+
+
+def test_bad_input_corpus_quarantined_with_reasons(tmp_path, survey, rvs_instrument):
+    root = tmp_path / "gaia"
+    shutil.copytree(survey, root)
+    rvs_dir = root / RVS_DIR
+    (rvs_dir / "_MD5SUM.txt").unlink()  # the edited files no longer match it
+    files = sorted(rvs_dir.glob("RvsMeanSpectrum_*.csv.gz"))
+    assert len(files) == 4
+    good_file, edit_file, trunc_file, header_file = files
+
+    head, data = split_gz(edit_file)
+    first = len(head) + 1  # line number of data[0]
+    d = list(data)
+    d[1] = edit(d[1], 4, lambda s: s.rsplit(",", 1)[0] + "]")                # 2400 values
+    d[2] = edit(d[2], 4, lambda s: "[" + "abc" + s[s.index(","):])            # unparseable value
+    d[3] = edit(d[3], 1, lambda s: "null")                                     # missing source_id
+    d[5] = d[4]                                                                # duplicated source_id
+    d[6] = edit(d[6], 4, lambda s: "[" + ",".join(["null"] * 2401) + "]")      # all-NaN flux
+    d[7] = d[7].replace(",", "", 1)                                            # one field fewer
+    d[8] = edit(d[8], 2, lambda s: "12.3.4")                                   # unparseable scalar
+    write_gz(edit_file, head + d)
+    expected = {first + 1: "flux: 2400 values, expected 2401", first + 2: "flux: unparseable number in array",
+                first + 3: "source_id: missing", first + 5: "source_id: duplicate",
+                first + 6: "flux: all NaN", first + 7: "wrong number of fields", first + 8: "ra: unparseable number"}
+
+    raw = trunc_file.read_bytes()
+    trunc_file.write_bytes(raw[: int(len(raw) * 0.6)])  # truncated gzip stream
+    h2, d2 = split_gz(header_file)
+    text = "".join(h2)
+    text = text.replace("- name: flux\n#   datatype: string\n#   subtype: float32[null]\n",
+                        "- name: flux\n#   datatype: float64\n")
+    assert "datatype: float64\n#   description: Mean RVS" in text
+    write_gz(header_file, [text] + d2)
+
+    cfg = ingest_cfg(tmp_path, root, **{"ingest.max_bad_fraction": 1.0})
+    s = ingest(cfg.ingest, rvs_instrument, cfg.conf_dir)
+    per = s["per_file"]
+    name = lambda f: f"gaia:{RVS_DIR}/{f.name}"  # noqa: E731
+    # every file's rows add up: in = written + quarantined
+    for f in per.values():
+        assert f["rows_in"] == f["written"] + f["quarantined"]
+    assert s["rows_in"] == s["written"] + s["quarantined"]
+    assert per[name(good_file)]["quarantined"] == 0
+    assert per[name(edit_file)]["quarantined"] == len(expected)
+    assert per[name(edit_file)]["written"] == len(data) - len(expected)
+    q = read_table(tmp_path / "tables", "quarantine")
+    qe = {r["line"]: r for r in q.filter(pc.equal(q["source_file"], name(edit_file))).to_pylist()}
+    for line, reason in expected.items():
+        assert reason in qe[line]["reason"], (line, qe[line])
+    assert qe[first + 5]["source_id"] is not None and qe[first + 1]["column"] == "flux"
+    # truncated file: the complete lines are kept, the broken last one is quarantined, a note says why
+    tr = per[name(trunc_file)]
+    assert tr["written"] > 0 and tr["quarantined"] == 1
+    assert any("gzip stream damaged" in n for n in tr["notes"])
+    # a header that does not match: nothing from the file is trusted
+    hd = per[name(header_file)]
+    assert hd["written"] == 0 and hd["quarantined"] == hd["rows_in"] == len(d2)
+    assert "header declares flux as float64" in hd["top_reason"]
+    # the other tables are untouched by the RVS damage
+    assert s["tables"]["xp"]["quarantined"] == 0 and s["tables"]["xp"]["written"] == 800
+    rvs = read_table(tmp_path / "tables", "rvs")
+    assert rvs.num_rows == s["tables"]["rvs"]["written"]
+    assert pc.count_distinct(rvs["source_id"]).as_py() == rvs.num_rows
+
+
+def test_too_many_bad_rows_fail_and_commit_nothing(tmp_path, survey, rvs_instrument, capsys):
+    root = tmp_path / "gaia"
+    shutil.copytree(survey, root)
+    victim = sorted((root / RVS_DIR).glob("RvsMeanSpectrum_*.csv.gz"))[0]
+    head, data = split_gz(victim)
+    write_gz(victim, head + [edit(ln, 4, lambda s: s[:-1] + ",1.0]") for ln in data])  # all 2402 values
+    cfg = ingest_cfg(tmp_path, root)
+    with pytest.raises(StellarError, match="above ingest.max_bad_fraction=5.0%; nothing was committed"):
+        ingest(cfg.ingest, rvs_instrument, cfg.conf_dir)
+    assert TableStore(tmp_path / "tables").current_version() is None
+    from stellar.cli import main
+
+    rc = main(["ingest", "--no-spark", "--gaia-root", str(root), "--output", str(tmp_path / "tables"),
+               "--set", f"work_dir={tmp_path}",
+               "--set", f"ingest.labels=[{{path: {root / 'labels' / 'allStar-synth.fits'}}}]"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "flux: 2402 values, expected 2401" in err and "Traceback" not in err
+
+
+def test_rerun_is_identical_and_incremental(tmp_path, survey, rvs_instrument):
+    root = tmp_path / "gaia"
+    shutil.copytree(survey, root)
+    extra = sorted((root / RVS_DIR).glob("*.csv.gz"))[-1]
+    parked = tmp_path / extra.name
+    shutil.move(extra, parked)  # start without one RVS file
+    n_parked = len(split_gz(parked)[1])
+    cfg = ingest_cfg(tmp_path, root)
+    first = ingest(cfg.ingest, rvs_instrument, cfg.conf_dir)
+    assert first["version"] == "v000001" and first["tables"]["rvs"]["written"] == 800 - n_parked
+    again = ingest(cfg.ingest, rvs_instrument, cfg.conf_dir)
+    assert again["up_to_date"] and TableStore(tmp_path / "tables").current_version() == "v000001"
+
+    # a clean run elsewhere gives byte-identical tables
+    cfg_b = ingest_cfg(tmp_path / "b", root)
+    ingest(cfg_b.ingest, rvs_instrument, cfg_b.conf_dir)
+    assert store_digest(tmp_path / "tables") == store_digest(tmp_path / "b" / "tables")
+
+    # a new file: only it is parsed; the old parts are carried over as hard links
+    shutil.move(parked, extra)
+    old_part = next((tmp_path / "tables" / "v000001" / "xp").rglob("*.parquet"))
+    third = ingest(cfg.ingest, rvs_instrument, cfg.conf_dir)
+    assert third["parsed_files"] == 1 and third["reused_files"] == first["parsed_files"]
+    assert third["tables"]["rvs"]["written"] == 800 and third["version"] == "v000002"
+    new_part = tmp_path / "tables" / "v000002" / old_part.relative_to(tmp_path / "tables" / "v000001")
+    assert new_part.stat().st_ino == old_part.stat().st_ino
+    full = ingest_cfg(tmp_path / "c", root)
+    ingest(full.ingest, rvs_instrument, full.conf_dir)
+    assert store_digest(tmp_path / "tables") == store_digest(tmp_path / "c" / "tables")
+
+
+def test_chunked_parsing_gives_the_same_rows(tmp_path, survey, rvs_instrument):
+    a = ingest_cfg(tmp_path / "a", survey)
+    b = ingest_cfg(tmp_path / "b", survey, **{"ingest.chunk_mb": 1})
+    sa = ingest(a.ingest, rvs_instrument, a.conf_dir)
+    sb = ingest(b.ingest, rvs_instrument, b.conf_dir)
+    assert sb["tasks"] > sa["tasks"] + 4
+    for table in ("rvs", "xp", "astrometry", "labels"):
+        ta = read_table(tmp_path / "a" / "tables", table).sort_by("source_id")
+        tb = read_table(tmp_path / "b" / "tables", table).sort_by("source_id")
+        assert ta.num_rows == tb.num_rows > 0
+        assert same_table(ta, tb), table
+
+
+@pytest.mark.slow
+def test_killed_run_leaves_nothing_visible_and_rerun_matches(tmp_path, survey):
+    """SIGKILL the ingest process mid-run; the rerun equals a clean run, byte for byte."""
+    sets = ["--set", f"work_dir={tmp_path}", "--set", f"ingest.labels=[{{path: {survey / 'labels' / 'allStar-synth.fits'}}}]",
+            "--set", "ingest.chunk_mb=1"]
+    cmd = [sys.executable, "-m", "stellar.cli", "ingest", "--no-spark", "--gaia-root", str(survey), "--output"]
+    proc = subprocess.Popen(cmd + [str(tmp_path / "tables")] + sets, cwd=ROOT)
+    vdir = tmp_path / "tables" / "v000001"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (vdir.is_dir() and len(list(vdir.rglob("*.parquet"))) >= 5):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(list(vdir.rglob("*.parquet"))) >= 5  # it was killed mid-write...
+    assert TableStore(tmp_path / "tables").current_version() is None  # ...and nothing is visible
+    subprocess.run(cmd + [str(tmp_path / "tables")] + sets, cwd=ROOT, check=True)
+    subprocess.run(cmd + [str(tmp_path / "clean")] + sets, cwd=ROOT, check=True)
+    assert store_digest(tmp_path / "tables") == store_digest(tmp_path / "clean")
+
+
+@pytest.mark.spark
+def test_spark_ingest_equals_in_process(spark, tmp_path, survey, rvs_instrument):
+    from stellar.ingest.distributed import spark_mapper
+
+    a = ingest_cfg(tmp_path / "local", survey)
+    b = ingest_cfg(tmp_path / "spark", survey)
+    ingest(a.ingest, rvs_instrument, a.conf_dir)
+    s = ingest(b.ingest, rvs_instrument, b.conf_dir, mapper=spark_mapper(spark))
+    assert s["written"] == 800 * 3 + s["tables"]["labels"]["written"]
+    assert store_digest(tmp_path / "local" / "tables") == store_digest(tmp_path / "spark" / "tables")
+    # Spark reads the partitioned tables directly
+    path = str(TableStore(tmp_path / "spark" / "tables").table_path("rvs"))
+    df = spark.read.parquet(path)
+    assert df.count() == 800 and "hpx" in df.columns
+    assert np.all(np.array([r[0] for r in df.select("hpx").distinct().collect()]) >= 0)
