@@ -34,6 +34,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/synth.py
+	$(BIN)/python benchmarks/ingest.py
 
 doctor: $(STAMP)
 	$(BIN)/stellar --config $(CONF) doctor

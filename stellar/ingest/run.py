@@ -340,8 +340,10 @@ def ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None = Non
     # Duplicates, per partition (parallel); rewritten parts are fresh files, links stay intact.
     partitions = sorted({str(Path(p).parent) for f in files.values() for p in f["parts"]
                          if not p.startswith("quarantine/")})
-    dedup = list(mapper(lambda rel: dedup_partition(str(vdir), rel), partitions))
-    for d in dedup:
+    n_groups = max(1, min(len(partitions), 2 * getattr(mapper, "parallelism", 1)))
+    groups = [partitions[i::n_groups] for i in range(n_groups)] if partitions else []
+    dedup = list(mapper(lambda rels: [dedup_partition(str(vdir), rel) for rel in rels], groups))
+    for d in (x for group in dedup for x in group):
         for rel, owner in d["quarantine_parts"]:
             if rel not in files[owner]["parts"]:
                 files[owner]["parts"].append(rel)
