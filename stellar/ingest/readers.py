@@ -334,6 +334,36 @@ def read_rvs_fits(inp: InputFile, product: Product, wave: np.ndarray) -> ReadRes
     return res
 
 
+def read_spectra_fits(inp: InputFile, product: Product, wave: np.ndarray) -> ReadResult:
+    """Spectra of a non-Gaia instrument: a SPECTRA table (source_id, flux[n], flux_error[n]) and a
+    WAVELENGTH image, as ``stellar synth`` writes them."""
+    from astropy.io import fits
+
+    res = ReadResult()
+    with fits.open(inp.path, memmap=False) as hdul:
+        names = [h.name for h in hdul]
+        if "SPECTRA" not in names or "WAVELENGTH" not in names:
+            res.quarantine = [(None, None, "header: no SPECTRA table / WAVELENGTH image")]
+            res.rows_in = 1
+            return res
+        data = hdul["SPECTRA"].data
+        grid = np.asarray(hdul["WAVELENGTH"].data, dtype=float)
+        n = len(data)
+        res.rows_in = n
+        if grid.shape != wave.shape or not np.allclose(grid, wave, atol=1e-4):
+            res.quarantine = [(i + 1, int(s), "wavelength: grid does not match the instrument's")
+                              for i, s in enumerate(np.asarray(data["source_id"]))]
+            return res
+        flux = np.asarray(data["flux"], dtype=np.float32).reshape(n, -1)
+        err = np.asarray(data["flux_error"], dtype=np.float32).reshape(n, -1)
+        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * flux.shape[1])
+        cols = {"source_id": pa.array(np.asarray(data["source_id"], dtype=np.int64)),
+                "flux": pa.ListArray.from_arrays(offsets, pa.array(flux.ravel())),
+                "flux_error": pa.ListArray.from_arrays(offsets, pa.array(err.ravel()))}
+    res.batches.append(Batch(cols, None, np.arange(1, n + 1, dtype=np.int64)))
+    return res
+
+
 def sniff_csv_columns(path: str) -> list[str]:
     opener = gaia_ecsv._open(path)
     with opener as fh:

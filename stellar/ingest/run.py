@@ -34,7 +34,7 @@ from stellar.ingest import labels as label_io
 from stellar.ingest.products import (QUARANTINE_SCHEMA, Product, astrometry_product, normalise,
                                      quarantine_rows, rvs_product, xp_product)
 from stellar.ingest.readers import (InputFile, ReadResult, md5_of, read_ecsv, read_rvs_fits,
-                                    read_rvs_pixel_csv, read_table_file, sniff)
+                                    read_rvs_pixel_csv, read_spectra_fits, read_table_file, sniff)
 from stellar.instruments import Instrument
 from stellar.io.gaia_ecsv import uncompressed_size_hint
 from stellar.tables import TableStore, write_part
@@ -84,8 +84,12 @@ def _md5_table(folder: Path) -> dict[str, str]:
     return out
 
 
-def discover(cfg: IngestConfig) -> list[InputFile]:
-    """Every input file with its product and format, in a stable order."""
+def discover(cfg: IngestConfig, instrument_name: str = "gaia_rvs") -> list[InputFile]:
+    """Every input file with its product and format, in a stable order.
+
+    Spectra of a non-Gaia instrument (FITS tables under ``Spectroscopy/<instrument>/``)
+    go to the same ``rvs`` table: it holds the configured instrument's spectra.
+    """
     found: list[InputFile] = []
 
     def add(path: Path, source_file: str, product: str, fmt: str, md5=None, catalogue=None):
@@ -103,6 +107,11 @@ def discover(cfg: IngestConfig) -> list[InputFile]:
             sums = _md5_table(folder)
             for path in sorted(folder.glob(f"{prefix}*.csv*")):
                 add(path, f"gaia:{sub}/{path.name}", product, "ecsv", sums.get(path.name))
+        folder = root / "Spectroscopy" / instrument_name
+        if instrument_name != "gaia_rvs" and folder.is_dir():
+            sums = _md5_table(folder)
+            for path in sorted(folder.glob("Spectra_*.fits")):
+                add(path, f"gaia:Spectroscopy/{instrument_name}/{path.name}", "rvs", "spectra_fits", sums.get(path.name))
     for entry in cfg.datalink:
         base = Path(entry)
         if not base.exists():
@@ -167,6 +176,8 @@ def _read(task: IngestTask, ctx: TaskContext) -> ReadResult:
         return read_rvs_pixel_csv(inp, product, ctx.wave)
     if inp.fmt == "rvs_fits":
         return read_rvs_fits(inp, product, ctx.wave)
+    if inp.fmt == "spectra_fits":
+        return read_spectra_fits(inp, product, ctx.wave)
     return read_table_file(inp, product)
 
 
@@ -290,7 +301,7 @@ def ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None = Non
     cleaned = store.clean_uncommitted()
     previous = store.current_manifest()
     digest = settings_digest(cfg, instrument)
-    inputs = discover(cfg)
+    inputs = discover(cfg, instrument.name)
     if not inputs:
         raise IngestError("no input files found (check ingest.gaia_root, ingest.datalink, ingest.labels)")
     for lab in {i.catalogue for i in inputs if i.product == "labels"}:
