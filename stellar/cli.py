@@ -58,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="table store folder (ingest.output_dir)")
     p.add_argument("--no-spark", action="store_true", help="parse in this process instead of Spark tasks")
 
-    p = sub.add_parser("demo", help="run the demo end to end on the embedded default (today: synth -> ingest)")
+    p = sub.add_parser("preprocess", help="ingested tables -> model-ready features table (+ normalisation stats)")
+    _common(p, suppress=True)
+    p.add_argument("--output", help="features store folder (preprocess.output_dir)")
+    p.add_argument("--no-spark", action="store_true", help="compute in this process instead of Spark tasks")
+
+    p = sub.add_parser("demo", help="run the demo end to end on the embedded default (today: synth -> ingest -> preprocess)")
     _common(p, suppress=True)
     return parser
 
@@ -68,7 +73,8 @@ def _load(args: argparse.Namespace) -> StellarConfig:
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
     overrides = list(args.overrides) + list(getattr(args, "sub_overrides", []))
-    output_key = "ingest.output_dir" if args.command == "ingest" else "synth.output_dir"
+    output_key = {"ingest": "ingest.output_dir", "preprocess": "preprocess.output_dir"}.get(args.command,
+                                                                                             "synth.output_dir")
     for flag, key in (("stars", "synth.n_stars"), ("seed", "synth.seed"), ("output", output_key),
                       ("instrument", "instrument"), ("gaia_root", "ingest.gaia_root")):
         value = getattr(args, flag, None)
@@ -165,6 +171,50 @@ def cmd_ingest(cfg: StellarConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_preprocess(cfg: StellarConfig, use_spark: bool = True) -> dict:
+    from stellar.instruments import load_instrument
+    from stellar.preprocess import preprocess
+
+    instrument = load_instrument(cfg.instrument, cfg.conf_dir)
+    if not use_spark:
+        return preprocess(cfg.preprocess, instrument, cfg.ingest.output_dir)
+    from stellar.ingest.distributed import spark_mapper
+    from stellar.spark import build_session
+
+    spark = build_session(cfg, "preprocess")
+    try:
+        return preprocess(cfg.preprocess, instrument, cfg.ingest.output_dir,
+                          mapper=spark_mapper(spark, "stellar preprocess"))
+    finally:
+        spark.stop()
+
+
+def summarise_preprocess(s: dict, root: str) -> str:
+    c = s["counts"]
+    if s.get("up_to_date"):
+        return f"features in {root} are up to date (version {s['version']}, from tables {s['tables_version']})"
+    lines = [f"features written to {root} (version {s['version']}, from tables {s['tables_version']}, "
+             f"{s['partitions']} partitions, {s['seconds']:.1f} s)",
+             f"  stars {c.get('stars', 0)}: with XP {c.get('with_xp', 0)}, with astrometry {c.get('with_astrometry', 0)}, "
+             f"with a label row {c.get('with_label_row', 0)}, usable labels {c.get('usable_labels', 0)}",
+             "  split: " + ", ".join(f"{k.split(':')[1]} {v}" for k, v in c.items() if k.startswith("split:")),
+             "  not joined (no spectrum): " + ", ".join(f"{k.split('_')[0]} {v}" for k, v in c.items()
+                                                         if k.endswith("_without_spectrum"))]
+    cuts = {k[4:]: v for k, v in c.items() if k.startswith("cut:")}
+    if cuts:
+        lines.append("  label cuts: " + ", ".join(f"{k} {v}" for k, v in cuts.items()))
+    flags = {k[8:]: v for k, v in c.items() if k.startswith("quality:") and v}
+    if flags:
+        lines.append("  quality flags: " + ", ".join(f"{k} {v}" for k, v in flags.items()))
+    return "\n".join(lines)
+
+
+def cmd_preprocess(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    summary = run_preprocess(cfg, use_spark=not args.no_spark)
+    print(summarise_preprocess(summary, cfg.preprocess.output_dir))
+    return 0
+
+
 def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"[demo] stage synth: {cfg.synth.n_stars} stars -> {cfg.synth.output_dir}", flush=True)
@@ -173,8 +223,12 @@ def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
     print(f"[demo] stage ingest: {cfg.ingest.gaia_root} -> {cfg.ingest.output_dir}", flush=True)
     ing = run_ingest(cfg)
     print(summarise_ingest(ing, cfg.ingest.output_dir))
+    print(f"[demo] stage preprocess: {cfg.ingest.output_dir} -> {cfg.preprocess.output_dir}", flush=True)
+    pre = run_preprocess(cfg)
+    print(summarise_preprocess(pre, cfg.preprocess.output_dir))
     summary = {"stages": {"synth": {k: manifest[k] for k in ("n_stars", "n_files", "n_labelled", "n_ood", "path")},
-                          "ingest": {k: ing.get(k) for k in ("version", "rows_in", "written", "quarantined", "tables")}},
+                          "ingest": {k: ing.get(k) for k in ("version", "rows_in", "written", "quarantined", "tables")},
+                          "preprocess": {k: pre.get(k) for k in ("version", "tables_version", "counts")}},
                "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(cfg.work_dir) / "demo-summary.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")
@@ -182,7 +236,8 @@ def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"doctor": cmd_doctor, "synth": cmd_synth, "ingest": cmd_ingest, "demo": cmd_demo}
+COMMANDS = {"doctor": cmd_doctor, "synth": cmd_synth, "ingest": cmd_ingest, "preprocess": cmd_preprocess,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,6 +141,52 @@ class IngestConfig(StrictModel):
         return value
 
 
+class LabelCuts(StrictModel):
+    """Quality cuts on training labels; failing rows stay in the features as observed stars."""
+
+    min_snr: float | None = Field(70.0, ge=0)  # label survey S/N (APOGEE SNR); null: no cut
+    aspcapflag_bad_bits: list[int] = Field(default_factory=lambda: [23])  # STAR_BAD
+    starflag_bad_bits: list[int] = Field(default_factory=lambda: [3, 4])  # VERY_BRIGHT_NEIGHBOR, LOW_SNR
+    flag_sp_must_be_zero: bool = True  # GALAH
+    # Labels a star must have to train; default: the instrument's label set.
+    required_labels: list[str] | None = None
+
+
+class SplitConfig(StrictModel):
+    train: float = Field(0.8, gt=0, lt=1)
+    validation: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, ge=0, lt=1)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _sum(self) -> "SplitConfig":
+        if abs(self.train + self.validation + self.test - 1.0) > 1e-9:
+            raise ValueError("train + validation + test must be 1")
+        return self
+
+
+class PreprocessConfig(StrictModel):
+    """Model-ready features from the ingested tables."""
+
+    # Average this many pixels into one (Gaia's GSP-Spec: 3, 2401 -> 800; the last pixel is dropped).
+    rebin: int = Field(3, ge=1, le=64)
+    # Edge spikes: within this many pixels of either end, flux above 1 + spike_excess and
+    # above spike_sigma errors is masked.
+    edge_pixels: int = Field(30, ge=0)
+    spike_excess: float = Field(0.25, gt=0)
+    spike_sigma: float = Field(5.0, gt=0)
+    # Quality bits only (rows are never dropped): masked share and S/N thresholds.
+    max_masked_fraction: float = Field(0.2, ge=0, le=1)
+    low_snr: float = Field(20.0, ge=0)
+    # XP coefficients are divided by this flux scale: the G-band mean flux or each band's first coefficient.
+    xp_scale: Literal["g_flux", "first_coefficient", "none"] = "g_flux"
+    xp_truncate: bool = True  # zero the coefficients beyond n_relevant_bases
+    xp_bases: int = Field(55, ge=1, le=55)
+    label_cuts: LabelCuts = Field(default_factory=LabelCuts)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    output_dir: str = "{work_dir}/features"
+
+
 class StellarConfig(StrictModel):
     work_dir: str = "./work"
     instrument: str = "gaia_rvs"
@@ -148,6 +194,7 @@ class StellarConfig(StrictModel):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     # Directory the config was loaded from: instrument presets are looked up under it.
     conf_dir: str = Field(default="", exclude=True)
 
