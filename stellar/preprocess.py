@@ -287,6 +287,7 @@ def preprocess(cfg: PreprocessConfig, instrument: Instrument, tables_root: str, 
     n_groups = max(1, min(len(hpxs), 4 * getattr(mapper, "parallelism", 1)))
     groups = [hpxs[i::n_groups] for i in range(n_groups)]
     results = [r for grp in mapper(lambda g: [build_partition(h, ctx) for h in g], groups) for r in grp]
+    results.sort(key=lambda r: r["hpx"])  # merge in a fixed order: identical stats however tasks were grouped
     counts: Counter = Counter()
     for r in results:
         counts.update(r["counts"])
