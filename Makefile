@@ -35,6 +35,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/synth.py
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/preprocess.py
 
 doctor: $(STAMP)
 	$(BIN)/stellar --config $(CONF) doctor
