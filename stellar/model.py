@@ -1,0 +1,150 @@
+"""The hybrid network: a mask-aware 1-D CNN on the spectrum, dense branches for XP and
+astrometry/photometry, and a head that outputs a mean and a log-variance per label.
+
+Architectures are data (``ModelConfig``), so the reference networks of the
+same group (RAVE 2020, Gaia-ESO 2023) and the default hybrid are presets
+under ``conf/models/``, and a spectrum-only instrument switches branches off.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from pydantic import Field, ValidationError
+from torch import nn
+
+from stellar.config import StrictModel, _format_validation_error
+from stellar.errors import ConfigError
+from stellar.instruments import preset_dirs
+
+
+class ConvLayer(StrictModel):
+    filters: int = Field(gt=0)
+    kernel: int = Field(gt=0)
+    pool: int = Field(1, ge=1)
+
+
+class ModelConfig(StrictModel):
+    name: str = "hybrid"
+    use_spectrum: bool = True
+    use_xp: bool = True
+    use_scalars: bool = True
+    conv: list[ConvLayer] = Field(default_factory=lambda: [ConvLayer(filters=8, kernel=10, pool=2),
+                                                           ConvLayer(filters=8, kernel=10, pool=2),
+                                                           ConvLayer(filters=4, kernel=10, pool=1)])
+    spectrum_dense: list[int] = Field(default_factory=lambda: [64])
+    xp_dense: list[int] = Field(default_factory=lambda: [64, 32])
+    scalar_dense: list[int] = Field(default_factory=lambda: [27])
+    head: list[int] = Field(default_factory=lambda: [64, 32])
+    dropout: float = Field(0.1, ge=0, lt=1)
+    activation: Literal["leaky_relu", "relu", "gelu"] = "leaky_relu"
+    heteroscedastic: bool = True  # mean + log-variance per label (else mean only, MSE)
+    # training
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)  # L2
+    batch_size: int = Field(128, gt=0)
+    max_epochs: int = Field(40, gt=0)
+    patience: int = Field(6, gt=0)
+
+    def model_post_init(self, _ctx) -> None:
+        if not (self.use_spectrum or self.use_xp or self.use_scalars):
+            raise ValueError("at least one input branch must be on")
+
+
+def load_model_preset(name: str, conf_dir: str | None = None) -> ModelConfig:
+    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else []
+    candidates += [d.parent / "models" / f"{name}.yaml" for d in preset_dirs(conf_dir)]
+    for path in candidates:
+        if path.is_file():
+            try:
+                return ModelConfig.model_validate(yaml.safe_load(path.read_text()))
+            except ValidationError as exc:
+                raise ConfigError(_format_validation_error(str(path), exc)) from None
+            except ValueError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+    raise ConfigError(f"model preset {name!r} not found (looked in: {', '.join(map(str, candidates))})")
+
+
+def _act(name: str) -> nn.Module:
+    return {"leaky_relu": nn.LeakyReLU(0.01), "relu": nn.ReLU(), "gelu": nn.GELU()}[name]
+
+
+def _mlp(n_in: int, widths: list[int], act: str, dropout: float) -> tuple[nn.Sequential, int]:
+    layers: list[nn.Module] = []
+    for w in widths:
+        layers += [nn.Linear(n_in, w), _act(act)]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        n_in = w
+    return nn.Sequential(*layers), n_in
+
+
+class HybridNet(nn.Module):
+    """Inputs: spectrum (B, P) continuum-normalised, mask (B, P) bool, xp (B, X), scalars (B, S).
+
+    Outputs: mean (B, L) and log-variance (B, L) of the normalised labels.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_pixels: int, n_xp: int, n_scalars: int, n_labels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.n_labels = n_labels
+        width = 0
+        if cfg.use_spectrum:
+            convs: list[nn.Module] = []
+            ch, length = 2, n_pixels  # channels: flux - 1 (0 where masked), mask
+            for layer in cfg.conv:
+                convs += [nn.Conv1d(ch, layer.filters, layer.kernel), _act(cfg.activation)]
+                length = length - layer.kernel + 1
+                if layer.pool > 1:
+                    convs.append(nn.MaxPool1d(layer.pool))
+                    length //= layer.pool
+                ch = layer.filters
+            if cfg.dropout:
+                convs.append(nn.Dropout(cfg.dropout))
+            self.conv = nn.Sequential(*convs)
+            self.spec_dense, w = _mlp(ch * length, cfg.spectrum_dense, cfg.activation, 0.0)
+            width += w
+        if cfg.use_xp:
+            self.xp_dense, w = _mlp(n_xp, cfg.xp_dense, cfg.activation, 0.0)
+            width += w
+        if cfg.use_scalars:
+            self.scalar_dense, w = _mlp(n_scalars, cfg.scalar_dense, cfg.activation, 0.0)
+            width += w
+        self.head, w = _mlp(width, cfg.head, cfg.activation, cfg.dropout)
+        self.out = nn.Linear(w, n_labels * (2 if cfg.heteroscedastic else 1))
+
+    def forward(self, spectrum: torch.Tensor, mask: torch.Tensor, xp: torch.Tensor,
+                scalars: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = []
+        if self.cfg.use_spectrum:
+            keep = (~mask).to(spectrum.dtype)
+            x = torch.stack([(spectrum - 1.0) * keep, 1.0 - keep], dim=1)
+            parts.append(self.spec_dense(self.conv(x).flatten(1)))
+        if self.cfg.use_xp:
+            parts.append(self.xp_dense(xp))
+        if self.cfg.use_scalars:
+            parts.append(self.scalar_dense(scalars))
+        h = self.head(torch.cat(parts, dim=1))
+        out = self.out(h)
+        if self.cfg.heteroscedastic:
+            mean, log_var = out[:, : self.n_labels], out[:, self.n_labels :].clamp(-12.0, 8.0)
+        else:
+            mean, log_var = out, torch.zeros_like(out)
+        return mean, log_var
+
+
+def gaussian_nll(mean: torch.Tensor, log_var: torch.Tensor, target: torch.Tensor,
+                 target_err: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean Gaussian NLL over present labels; the label survey's own error adds to the variance,
+    so the network learns the star's intrinsic scatter, not the training labels' noise."""
+    present = torch.isfinite(target)
+    var = log_var.exp()
+    if target_err is not None:
+        var = var + torch.nan_to_num(target_err, nan=0.0) ** 2
+    diff = torch.where(present, target - mean, torch.zeros_like(mean))
+    nll = 0.5 * (diff**2 / var + torch.log(var))
+    return (nll * present).sum() / present.sum().clamp(min=1)

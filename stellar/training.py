@@ -1,0 +1,227 @@
+"""Training one ensemble member, and the deep ensemble with calibrated uncertainties.
+
+A member is trained with Adam on the Gaussian NLL of the normalised labels,
+streaming the training split with the issue-4 loader, with early stopping on
+the validation split; the same seed gives the same weights (deterministic
+torch on CPU). Members are independent, so ``train_ensemble`` maps them over
+any mapper (Spark tasks in ``stellar train``, in-process in tests).
+
+The ensemble's variance is aleatoric (mean of the members' predicted
+variances) plus epistemic (variance of the members' means). A per-label
+factor fitted on the validation split calibrates it, so that on held-out
+stars (y - mu) / sigma has unit spread; the test split measures that.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from stellar.loader import FeatureDataset
+from stellar.model import HybridNet, ModelConfig, gaussian_nll
+
+SNR_BINS = ((15.0, 25.0), (25.0, 50.0), (50.0, np.inf))
+
+
+@dataclass
+class Member:
+    index: int
+    seed: int
+    weights: bytes  # safetensors
+    best_epoch: int
+    best_val_loss: float
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def load_split(features_root: str, split: str, labels: list[str], stats: dict) -> dict[str, torch.Tensor]:
+    """A whole split in memory (validation/test sets are small), in table order."""
+    ds = FeatureDataset(features_root, split=split, batch_size=4096, shuffle=False, labels=labels, stats=stats)
+    batches = list(ds)
+    if not batches:
+        return {}
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def _dims(stats: dict) -> tuple[int, int, int]:
+    return stats["n_spectrum"], 2 * stats["xp_bases"], len(stats["scalar_names"])
+
+
+def build_net(cfg: ModelConfig, stats: dict, n_labels: int) -> HybridNet:
+    n_pix, n_xp, n_s = _dims(stats)
+    return HybridNet(cfg, n_pix, n_xp, n_s, n_labels)
+
+
+def _forward_chunks(net: HybridNet, data: dict[str, torch.Tensor], chunk: int = 256):
+    means, logvars = [], []
+    with torch.no_grad():
+        for lo in range(0, len(data["source_id"]), chunk):
+            sl = slice(lo, lo + chunk)
+            m, lv = net(data["spectrum"][sl], data["spectrum_mask"][sl], data["xp"][sl], data["scalars"][sl])
+            means.append(m)
+            logvars.append(lv)
+    return torch.cat(means), torch.cat(logvars)
+
+
+def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats: dict, index: int,
+                 seed: int, threads: int | None = None) -> Member:
+    t0 = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    net = build_net(cfg, stats, len(labels))
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    train = FeatureDataset(features_root, split="train", batch_size=cfg.batch_size, shuffle=True, seed=seed,
+                           labels=labels, stats=stats)
+    val = load_split(features_root, "validation", labels, stats)
+    best, best_state, best_epoch, bad = np.inf, None, -1, 0
+    history = []
+    for epoch in range(cfg.max_epochs):
+        train.set_epoch(epoch)
+        net.train()
+        total, n = 0.0, 0
+        for b in train:
+            mean, log_var = net(b["spectrum"], b["spectrum_mask"], b["xp"], b["scalars"])
+            loss = gaussian_nll(mean, log_var, b["labels"], b["label_err"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(b["source_id"])
+            n += len(b["source_id"])
+        net.eval()
+        mean, log_var = _forward_chunks(net, val)
+        val_loss = float(gaussian_nll(mean, log_var, val["labels"], val["label_err"]))
+        history.append({"epoch": epoch, "train_loss": total / max(n, 1), "val_loss": val_loss})
+        if val_loss < best - 1e-5:
+            best, best_epoch, bad = val_loss, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    return Member(index, seed, st_save(best_state), best_epoch, best, history, time.perf_counter() - t0)
+
+
+def outlier_members(losses: list[float], n_mad: float = 3.0) -> list[int]:
+    """Members whose best validation loss is above median + n_mad * 1.4826 * MAD (the recorded rule)."""
+    x = np.asarray(losses, dtype=float)
+    med = np.median(x)
+    mad = 1.4826 * np.median(np.abs(x - med))
+    limit = med + n_mad * max(mad, 1e-3 * abs(med) + 1e-6)
+    return [i for i, v in enumerate(x) if v > limit]
+
+
+class Ensemble:
+    """Members + normalisation + calibration: everything needed to predict, loadable without pickle."""
+
+    def __init__(self, cfg: ModelConfig, labels: list[str], stats: dict, weights: list[bytes],
+                 calibration: np.ndarray | None = None, meta: dict | None = None):
+        self.cfg = cfg
+        self.labels = list(labels)
+        self.stats = stats
+        self.weights = list(weights)
+        self.calibration = np.ones(len(labels)) if calibration is None else np.asarray(calibration, dtype=float)
+        self.meta = dict(meta or {})
+        idx = [stats["label_names"].index(k) for k in self.labels]
+        self.label_mean = np.asarray(stats["labels"]["mean"])[idx]
+        self.label_std = np.asarray(stats["labels"]["std"])[idx]
+        self.nets = []
+        for w in self.weights:
+            net = build_net(cfg, stats, len(labels))
+            net.load_state_dict(st_load(w))
+            net.eval()
+            self.nets.append(net)
+
+    def predict_normalised(self, data: dict[str, torch.Tensor], chunk: int = 256):
+        """Per member means and variances (normalised units): (M, N, L) each."""
+        outs = [_forward_chunks(net, data, chunk) for net in self.nets]
+        means = torch.stack([m for m, _ in outs]).numpy().astype(np.float64)
+        variances = torch.stack([lv.exp() for _, lv in outs]).numpy().astype(np.float64)
+        return means, variances
+
+    def predict(self, data: dict[str, torch.Tensor], calibrated: bool = True) -> dict[str, np.ndarray]:
+        means, variances = self.predict_normalised(data)
+        mu = means.mean(axis=0)
+        aleatoric = variances.mean(axis=0)
+        epistemic = means.var(axis=0)
+        sigma = np.sqrt(aleatoric + epistemic) * (self.calibration if calibrated else 1.0)
+        return {"mean": mu * self.label_std + self.label_mean, "sigma": sigma * self.label_std,
+                "sigma_aleatoric": np.sqrt(aleatoric) * self.label_std,
+                "sigma_epistemic": np.sqrt(epistemic) * self.label_std}
+
+    def calibrate(self, data: dict[str, torch.Tensor]) -> np.ndarray:
+        """Per-label factor making the validation z-scores' spread 1 (label noise included)."""
+        pred = self.predict(data, calibrated=False)
+        truth, err = self.physical_labels(data)
+        scales = []
+        for j in range(len(self.labels)):
+            ok = np.isfinite(truth[:, j])
+            s, e = pred["sigma"][ok, j], np.nan_to_num(err[ok, j])
+            r = truth[ok, j] - pred["mean"][ok, j]
+            # choose c so that mean(r^2 / (c^2 s^2 + e^2)) = 1 (bisection: monotone in c)
+            lo, hi = 1e-3, 1e3
+            for _ in range(60):
+                c = np.sqrt(lo * hi)
+                if np.mean(r**2 / (c**2 * s**2 + e**2)) > 1:
+                    lo = c
+                else:
+                    hi = c
+            scales.append(np.sqrt(lo * hi))
+        self.calibration = np.asarray(scales)
+        return self.calibration
+
+    def physical_labels(self, data: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        y = data["labels"].numpy().astype(np.float64) * self.label_std + self.label_mean
+        e = data["label_err"].numpy().astype(np.float64) * self.label_std
+        return y, e
+
+    # -- persistence: JSON + safetensors, nothing pickled ----------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, w in enumerate(self.weights):
+            (folder / f"member_{i:02d}.safetensors").write_bytes(w)
+        (folder / "ensemble.json").write_text(json.dumps({
+            "model": self.cfg.model_dump(), "labels": self.labels, "n_members": len(self.weights),
+            "calibration": self.calibration.tolist(), "meta": self.meta}, indent=1, default=str))
+        (folder / "stats.json").write_text(json.dumps(self.stats))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Ensemble":
+        folder = Path(folder)
+        spec = json.loads((folder / "ensemble.json").read_text())
+        stats = json.loads((folder / "stats.json").read_text())
+        weights = [(folder / f"member_{i:02d}.safetensors").read_bytes() for i in range(spec["n_members"])]
+        return cls(ModelConfig.model_validate(spec["model"]), spec["labels"], stats, weights,
+                   np.asarray(spec["calibration"]), spec.get("meta"))
+
+
+def evaluate(ens: Ensemble, data: dict[str, torch.Tensor]) -> dict:
+    """Per label: RMSE, bias, z-score std and 68 % coverage, overall and in S/N bins."""
+    pred = ens.predict(data)
+    truth, err = ens.physical_labels(data)
+    snr = data["snr"].numpy()
+    out: dict = {}
+    for j, lab in enumerate(ens.labels):
+        ok = np.isfinite(truth[:, j])
+        for name, sel in [("all", ok)] + [(f"snr_{lo:g}_{hi:g}", ok & (snr >= lo) & (snr < hi)) for lo, hi in SNR_BINS]:
+            if sel.sum() < 2:
+                continue
+            r = pred["mean"][sel, j] - truth[sel, j]
+            z = r / np.sqrt(pred["sigma"][sel, j] ** 2 + np.nan_to_num(err[sel, j]) ** 2)
+            out[f"{lab}/{name}/rmse"] = float(np.sqrt(np.mean(r**2)))
+            out[f"{lab}/{name}/bias"] = float(np.mean(r))
+            out[f"{lab}/{name}/z_std"] = float(np.std(z))
+            out[f"{lab}/{name}/coverage68"] = float(np.mean(np.abs(z) < 1.0))
+            out[f"{lab}/{name}/n"] = int(sel.sum())
+    return out
+
