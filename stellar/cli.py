@@ -63,7 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="features store folder (preprocess.output_dir)")
     p.add_argument("--no-spark", action="store_true", help="compute in this process instead of Spark tasks")
 
-    p = sub.add_parser("demo", help="run the demo end to end on the embedded default (today: synth -> ingest -> preprocess)")
+    p = sub.add_parser("train", help="train the deep ensemble, calibrate it, track it and register it in MLflow")
+    _common(p, suppress=True)
+    p.add_argument("--model", help="model preset (train.model): hybrid, rave2020, gaia_eso2023, or a YAML path")
+    p.add_argument("--members", type=int, help="ensemble size (train.members)")
+    p.add_argument("--no-spark", action="store_true", help="train the members in this process, one after another")
+
+    p = sub.add_parser("demo", help="run the demo end to end on the embedded default (synth -> ingest -> preprocess -> train)")
     _common(p, suppress=True)
     return parser
 
@@ -76,7 +82,8 @@ def _load(args: argparse.Namespace) -> StellarConfig:
     output_key = {"ingest": "ingest.output_dir", "preprocess": "preprocess.output_dir"}.get(args.command,
                                                                                              "synth.output_dir")
     for flag, key in (("stars", "synth.n_stars"), ("seed", "synth.seed"), ("output", output_key),
-                      ("instrument", "instrument"), ("gaia_root", "ingest.gaia_root")):
+                      ("instrument", "instrument"), ("gaia_root", "ingest.gaia_root"),
+                      ("model", "train.model"), ("members", "train.members")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -215,6 +222,45 @@ def cmd_preprocess(cfg: StellarConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train(cfg: StellarConfig, use_spark: bool = True) -> dict:
+    from stellar.instruments import load_instrument
+    from stellar.trainer import train_ensemble
+
+    instrument = load_instrument(cfg.instrument, cfg.conf_dir)
+    if not use_spark:
+        return train_ensemble(cfg, instrument)
+    from stellar.ingest.distributed import spark_mapper
+    from stellar.spark import build_session
+
+    spark = build_session(cfg, "train")
+    try:
+        return train_ensemble(cfg, instrument, mapper=spark_mapper(spark, "stellar train"))
+    finally:
+        spark.stop()
+
+
+def summarise_train(s: dict) -> str:
+    m = s["metrics"]
+    ens = s["ensemble"]
+    lines = [f"ensemble: {s['kept']} of {s['members']} members kept (dropped: {s['dropped'] or 'none'}); "
+             f"{s['seconds']:.1f} s, per member {', '.join(f'{x:.0f}' for x in s['member_seconds'])} s"]
+    if "version" in s:
+        lines.append(f"  registered {s['registered_model']} version {s['version']} as @{s['alias']} "
+                     f"(MLflow run {s['run_id']})")
+    lines.append(f"  {'label':<8} {'RMSE':>9} {'bias':>9} {'RMSE S/N>50':>12} {'z std':>6} {'cov68':>6} (test split)")
+    for lab in ens.labels:
+        lines.append(f"  {lab:<8} {m.get(f'{lab}/all/rmse', float('nan')):>9.4g} {m.get(f'{lab}/all/bias', float('nan')):>9.3g} "
+                     f"{m.get(f'{lab}/snr_50_inf/rmse', float('nan')):>12.4g} {m.get(f'{lab}/all/z_std', float('nan')):>6.2f} "
+                     f"{m.get(f'{lab}/all/coverage68', float('nan')):>6.2f}")
+    return "\n".join(lines)
+
+
+def cmd_train(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    summary = run_train(cfg, use_spark=not args.no_spark)
+    print(summarise_train(summary))
+    return 0
+
+
 def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"[demo] stage synth: {cfg.synth.n_stars} stars -> {cfg.synth.output_dir}", flush=True)
@@ -226,9 +272,14 @@ def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
     print(f"[demo] stage preprocess: {cfg.ingest.output_dir} -> {cfg.preprocess.output_dir}", flush=True)
     pre = run_preprocess(cfg)
     print(summarise_preprocess(pre, cfg.preprocess.output_dir))
+    print(f"[demo] stage train: {cfg.train.members}-member {cfg.train.model} ensemble -> MLflow {cfg.mlflow.tracking_uri}",
+          flush=True)
+    tr = run_train(cfg)
+    print(summarise_train(tr))
     summary = {"stages": {"synth": {k: manifest[k] for k in ("n_stars", "n_files", "n_labelled", "n_ood", "path")},
                           "ingest": {k: ing.get(k) for k in ("version", "rows_in", "written", "quarantined", "tables")},
-                          "preprocess": {k: pre.get(k) for k in ("version", "tables_version", "counts")}},
+                          "preprocess": {k: pre.get(k) for k in ("version", "tables_version", "counts")},
+                          "train": {k: tr.get(k) for k in ("members", "kept", "calibration", "version", "alias", "run_id")}},
                "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(cfg.work_dir) / "demo-summary.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")
@@ -237,7 +288,7 @@ def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"doctor": cmd_doctor, "synth": cmd_synth, "ingest": cmd_ingest, "preprocess": cmd_preprocess,
-            "demo": cmd_demo}
+            "train": cmd_train, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,6 +187,21 @@ class PreprocessConfig(StrictModel):
     output_dir: str = "{work_dir}/features"
 
 
+class TrainConfig(StrictModel):
+    """The deep ensemble: architecture preset, members, seeds, registration."""
+
+    model: str = "hybrid"  # preset under conf/models/ (hybrid, rave2020, gaia_eso2023) or a YAML path
+    # Per-run changes to the preset, e.g. {max_epochs: 10}; validated against the model schema.
+    model_overrides: dict[str, Any] = Field(default_factory=dict)
+    members: int = Field(5, ge=1, le=100)
+    seed: int = Field(0, ge=0)
+    # Members whose best validation loss exceeds median + this many robust sigmas are dropped.
+    outlier_mad: float = Field(3.0, gt=0)
+    threads_per_member: int = Field(1, ge=1)
+    register: bool = True
+    alias: str = "challenger"
+
+
 class StellarConfig(StrictModel):
     work_dir: str = "./work"
     instrument: str = "gaia_rvs"
@@ -195,6 +210,7 @@ class StellarConfig(StrictModel):
     synth: SynthConfig = Field(default_factory=SynthConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     # Directory the config was loaded from: instrument presets are looked up under it.
     conf_dir: str = Field(default="", exclude=True)
 

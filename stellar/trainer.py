@@ -1,0 +1,222 @@
+"""The train stage: a deep ensemble trained as parallel tasks, calibrated, tracked and registered in MLflow.
+
+One MLflow parent run per ensemble with a child run per member (parameters,
+per-epoch losses, the drop decision); on the parent: the test-split metrics
+per label (RMSE, bias, z-score spread and 68 % coverage, overall and by S/N
+bin), residual and calibration figures, and the ensemble as one model
+(safetensors weights + JSON config + normalisation statistics, with the
+pyfunc flavour logged as code). The model is registered as a new version of
+``mlflow.model_name``, tagged with the features version, config hash and git
+commit, and given the configured alias (``challenger``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stellar.config import StellarConfig
+from stellar.errors import StellarError
+from stellar.instruments import Instrument
+from stellar.model import ModelConfig, load_model_preset
+from stellar.preprocess import load_stats
+from stellar.tables import TableStore
+from stellar.training import Ensemble, evaluate, load_split, outlier_members, train_member
+
+
+class TrainError(StellarError):
+    pass
+
+
+def model_config(cfg: StellarConfig) -> ModelConfig:
+    base = load_model_preset(cfg.train.model, cfg.conf_dir)
+    if not cfg.train.model_overrides:
+        return base
+    try:
+        return ModelConfig.model_validate({**base.model_dump(), **cfg.train.model_overrides})
+    except Exception as exc:  # noqa: BLE001 - a validation error names the key
+        raise TrainError(f"train.model_overrides: {exc}") from None
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper=None, log_mlflow: bool = True) -> dict:
+    from stellar.ingest.run import local_map
+
+    t0 = time.perf_counter()
+    mapper = mapper or local_map
+    features_root = cfg.preprocess.output_dir
+    store = TableStore(features_root)
+    if store.current_version() is None:
+        raise TrainError(f"no features under {features_root} (run 'stellar preprocess' first)")
+    stats = load_stats(features_root)
+    labels = list(instrument.labels)
+    missing = [lab for lab in labels if lab not in stats["label_names"]]
+    if missing:
+        raise TrainError(f"features lack labels {missing} needed by instrument {instrument.name}")
+    mcfg = model_config(cfg)
+    seeds = [cfg.train.seed * 1000 + i for i in range(cfg.train.members)]
+    threads = cfg.train.threads_per_member
+
+    def work(i: int):
+        return train_member(features_root, mcfg, labels, stats, i, seeds[i], threads)
+
+    members = sorted(mapper(work, list(range(cfg.train.members))), key=lambda m: m.index)
+    dropped = outlier_members([m.best_val_loss for m in members], cfg.train.outlier_mad) if len(members) > 2 else []
+    kept = [m for m in members if m.index not in dropped]
+    meta = {"features_root": features_root, "features_version": store.current_version(),
+            "config_digest": cfg.digest(), "git_commit": git_commit(), "instrument": instrument.name,
+            "members": [m.index for m in kept], "dropped": dropped, "seeds": seeds,
+            "drop_rule": f"best validation loss > median + {cfg.train.outlier_mad} * 1.4826 * MAD"}
+    ens = Ensemble(mcfg, labels, stats, [m.weights for m in kept], meta=meta)
+    val = load_split(features_root, "validation", labels, stats)
+    test = load_split(features_root, "test", labels, stats)
+    if not val or not test:
+        raise TrainError("the validation or test split is empty: too few usable labelled stars")
+    raw_cal = evaluate_uncalibrated(ens, test)
+    ens.calibrate(val)
+    metrics = evaluate(ens, test)
+    summary = {"members": len(members), "kept": len(kept), "dropped": dropped,
+               "calibration": dict(zip(labels, ens.calibration.round(4).tolist())),
+               "z_std_uncalibrated": raw_cal, "metrics": metrics,
+               "member_seconds": [round(m.seconds, 2) for m in members],
+               "member_best_epochs": [m.best_epoch for m in members],
+               "seconds": round(time.perf_counter() - t0, 2)}
+    if log_mlflow:
+        summary.update(log_to_mlflow(cfg, ens, members, dropped, metrics, test))
+    summary["ensemble"] = ens
+    return summary
+
+
+def evaluate_uncalibrated(ens: Ensemble, test) -> dict:
+    saved = ens.calibration.copy()
+    ens.calibration = np.ones_like(saved)
+    ev = evaluate(ens, test)
+    ens.calibration = saved
+    return {lab: round(ev[f"{lab}/all/z_std"], 3) for lab in ens.labels}
+
+
+def _figures(ens: Ensemble, test):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pred = ens.predict(test)
+    truth, err = ens.physical_labels(test)
+    n = len(ens.labels)
+    fig_r, axes = plt.subplots(1, n, figsize=(3.2 * n, 3), squeeze=False)
+    fig_c, axc = plt.subplots(1, 1, figsize=(4, 3.5))
+    qs = np.linspace(0.05, 0.95, 19)
+    from scipy.stats import norm
+
+    for j, lab in enumerate(ens.labels):
+        ok = np.isfinite(truth[:, j])
+        ax = axes[0, j]
+        ax.scatter(truth[ok, j], pred["mean"][ok, j] - truth[ok, j], s=3, alpha=0.5)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xlabel(f"{lab} (label)")
+        ax.set_ylabel("prediction - label")
+        z = (pred["mean"][ok, j] - truth[ok, j]) / np.sqrt(pred["sigma"][ok, j] ** 2 + np.nan_to_num(err[ok, j]) ** 2)
+        observed = [np.mean(np.abs(z) < norm.ppf(0.5 + q / 2)) for q in qs]
+        axc.plot(qs, observed, label=lab)
+    axc.plot([0, 1], [0, 1], "k--", lw=0.8)
+    axc.set_xlabel("expected coverage")
+    axc.set_ylabel("observed coverage (test)")
+    axc.legend(fontsize=7)
+    fig_r.tight_layout()
+    fig_c.tight_layout()
+    return fig_r, fig_c
+
+
+def log_to_mlflow(cfg: StellarConfig, ens: Ensemble, members, dropped, metrics: dict, test) -> dict:
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is None:
+        if "://" not in cfg.mlflow.artifact_root:
+            Path(cfg.mlflow.artifact_root).mkdir(parents=True, exist_ok=True)
+        exp_id = mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=cfg.mlflow.artifact_root)
+    else:
+        exp_id = exp.experiment_id
+    meta = ens.meta
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"ensemble-{ens.cfg.name}") as parent:
+        mlflow.log_params({f"model.{k}": json.dumps(v) if isinstance(v, (list, dict)) else v
+                           for k, v in ens.cfg.model_dump().items()})
+        mlflow.log_params({"members": len(members), "labels": ",".join(ens.labels), "instrument": meta["instrument"],
+                           "features_version": meta["features_version"], "config_digest": meta["config_digest"],
+                           "drop_rule": meta["drop_rule"]})
+        for m in members:
+            with mlflow.start_run(experiment_id=exp_id, run_name=f"member-{m.index}", nested=True):
+                mlflow.log_params({"member": m.index, "seed": m.seed})
+                for h in m.history:
+                    mlflow.log_metrics({"train_loss": h["train_loss"], "val_loss": h["val_loss"]}, step=h["epoch"])
+                mlflow.log_metrics({"best_val_loss": m.best_val_loss, "best_epoch": m.best_epoch,
+                                    "seconds": m.seconds})
+                mlflow.set_tag("dropped", str(m.index in dropped).lower())
+        mlflow.log_metrics({k.replace("/", "."): v for k, v in metrics.items()})
+        mlflow.log_dict({"calibration": dict(zip(ens.labels, ens.calibration.tolist())), **meta}, "ensemble_meta.json")
+        fig_r, fig_c = _figures(ens, test)
+        mlflow.log_figure(fig_r, "figures/residuals.png")
+        mlflow.log_figure(fig_c, "figures/calibration.png")
+        n_pix = ens.stats["n_spectrum"]
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_pix), "spectrum"),
+                           TensorSpec(np.dtype(np.bool_), (-1, n_pix), "spectrum_mask"),
+                           TensorSpec(np.dtype(np.float32), (-1, 2 * ens.stats["xp_bases"]), "xp"),
+                           TensorSpec(np.dtype(np.float32), (-1, len(ens.stats["scalar_names"])), "scalars")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float64), (-1, len(ens.labels)), "mean"),
+                            TensorSpec(np.dtype(np.float64), (-1, len(ens.labels)), "sigma")]))
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = ens.save(Path(tmp) / "ensemble")
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                artifacts={"ensemble": str(folder)}, signature=signature)
+        out = {"run_id": parent.info.run_id, "model_uri": info.model_uri}
+        if cfg.train.register:
+            from mlflow import MlflowClient
+
+            mv = mlflow.register_model(info.model_uri, cfg.mlflow.model_name)
+            client = MlflowClient()
+            for key in ("features_version", "config_digest", "git_commit", "instrument"):
+                client.set_model_version_tag(cfg.mlflow.model_name, mv.version, key, str(meta[key]))
+            client.set_model_version_tag(cfg.mlflow.model_name, mv.version, "labels", ",".join(ens.labels))
+            client.set_registered_model_alias(cfg.mlflow.model_name, cfg.train.alias, mv.version)
+            out.update({"registered_model": cfg.mlflow.model_name, "version": int(mv.version), "alias": cfg.train.alias})
+    return out
+
+
+def load_registered(cfg: StellarConfig, alias_or_version: str) -> tuple[Ensemble, dict]:
+    """Resolve ``models:/<name>@<alias>`` (or a version number) once and load its ensemble, pickle-free."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    client = MlflowClient()
+    name = cfg.mlflow.model_name
+    try:
+        mv = client.get_model_version(name, alias_or_version) if alias_or_version.isdigit() else \
+            client.get_model_version_by_alias(name, alias_or_version)
+    except MlflowException as exc:
+        raise TrainError(f"model {name!r} has no {'version' if alias_or_version.isdigit() else 'alias'} "
+                         f"{alias_or_version!r} in {cfg.mlflow.tracking_uri}") from exc
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}")
+    folder = Path(local) / "artifacts" / "ensemble"
+    return Ensemble.load(folder), {"name": name, "version": int(mv.version), "run_id": mv.run_id}
+
