@@ -198,7 +198,7 @@ class TrainConfig(StrictModel):
     # Members whose best validation loss exceeds median + this many robust sigmas are dropped.
     outlier_mad: float = Field(3.0, gt=0)
     threads_per_member: int = Field(1, ge=1)
-    register: bool = True
+    register_model: bool = True
     alias: str = "challenger"
 
 

@@ -188,7 +188,7 @@ def log_to_mlflow(cfg: StellarConfig, ens: Ensemble, members, dropped, metrics: 
                 name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
                 artifacts={"ensemble": str(folder)}, signature=signature)
         out = {"run_id": parent.info.run_id, "model_uri": info.model_uri}
-        if cfg.train.register:
+        if cfg.train.register_model:
             from mlflow import MlflowClient
 
             mv = mlflow.register_model(info.model_uri, cfg.mlflow.model_name)

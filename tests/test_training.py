@@ -77,3 +77,80 @@ def test_small_ensemble_is_accurate_and_calibrated(features):
     for lab in labels:
         assert 0.75 < ev[f"{lab}/all/z_std"] < 1.3, (lab, ev[f"{lab}/all/z_std"])
         assert 0.55 < ev[f"{lab}/all/coverage68"] < 0.82
+
+
+def _cfg(tmp_path, features_root, *sets):
+    return load_config(ROOT / "conf" / "local.yaml", [
+        f"work_dir={tmp_path}", f"preprocess.output_dir={features_root}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"mlflow.artifact_root={tmp_path}/mlartifacts",
+        "train.members=3", "train.model_overrides={max_epochs: 2, patience: 2}", *sets])
+
+
+def test_register_load_by_alias_identical_predictions(features, tmp_path, rvs_instrument):
+    import mlflow
+
+    from stellar.errors import StellarError
+    from stellar.trainer import load_registered, train_ensemble
+
+    root, stats = features
+    cfg = _cfg(tmp_path, root)
+    summary = train_ensemble(cfg, rvs_instrument)
+    ens = summary["ensemble"]
+    assert summary["version"] == 1 and summary["alias"] == "challenger" and summary["kept"] >= 2
+    loaded, ident = load_registered(cfg, "challenger")
+    assert ident["version"] == 1 and ident["run_id"] == summary["run_id"]
+    test = load_split(root, "test", ens.labels, stats)
+    a, b = ens.predict(test), loaded.predict(test)
+    assert np.array_equal(a["mean"], b["mean"]) and np.array_equal(a["sigma"], b["sigma"])
+    # the registry entry: tags, child runs per member, metrics by S/N bin, figures
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    mv = client.get_model_version(cfg.mlflow.model_name, "1")
+    assert mv.tags["features_version"] == "v000001" and len(mv.tags["config_digest"]) == 16 and "git_commit" in mv.tags
+    run = client.get_run(summary["run_id"])
+    assert "teff.snr_50_inf.rmse" in run.data.metrics and "teff.all.coverage68" in run.data.metrics
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{summary['run_id']}'")
+    assert len(children) == 3
+    arts = {a.path for a in client.list_artifacts(summary["run_id"], "figures")}
+    assert arts == {"figures/residuals.png", "figures/calibration.png"}
+    # the pyfunc flavour (logged as code, weights as safetensors) predicts the same
+    pyf = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.model_name}@challenger")
+    from stellar.tables import read_table
+
+    rows = read_table(root, "features").slice(0, 40)
+    arrays = {k: np.stack(rows[k].to_numpy(zero_copy_only=False)) for k in ("spectrum", "xp", "scalars")}
+    arrays["spectrum_mask"] = np.stack(rows["spectrum_mask"].to_numpy(zero_copy_only=False)).astype(bool)
+    from stellar.inference_core import features_to_tensors
+
+    direct = ens.predict(features_to_tensors(stats, arrays))
+    assert np.allclose(pyf.predict(arrays)["mean"], direct["mean"], rtol=1e-6)
+    with pytest.raises(StellarError, match="has no alias 'champion'"):
+        load_registered(cfg, "champion")
+
+
+@pytest.mark.spark
+def test_spark_members_equal_local_members(spark, features, tmp_path, rvs_instrument):
+    from stellar.ingest.distributed import spark_mapper
+    from stellar.trainer import train_ensemble
+
+    root, _ = features
+    a = train_ensemble(_cfg(tmp_path / "a", root, "train.members=2"), rvs_instrument, log_mlflow=False)
+    b = train_ensemble(_cfg(tmp_path / "b", root, "train.members=2"), rvs_instrument,
+                       mapper=spark_mapper(spark), log_mlflow=False)
+    assert a["ensemble"].weights == b["ensemble"].weights
+
+
+def test_spectrum_only_preset_on_second_instrument(tmp_path, hr15n_instrument):
+    from stellar.trainer import train_ensemble
+
+    cfg = small_config(tmp_path, n_stars=600, stars_per_file=300, instrument="ges_hr15n",
+                       **{"synth.training_fraction": 0.8})
+    run_survey(cfg.synth, hr15n_instrument)
+    cfg = load_config(ROOT / "conf" / "local.yaml", [
+        f"work_dir={tmp_path}", "instrument=ges_hr15n", "train.model=gaia_eso2023", "train.members=2",
+        "train.model_overrides={max_epochs: 2}", "preprocess.label_cuts.min_snr=null"])
+    ingest(cfg.ingest, hr15n_instrument, cfg.conf_dir)
+    preprocess(cfg.preprocess, hr15n_instrument, cfg.ingest.output_dir)
+    s = train_ensemble(cfg, hr15n_instrument, log_mlflow=False)
+    ens = s["ensemble"]
+    assert ens.labels[-1] == "a_li" and not ens.cfg.use_xp and not ens.cfg.use_scalars
+    assert np.isfinite(s["metrics"]["a_li/all/rmse"]) and s["metrics"]["a_li/all/n"] > 5
