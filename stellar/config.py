@@ -198,6 +198,8 @@ class TrainConfig(StrictModel):
     # Members whose best validation loss exceeds median + this many robust sigmas are dropped.
     outlier_mad: float = Field(3.0, gt=0)
     threads_per_member: int = Field(1, ge=1)
+    # auto: the task's Spark-assigned GPU where there is one, else CPU.
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     register_model: bool = True
     alias: str = "challenger"
 

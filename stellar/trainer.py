@@ -71,7 +71,7 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper=None, log_
     threads = cfg.train.threads_per_member
 
     def work(i: int):
-        return train_member(features_root, mcfg, labels, stats, i, seeds[i], threads)
+        return train_member(features_root, mcfg, labels, stats, i, seeds[i], threads, cfg.train.device)
 
     members = sorted(mapper(work, list(range(cfg.train.members))), key=lambda m: m.index)
     dropped = outlier_members([m.best_val_loss for m in members], cfg.train.outlier_mad) if len(members) > 2 else []
@@ -93,6 +93,7 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper=None, log_
                "z_std_uncalibrated": raw_cal, "metrics": metrics,
                "member_seconds": [round(m.seconds, 2) for m in members],
                "member_best_epochs": [m.best_epoch for m in members],
+               "member_devices": [m.device for m in members],
                "seconds": round(time.perf_counter() - t0, 2)}
     if log_mlflow:
         summary.update(log_to_mlflow(cfg, ens, members, dropped, metrics, test))

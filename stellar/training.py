@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from stellar.devices import make_deterministic, pick_device
 from stellar.loader import FeatureDataset
 from stellar.model import HybridNet, ModelConfig, gaussian_nll
 
@@ -39,6 +40,7 @@ class Member:
     best_val_loss: float
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    device: str = "cpu"
 
 
 def load_split(features_root: str, split: str, labels: list[str], stats: dict) -> dict[str, torch.Tensor]:
@@ -59,25 +61,31 @@ def build_net(cfg: ModelConfig, stats: dict, n_labels: int) -> HybridNet:
     return HybridNet(cfg, n_pix, n_xp, n_s, n_labels)
 
 
+INPUTS = ("spectrum", "spectrum_mask", "xp", "scalars")
+
+
 def _forward_chunks(net: HybridNet, data: dict[str, torch.Tensor], chunk: int = 256):
+    """Forward in sub-batches on the net's device (CPU convs slow down above ~512 rows); results on CPU."""
+    dev = next(net.parameters()).device
     means, logvars = [], []
     with torch.no_grad():
         for lo in range(0, len(data["source_id"]), chunk):
-            sl = slice(lo, lo + chunk)
-            m, lv = net(data["spectrum"][sl], data["spectrum_mask"][sl], data["xp"][sl], data["scalars"][sl])
-            means.append(m)
-            logvars.append(lv)
+            x = [data[k][lo:lo + chunk].to(dev, non_blocking=True) for k in INPUTS]
+            m, lv = net(*x)
+            means.append(m.float().cpu())
+            logvars.append(lv.float().cpu())
     return torch.cat(means), torch.cat(logvars)
 
 
 def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats: dict, index: int,
-                 seed: int, threads: int | None = None) -> Member:
+                 seed: int, threads: int | None = None, device: str = "auto") -> Member:
     t0 = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
+    dev = pick_device(device)
+    make_deterministic(dev)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
-    net = build_net(cfg, stats, len(labels))
+    net = build_net(cfg, stats, len(labels)).to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     train = FeatureDataset(features_root, split="train", batch_size=cfg.batch_size, shuffle=True, seed=seed,
                            labels=labels, stats=stats)
@@ -89,7 +97,8 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
         net.train()
         total, n = 0.0, 0
         for b in train:
-            mean, log_var = net(b["spectrum"], b["spectrum_mask"], b["xp"], b["scalars"])
+            b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
+            mean, log_var = net(*(b[k] for k in INPUTS))
             loss = gaussian_nll(mean, log_var, b["labels"], b["label_err"])
             opt.zero_grad()
             loss.backward()
@@ -102,12 +111,12 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
         history.append({"epoch": epoch, "train_loss": total / max(n, 1), "val_loss": val_loss})
         if val_loss < best - 1e-5:
             best, best_epoch, bad = val_loss, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         else:
             bad += 1
             if bad >= cfg.patience:
                 break
-    return Member(index, seed, st_save(best_state), best_epoch, best, history, time.perf_counter() - t0)
+    return Member(index, seed, st_save(best_state), best_epoch, best, history, time.perf_counter() - t0, str(dev))
 
 
 def outlier_members(losses: list[float], n_mad: float = 3.0) -> list[int]:
@@ -139,6 +148,11 @@ class Ensemble:
             net.load_state_dict(st_load(w))
             net.eval()
             self.nets.append(net)
+
+    def to(self, device: str | torch.device) -> "Ensemble":
+        for net in self.nets:
+            net.to(device)
+        return self
 
     def predict_normalised(self, data: dict[str, torch.Tensor], chunk: int = 256):
         """Per member means and variances (normalised units): (M, N, L) each."""

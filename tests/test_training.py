@@ -154,3 +154,19 @@ def test_spectrum_only_preset_on_second_instrument(tmp_path, hr15n_instrument):
     ens = s["ensemble"]
     assert ens.labels[-1] == "a_li" and not ens.cfg.use_xp and not ens.cfg.use_scalars
     assert np.isfinite(s["metrics"]["a_li/all/rmse"]) and s["metrics"]["a_li/all/n"] > 5
+
+
+def test_gpu_selection_from_spark_resources():
+    from stellar.devices import pick_device
+    from stellar.errors import StellarError
+
+    assert pick_device("auto", ["3"], cuda_available=True, visible="").type == "cuda"
+    assert str(pick_device("auto", ["3"], cuda_available=True, visible="")) == "cuda:3"
+    assert str(pick_device("auto", ["3"], cuda_available=True, visible="2,3")) == "cuda:1"  # physical -> visible
+    assert str(pick_device("auto", [], cuda_available=True, visible="")) == "cuda:0"
+    assert str(pick_device("auto", ["0"], cuda_available=False)) == "cpu"
+    assert str(pick_device("cpu", ["0"], cuda_available=True)) == "cpu"
+    with pytest.raises(StellarError, match="sees no GPU"):
+        pick_device("cuda", [], cuda_available=False)
+    with pytest.raises(StellarError, match="auto, cuda or cpu"):
+        pick_device("tpu")
