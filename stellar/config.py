@@ -260,11 +260,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
-    # Spark masters such as local[*] parse as YAML lists; keep them as written.
-    if isinstance(value, (list, dict)) and not raw.strip().startswith(("[", "{")):
-        value = raw
-    if isinstance(value, list) and raw.strip().startswith("local["):
-        value = raw.strip()
     return key.split("."), value
 
 
