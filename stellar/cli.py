@@ -135,21 +135,26 @@ def cmd_synth(cfg: StellarConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _staged(cfg: StellarConfig, stage: str, use_spark: bool, fn):
+    """``fn(mapper)`` in this process (mapper None) or with Spark tasks of a session built for ``stage``."""
+    if not use_spark:
+        return fn(None)
+    from stellar.ingest.distributed import spark_mapper
+    from stellar.spark import build_session
+
+    spark = build_session(cfg, stage)
+    try:
+        return fn(spark_mapper(spark, f"stellar {stage}"))
+    finally:
+        spark.stop()
+
+
 def run_ingest(cfg: StellarConfig, use_spark: bool = True) -> dict:
     from stellar.ingest.run import ingest
     from stellar.instruments import load_instrument
 
     instrument = load_instrument(cfg.instrument, cfg.conf_dir)
-    if not use_spark:
-        return ingest(cfg.ingest, instrument, cfg.conf_dir)
-    from stellar.ingest.distributed import spark_mapper
-    from stellar.spark import build_session
-
-    spark = build_session(cfg, "ingest")
-    try:
-        return ingest(cfg.ingest, instrument, cfg.conf_dir, mapper=spark_mapper(spark))
-    finally:
-        spark.stop()
+    return _staged(cfg, "ingest", use_spark, lambda m: ingest(cfg.ingest, instrument, cfg.conf_dir, mapper=m))
 
 
 def summarise_ingest(s: dict, root: str) -> str:
@@ -183,17 +188,8 @@ def run_preprocess(cfg: StellarConfig, use_spark: bool = True) -> dict:
     from stellar.preprocess import preprocess
 
     instrument = load_instrument(cfg.instrument, cfg.conf_dir)
-    if not use_spark:
-        return preprocess(cfg.preprocess, instrument, cfg.ingest.output_dir)
-    from stellar.ingest.distributed import spark_mapper
-    from stellar.spark import build_session
-
-    spark = build_session(cfg, "preprocess")
-    try:
-        return preprocess(cfg.preprocess, instrument, cfg.ingest.output_dir,
-                          mapper=spark_mapper(spark, "stellar preprocess"))
-    finally:
-        spark.stop()
+    return _staged(cfg, "preprocess", use_spark,
+                   lambda m: preprocess(cfg.preprocess, instrument, cfg.ingest.output_dir, mapper=m))
 
 
 def summarise_preprocess(s: dict, root: str) -> str:
@@ -227,16 +223,7 @@ def run_train(cfg: StellarConfig, use_spark: bool = True) -> dict:
     from stellar.trainer import train_ensemble
 
     instrument = load_instrument(cfg.instrument, cfg.conf_dir)
-    if not use_spark:
-        return train_ensemble(cfg, instrument)
-    from stellar.ingest.distributed import spark_mapper
-    from stellar.spark import build_session
-
-    spark = build_session(cfg, "train")
-    try:
-        return train_ensemble(cfg, instrument, mapper=spark_mapper(spark, "stellar train"))
-    finally:
-        spark.stop()
+    return _staged(cfg, "train", use_spark, lambda m: train_ensemble(cfg, instrument, mapper=m))
 
 
 def summarise_train(s: dict) -> str:
