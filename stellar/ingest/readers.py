@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,18 +91,45 @@ def check_header(header: gaia_ecsv.EcsvHeader, product: Product) -> None:
             raise gaia_ecsv.HeaderError(f"header declares {name} as {declared}, expected {expected.datatype}")
 
 
-def typed_from_text(table: pa.Table, product: Product) -> tuple[dict[str, pa.Array], pa.Array]:
-    columns: dict[str, pa.Array] = {}
-    problems = []
-    for name in product.columns:
-        if name not in table.column_names:
-            continue
+def available_threads() -> int:
+    """CPUs this process may use: a Spark task's ``cpus`` (spark.task.cpus), else the CPU affinity."""
+    try:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        if ctx is not None:
+            return max(1, int(ctx.cpus()))
+    except ImportError:  # pragma: no cover
+        pass
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def typed_from_text(table: pa.Table, product: Product, threads: int | None = None) -> tuple[dict[str, pa.Array], pa.Array]:
+    """Convert each text column; array columns (the expensive part) in parallel threads when this
+    process has more than one CPU (Arrow kernels release the GIL). A Spark task uses its own
+    ``spark.task.cpus``, so tasks never oversubscribe their executor."""
+    names = [n for n in product.columns if n in table.column_names]
+
+    def convert(name: str):
         text = table[name].combine_chunks() if table.num_rows else pa.array([], pa.string())
         target = product.arrow_type(name)
         if pa.types.is_list(target):
-            values, prob = parse_array(text, target.value_type, name)
-        else:
-            values, prob = parse_scalar(text, target, name)
+            return parse_array(text, target.value_type, name)
+        return parse_scalar(text, target, name)
+
+    threads = available_threads() if threads is None else threads
+    arrays = [n for n in names if pa.types.is_list(product.arrow_type(n))]
+    if threads > 1 and len(arrays) > 1 and table.num_rows:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(threads, len(arrays))) as pool:
+            done = dict(zip(arrays, pool.map(convert, arrays)))
+    else:
+        done = {}
+    columns: dict[str, pa.Array] = {}
+    problems = []
+    for name in names:
+        values, prob = done[name] if name in done else convert(name)
         columns[name] = values
         problems.append(prob)
     return columns, merge_problems(*problems) if problems else None
