@@ -63,13 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="features store folder (preprocess.output_dir)")
     p.add_argument("--no-spark", action="store_true", help="compute in this process instead of Spark tasks")
 
+    p = sub.add_parser("select", help="t-SNE/UMAP map of training + observed stars and train-like flags")
+    _common(p, suppress=True)
+    p.add_argument("--no-spark", action="store_true", help="place the stars in this process instead of Spark tasks")
+
     p = sub.add_parser("train", help="train the deep ensemble, calibrate it, track it and register it in MLflow")
     _common(p, suppress=True)
     p.add_argument("--model", help="model preset (train.model): hybrid, rave2020, gaia_eso2023, or a YAML path")
     p.add_argument("--members", type=int, help="ensemble size (train.members)")
     p.add_argument("--no-spark", action="store_true", help="train the members in this process, one after another")
 
-    p = sub.add_parser("demo", help="run the demo end to end on the embedded default (synth -> ingest -> preprocess -> train)")
+    p = sub.add_parser("demo", help="run the demo end to end on the embedded default (synth -> ingest -> preprocess -> select -> train)")
     _common(p, suppress=True)
     return parser
 
@@ -218,6 +222,23 @@ def cmd_preprocess(cfg: StellarConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_select(cfg: StellarConfig, use_spark: bool = True) -> dict:
+    from stellar.selection import select
+
+    return _staged(cfg, "select", use_spark, lambda m: select(cfg.select, cfg.preprocess.output_dir, mapper=m))
+
+
+def cmd_select(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    s = run_select(cfg, use_spark=not args.no_spark)
+    if s.get("up_to_date"):
+        print(f"selection in {cfg.select.output_dir} is up to date (version {s['version']})")
+        return 0
+    print(f"selection written to {cfg.select.output_dir} (version {s['version']}): {s['rows']} stars, map fitted on "
+          f"{s['fit_set']} ({s['fit_training']} training) in {s['fit_seconds']:.0f} s, {s['placed']} placed in "
+          f"{s['place_seconds']:.0f} s; observed train-unlike {s['observed_train_unlike']} of {s['observed']}")
+    return 0
+
+
 def run_train(cfg: StellarConfig, use_spark: bool = True) -> dict:
     from stellar.instruments import load_instrument
     from stellar.trainer import train_ensemble
@@ -259,6 +280,9 @@ def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
     print(f"[demo] stage preprocess: {cfg.ingest.output_dir} -> {cfg.preprocess.output_dir}", flush=True)
     pre = run_preprocess(cfg)
     print(summarise_preprocess(pre, cfg.preprocess.output_dir))
+    print(f"[demo] stage select: t-SNE map -> {cfg.select.output_dir}", flush=True)
+    sel = run_select(cfg)
+    print(f"  {sel['rows']} stars mapped; observed train-unlike {sel.get('observed_train_unlike')} of {sel.get('observed')}")
     print(f"[demo] stage train: {cfg.train.members}-member {cfg.train.model} ensemble -> MLflow {cfg.mlflow.tracking_uri}",
           flush=True)
     tr = run_train(cfg)
@@ -266,6 +290,7 @@ def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
     summary = {"stages": {"synth": {k: manifest[k] for k in ("n_stars", "n_files", "n_labelled", "n_ood", "path")},
                           "ingest": {k: ing.get(k) for k in ("version", "rows_in", "written", "quarantined", "tables")},
                           "preprocess": {k: pre.get(k) for k in ("version", "tables_version", "counts")},
+                          "select": {k: sel.get(k) for k in ("version", "rows", "observed", "observed_train_unlike")},
                           "train": {k: tr.get(k) for k in ("members", "kept", "calibration", "version", "alias", "run_id")}},
                "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(cfg.work_dir) / "demo-summary.json"
@@ -275,7 +300,7 @@ def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"doctor": cmd_doctor, "synth": cmd_synth, "ingest": cmd_ingest, "preprocess": cmd_preprocess,
-            "train": cmd_train, "demo": cmd_demo}
+            "select": cmd_select, "train": cmd_train, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,6 +187,24 @@ class PreprocessConfig(StrictModel):
     output_dir: str = "{work_dir}/features"
 
 
+class SelectConfig(StrictModel):
+    """Training-sample selection map (t-SNE default, or UMAP) and the train-like flag."""
+
+    method: Literal["tsne", "umap"] = "tsne"
+    use_xp: bool = False  # embed spectrum + XP (default: the spectrum alone, as the reference analysis)
+    pca_components: int = Field(50, ge=2, le=500)
+    # Observed stars fitted with the training stars (hash-chosen, S/N-stratified); caps driver memory.
+    observed_sample: int = Field(4000, ge=0)
+    perplexity: int = Field(30, ge=2)  # t-SNE perplexity / UMAP n_neighbors
+    neighbours: int = Field(20, ge=1)  # k for the train-like score
+    # train_like when (share of training stars among the k map neighbours) / (their share in the fit set) >= this
+    threshold: float = Field(0.5, ge=0)
+    seed: int = Field(0, ge=0)
+    # Stars placed per transform call (fixed by the data, so results do not depend on the cluster).
+    place_batch: int = Field(10000, ge=100)
+    output_dir: str = "{work_dir}/selection"
+
+
 class TrainConfig(StrictModel):
     """The deep ensemble: architecture preset, members, seeds, registration."""
 
@@ -212,6 +230,7 @@ class StellarConfig(StrictModel):
     synth: SynthConfig = Field(default_factory=SynthConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     # Directory the config was loaded from: instrument presets are looked up under it.
     conf_dir: str = Field(default="", exclude=True)

@@ -1,0 +1,263 @@
+"""Training-sample selection: a t-SNE (or UMAP) map of training and observed stars, and train-like flags.
+
+The reference analysis trusts labels only for observed stars that fall among
+training stars in a t-SNE map of the spectra. Here:
+
+1. features of the training split plus a hash-chosen, S/N-stratified sample
+   of observed stars are read on the driver (the sample size, not the
+   catalogue, bounds driver memory);
+2. PCA (fitted on the training stars) reduces spectrum (+ XP) features;
+3. openTSNE (default) or UMAP embeds that fit set in 2-D;
+4. every other star is placed on the fitted map by the embedding's
+   ``transform``, partition by partition in parallel tasks; the fitted
+   embedding travels to the workers once per task group;
+5. a star's score is the share of training stars among its k nearest fit-set
+   neighbours on the map, relative to their share in the fit set;
+   ``train_like`` is score >= threshold.
+
+The fitted map is this run's own object (never read from elsewhere).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from stellar import __version__
+from stellar.config import SelectConfig
+from stellar.errors import StellarError
+from stellar.features import Normaliser, split_hash
+from stellar.preprocess import load_stats
+from stellar.tables import TableStore, write_part
+
+
+class SelectError(StellarError):
+    pass
+
+
+def feature_matrix(table: pa.Table, stats: dict, use_xp: bool) -> np.ndarray:
+    spec = np.stack(table["spectrum"].to_numpy(zero_copy_only=False)).astype(np.float32) - 1.0
+    if not use_xp:
+        return spec
+    xp = Normaliser.from_stats(stats["xp"]).normalise(np.stack(table["xp"].to_numpy(zero_copy_only=False)))
+    return np.concatenate([spec, 0.1 * xp], axis=1)
+
+
+@dataclass
+class FittedMap:
+    pca_mean: np.ndarray
+    pca_components: np.ndarray
+    embedding: object  # openTSNE TSNEEmbedding or umap.UMAP (this run's own object)
+    ref_xy: np.ndarray  # fit-set coordinates
+    ref_is_train: np.ndarray
+    method: str
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.pca_mean) @ self.pca_components.T
+
+    def place(self, z: np.ndarray) -> np.ndarray:
+        """Place new points on the map. A fresh copy of the fitted embedding per call: transform
+        keeps optimiser state in it, and each group must start from the same state wherever it runs."""
+        if len(z) == 0:
+            return np.zeros((0, 2))
+        # pickle round trip of this run's own object (deepcopy drops the ndarray subclass's state)
+        fresh = pickle.loads(pickle.dumps(self.embedding))  # noqa: S301 - our own in-memory object
+        return np.asarray(fresh.transform(z))
+
+
+def scores(fmap: FittedMap, xy: np.ndarray, k: int) -> np.ndarray:
+    """Share of training stars among the k nearest fit-set stars on the map, relative to their share
+    in the whole fit set: ~1 where training stars are as common as anywhere, 0 where there are none.
+    (Relative, so the threshold does not depend on how many observed stars were sampled.)"""
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(fmap.ref_xy)
+    _, idx = tree.query(xy, k=k)
+    return fmap.ref_is_train[idx].mean(axis=1) / max(fmap.ref_is_train.mean(), 1e-9)
+
+
+def _read(root: str, flt, columns: list[str]) -> pa.Table:
+    path = TableStore(root).table_path("features")
+    return ds.dataset(path, format="parquet", partitioning="hive").to_table(columns=columns, filter=flt)
+
+
+def fit_map(cfg: SelectConfig, features_root: str, stats: dict, n_observed: int) -> tuple[FittedMap, pa.Table]:
+    frac = min(1.0, cfg.observed_sample / max(1, n_observed))
+    # Hash-chosen sample of observed stars, stratified by S/N (each S/N quartile sampled alike).
+    cols = ["source_id", "spectrum", "xp", "split", "snr"]
+    train = _read(features_root, pc.field("split") == "train", cols)
+    observed = _read(features_root, pc.field("split") != "train", ["source_id", "snr"])
+    sid = observed["source_id"].to_numpy()
+    snr = observed["snr"].to_numpy()
+    edges = np.quantile(snr, [0.25, 0.5, 0.75]) if len(snr) else []
+    stratum = np.searchsorted(edges, snr)
+    u = split_hash(sid, cfg.seed + 17)
+    chosen = np.zeros(len(sid), dtype=bool)
+    for s in range(4):
+        m = stratum == s
+        if m.any():
+            chosen[m] = u[m] < frac
+    picked = set(sid[chosen].tolist())
+    sample = _read(features_root, pc.field("source_id").isin(pa.array(sorted(picked), pa.int64())), cols) \
+        if picked else train.slice(0, 0)
+    fit = pa.concat_tables([train, sample]).sort_by("source_id")
+    if (fit["split"].to_numpy(zero_copy_only=False) == "train").sum() < cfg.neighbours:
+        raise SelectError("too few training stars to build the map")
+    x = feature_matrix(fit, stats, cfg.use_xp)
+    is_train = fit["split"].to_numpy(zero_copy_only=False) == "train"
+    from sklearn.decomposition import PCA
+
+    pca = PCA(cfg.pca_components, random_state=cfg.seed).fit(x[is_train])
+    z = pca.transform(x)
+    if cfg.method == "tsne":
+        from openTSNE import TSNE
+
+        # exact neighbours: the approximate index (Annoy) is rebuilt differently in each worker process,
+        # which would make a star's placement depend on where it ran
+        emb = TSNE(perplexity=cfg.perplexity, n_jobs=1, random_state=cfg.seed, neighbors="exact", verbose=False).fit(z)
+        xy = np.asarray(emb)
+    else:
+        import umap
+
+        emb = umap.UMAP(n_neighbors=cfg.perplexity, random_state=cfg.seed, n_jobs=1).fit(z)
+        xy = emb.embedding_
+    fmap = FittedMap(pca.mean_, pca.components_, emb, xy, is_train, cfg.method)
+    return fmap, fit
+
+
+@dataclass(frozen=True)
+class Ctx:
+    features_vdir: str
+    out_vdir: str
+    use_xp: bool
+    k: int
+    threshold: float
+    stats: dict
+
+
+def place_group(parts: list[str], fmap: FittedMap, fit_ids: np.ndarray, ctx: Ctx) -> list[dict]:
+    """Place the stars of several partitions with one ``transform`` call (it has a high fixed cost)."""
+    tables = [pq.read_table(Path(ctx.features_vdir) / "features" / p, columns=["source_id", "spectrum", "xp", "split"])
+              for p in parts]
+    if not tables:
+        return []
+    allt = pa.concat_tables(tables)
+    sid = allt["source_id"].to_numpy()
+    pos = np.minimum(np.searchsorted(fit_ids, sid), max(len(fit_ids) - 1, 0))
+    in_fit = (fit_ids[pos] == sid) if len(fit_ids) else np.zeros(len(sid), bool)
+    xy = np.zeros((len(sid), 2))
+    xy[in_fit] = fmap.ref_xy[pos[in_fit]]
+    rest = ~in_fit
+    if rest.any():
+        xy[rest] = fmap.place(fmap.project(feature_matrix(allt.filter(pa.array(rest)), ctx.stats, ctx.use_xp)))
+    score = scores(fmap, xy, ctx.k)
+    out = []
+    lo = 0
+    for p, t in zip(parts, tables):
+        sl = slice(lo, lo + t.num_rows)
+        lo += t.num_rows
+        table = pa.table({"source_id": pa.array(sid[sl]), "x": pa.array(xy[sl, 0].astype(np.float32)),
+                          "y": pa.array(xy[sl, 1].astype(np.float32)), "score": pa.array(score[sl].astype(np.float32)),
+                          "train_like": pa.array(score[sl] >= ctx.threshold), "in_fit": pa.array(in_fit[sl]),
+                          "split": t["split"]})
+        write_part(Path(ctx.out_vdir) / "selection" / p, table, {"stellar.table": "selection"})
+        obs = np.asarray(t["split"].to_pylist()) != "train"
+        out.append({"part": p, "rows": t.num_rows, "observed": int(obs.sum()),
+                    "observed_train_unlike": int((obs & (score[sl] < ctx.threshold)).sum()),
+                    "placed": int(rest[sl].sum())})
+    return out
+
+
+def select(cfg: SelectConfig, features_root: str, mapper=None) -> dict:
+    from stellar.ingest.run import local_map
+
+    t0 = time.perf_counter()
+    mapper = mapper or local_map
+    fstore = TableStore(features_root)
+    fversion = fstore.current_version()
+    if fversion is None:
+        raise SelectError(f"no features under {features_root} (run 'stellar preprocess' first)")
+    digest = hashlib.sha256(json.dumps({"cfg": cfg.model_dump(exclude={"output_dir"}), "features": fversion,
+                                        "v": __version__}, sort_keys=True).encode()).hexdigest()[:16]
+    store = TableStore(cfg.output_dir)
+    store.root.mkdir(parents=True, exist_ok=True)
+    store.clean_uncommitted()
+    cur = store.current_manifest()
+    if cur and cur.get("settings_digest") == digest:
+        return {**cur["summary"], "up_to_date": True}
+    stats = load_stats(features_root)
+    manifest = fstore.current_manifest()
+    n_obs = manifest["summary"]["counts"].get("split:observed", 0) + \
+        manifest["summary"]["counts"].get("split:validation", 0) + manifest["summary"]["counts"].get("split:test", 0)
+    t_fit = time.perf_counter()
+    fmap, fit = fit_map(cfg, features_root, stats, n_obs)
+    t_fit = time.perf_counter() - t_fit
+    version = store.new_version()
+    vdir_in = fstore.root / fversion
+    parts = sorted(str(p.relative_to(vdir_in / "features")) for p in (vdir_in / "features").rglob("part-*.parquet"))
+    ctx = Ctx(str(vdir_in), str(store.root / version), cfg.use_xp, cfg.neighbours, cfg.threshold, stats)
+    fit_ids = fit["source_id"].to_numpy()
+    # Groups of consecutive partitions with >= place_batch stars each: one transform call per group
+    # (it has a high fixed cost), and groups fixed by the data, not by the cluster, so the map
+    # placement is the same on any number of executors.
+    groups: list[list[str]] = [[]]
+    count = 0
+    for p in parts:
+        if count >= cfg.place_batch:
+            groups.append([])
+            count = 0
+        groups[-1].append(p)
+        count += pq.read_metadata(vdir_in / "features" / p).num_rows
+    t_place = time.perf_counter()
+    results = [r for g in mapper(lambda grp: place_group(grp, fmap, fit_ids, ctx), groups) for r in g]
+    t_place = time.perf_counter() - t_place
+    c = Counter()
+    for r in results:
+        c.update({k: v for k, v in r.items() if k != "part"})
+    n_features = manifest["summary"]["counts"]["stars"]
+    if c["rows"] != n_features:
+        raise SelectError(f"row accounting: {n_features} feature rows, {c['rows']} selection rows")
+    summary = {"version": version, "features_version": fversion, "settings_digest": digest, "rows": c["rows"],
+               "fit_set": len(fit_ids), "fit_training": int(fmap.ref_is_train.sum()), "placed": c["placed"],
+               "observed": c["observed"], "observed_train_unlike": c["observed_train_unlike"],
+               "fit_seconds": round(t_fit, 2), "place_seconds": round(t_place, 2),
+               "seconds": round(time.perf_counter() - t0, 2)}
+    _figure(store.root / version / "map.png", store.root / version / "selection")
+    store.commit(version, {"stellar_version": __version__, "settings_digest": digest, "summary": summary})
+    return summary
+
+
+def _figure(path: Path, table_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = ds.dataset(table_dir, format="parquet", partitioning="hive").to_table(
+        columns=["x", "y", "train_like", "split"])
+    x, y = t["x"].to_numpy(), t["y"].to_numpy()
+    train = np.asarray(t["split"].to_pylist()) == "train"
+    like = t["train_like"].to_numpy(zero_copy_only=False)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharex=True, sharey=True)
+    axes[0].scatter(x[~train], y[~train], s=1, c="0.6", label="observed")
+    axes[0].scatter(x[train], y[train], s=1, c="C0", label="training")
+    axes[0].legend(markerscale=8, fontsize=8)
+    axes[0].set_title("training vs observed")
+    axes[1].scatter(x[~train & like], y[~train & like], s=1, c="C2", label="observed, train-like")
+    axes[1].scatter(x[~train & ~like], y[~train & ~like], s=1, c="C3", label="observed, train-unlike")
+    axes[1].legend(markerscale=8, fontsize=8)
+    axes[1].set_title("train-like flag")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
