@@ -34,3 +34,11 @@ def test_help_texts_list_every_command():
     out = subprocess.run([sys.executable, "-m", "stellar.cli", "--help"], capture_output=True, text=True).stdout
     for cmd in ("doctor", "synth", "demo"):
         assert cmd in out
+
+
+def test_job_scripts_do_not_shadow_the_standard_library():
+    """spark-submit puts jobs/ first on sys.path: a jobs/select.py once broke every job."""
+    from pathlib import Path
+
+    jobs = {p.stem for p in (Path(__file__).resolve().parent.parent / "jobs").glob("*.py")}
+    assert jobs and not jobs & set(sys.stdlib_module_names)

@@ -1,6 +1,9 @@
 """spark-submit entry point: training-sample selection map (t-SNE/UMAP) and train-like flags.
 
-    spark-submit jobs/select.py --config conf/local.yaml [--set KEY=VALUE ...]
+Named selection.py: a jobs/select.py would shadow the standard library's ``select``
+module for every job in this folder (the script's folder comes first on sys.path).
+
+    spark-submit jobs/selection.py --config conf/local.yaml [--set KEY=VALUE ...]
 
 Thin by design: the CLI parses arguments and builds the session; the work is ``stellar.selection``.
 """
