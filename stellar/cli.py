@@ -128,7 +128,7 @@ def summarise_synth(m: dict) -> str:
         f"synthetic survey ({m['instrument']}) written to {m['path']}",
         f"  stars {m['n_stars']} in {m['n_files']} HEALPix-range files, {total / 1e6:.1f} MB",
         f"  training labels {m['n_labelled']} (labels/allStar-synth.fits), out-of-distribution {m['n_ood']}",
-        f"  truth table: truth/*.parquet; manifest: survey.json",
+        "  truth table: truth/*.parquet; manifest: survey.json",
         f"  {m['seconds']:.1f} s wall, {rate:.0f} stars/s",
     ])
 

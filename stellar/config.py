@@ -310,6 +310,31 @@ def _format_validation_error(source: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def preset_dirs(kind: str, conf_dir: str | None = None) -> list[Path]:
+    """Folders searched for ``conf/<kind>/<name>.yaml`` presets: beside the loaded config, then
+    ``$STELLAR_CONF_DIR``, then the repository's ``conf/``."""
+    roots = [conf_dir, os.environ.get(CONF_DIR_ENV), str(Path(__file__).resolve().parent.parent / "conf")]
+    return [Path(r) / kind for r in roots if r]
+
+
+def load_preset(kind: str, name: str, model: type[BaseModel], conf_dir: str | None = None, label: str = ""):
+    """Load and validate a preset by name (``conf/<kind>/<name>.yaml``) or by YAML path."""
+    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else []
+    candidates += [d / f"{name}.yaml" for d in preset_dirs(kind, conf_dir)]
+    for path in candidates:
+        if path.is_file():
+            try:
+                return model.model_validate(yaml.safe_load(path.read_text()))
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            except ValidationError as exc:
+                raise ConfigError(_format_validation_error(str(path), exc)) from None
+            except ValueError as exc:  # cross-field checks in model_post_init
+                raise ConfigError(f"{path}: {exc}") from None
+    searched = ", ".join(str(c) for c in candidates)
+    raise ConfigError(f"{label or kind} preset {name!r} not found (looked in: {searched})")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> StellarConfig:
     """Load and validate a config file, applying ``KEY=VALUE`` overrides first."""
     data: dict[str, Any] = {}

@@ -7,17 +7,13 @@ here, so a new spectrograph is a new file, not new code.
 
 from __future__ import annotations
 
-import os
 from functools import cached_property
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from stellar.config import StrictModel, _format_validation_error
-from stellar.errors import ConfigError
+from stellar.config import StrictModel, load_preset
 
 # Elements whose abundance follows [M/H] + [alpha/M]; the rest follow [Fe/H] (or [M/H]).
 ALPHA_ELEMENTS = frozenset({"O", "Mg", "Si", "S", "Ca", "Ti"})
@@ -101,30 +97,6 @@ class Instrument(StrictModel):
         return self.wavelength.n_pixels
 
 
-def preset_dirs(conf_dir: str | None) -> list[Path]:
-    dirs = []
-    if conf_dir:
-        dirs.append(Path(conf_dir) / "instruments")
-    env = os.environ.get("STELLAR_CONF_DIR")
-    if env:
-        dirs.append(Path(env) / "instruments")
-    # Repository checkout: conf/ beside the package.
-    dirs.append(Path(__file__).resolve().parent.parent / "conf" / "instruments")
-    return dirs
-
-
 def load_instrument(name_or_path: str, conf_dir: str | None = None) -> Instrument:
     """Load a preset by name (``gaia_rvs``) or by path to a YAML file."""
-    candidates = [Path(name_or_path)] if name_or_path.endswith((".yaml", ".yml")) else []
-    candidates += [d / f"{name_or_path}.yaml" for d in preset_dirs(conf_dir)]
-    for path in candidates:
-        if path.is_file():
-            try:
-                data = yaml.safe_load(path.read_text())
-                return Instrument.model_validate(data)
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-            except ValidationError as exc:
-                raise ConfigError(_format_validation_error(str(path), exc)) from None
-    searched = ", ".join(str(c) for c in candidates)
-    raise ConfigError(f"instrument preset {name_or_path!r} not found (looked in: {searched})")
+    return load_preset("instruments", name_or_path, Instrument, conf_dir, "instrument")

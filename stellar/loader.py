@@ -10,8 +10,6 @@ no Python work per row.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -165,7 +163,3 @@ class FeatureDataset(IterableDataset):
                 n_pending = sum(len(p["source_id"]) for p in pending)
         if n_pending:
             yield from self._flush(pending, rng, final=True)
-
-
-def feature_path(features_root: str) -> Path:
-    return TableStore(features_root).table_path("features")

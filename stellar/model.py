@@ -8,17 +8,13 @@ under ``conf/models/``, and a spectrum-only instrument switches branches off.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 from torch import nn
 
-from stellar.config import StrictModel, _format_validation_error
-from stellar.errors import ConfigError
-from stellar.instruments import preset_dirs
+from stellar.config import StrictModel, load_preset
 
 
 class ConvLayer(StrictModel):
@@ -55,17 +51,7 @@ class ModelConfig(StrictModel):
 
 
 def load_model_preset(name: str, conf_dir: str | None = None) -> ModelConfig:
-    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else []
-    candidates += [d.parent / "models" / f"{name}.yaml" for d in preset_dirs(conf_dir)]
-    for path in candidates:
-        if path.is_file():
-            try:
-                return ModelConfig.model_validate(yaml.safe_load(path.read_text()))
-            except ValidationError as exc:
-                raise ConfigError(_format_validation_error(str(path), exc)) from None
-            except ValueError as exc:
-                raise ConfigError(f"{path}: {exc}") from None
-    raise ConfigError(f"model preset {name!r} not found (looked in: {', '.join(map(str, candidates))})")
+    return load_preset("models", name, ModelConfig, conf_dir, "model")
 
 
 def _act(name: str) -> nn.Module:

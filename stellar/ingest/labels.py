@@ -10,17 +10,14 @@ preprocess stage's, driven by configuration).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from stellar.config import StrictModel, _format_validation_error
-from stellar.errors import ConfigError
+from stellar.config import StrictModel, load_preset
 from stellar.ingest.readers import Batch, InputFile, ReadResult
-from stellar.instruments import KNOWN_LABELS, preset_dirs
+from stellar.instruments import KNOWN_LABELS
 
 FLAG_NAMES = ("aspcapflag", "starflag", "extratarg", "flag_sp")
 
@@ -42,17 +39,7 @@ class CataloguePreset(StrictModel):
 
 
 def load_catalogue(name: str, conf_dir: str | None = None) -> CataloguePreset:
-    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else []
-    candidates += [d.parent / "catalogues" / f"{name}.yaml" for d in preset_dirs(conf_dir)]
-    for path in candidates:
-        if path.is_file():
-            try:
-                return CataloguePreset.model_validate(yaml.safe_load(path.read_text()))
-            except (ValidationError, ValueError) as exc:
-                if isinstance(exc, ValidationError):
-                    raise ConfigError(_format_validation_error(str(path), exc)) from None
-                raise ConfigError(f"{path}: {exc}") from None
-    raise ConfigError(f"label catalogue preset {name!r} not found (looked in: {', '.join(map(str, candidates))})")
+    return load_preset("catalogues", name, CataloguePreset, conf_dir, "label catalogue")
 
 
 def labels_schema() -> pa.Schema:

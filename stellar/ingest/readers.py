@@ -12,7 +12,6 @@ per-pixel RVS CSV, one star); every unit ends in the output or in quarantine.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path

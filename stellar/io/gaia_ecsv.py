@@ -11,11 +11,10 @@ stream yields the complete lines before the damage plus a record of it.
 
 from __future__ import annotations
 
-import io
 import queue
 import threading
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +50,6 @@ class Chunk:
     n_lines: int
     damage: str | None = None  # set when the stream ended early / was corrupt
     partial_line: bytes | None = None  # the incomplete last line of a truncated stream
-    extra: dict = field(default_factory=dict)
 
 
 class HeaderError(ValueError):
@@ -288,16 +286,6 @@ def iter_chunks(path: str | Path, header: EcsvHeader, start: int = 0, end: int |
         if damage is None:
             damage = "file does not end with a newline"
         yield Chunk(b"", line, 0, damage, partial)
-
-
-def read_chunk(path: str | Path, header: EcsvHeader, start: int = 0, end: int | None = None) -> Chunk:
-    """All lines of [start, end) as one Chunk (tests and small files)."""
-    parts = list(iter_chunks(path, header, start, end))
-    if not parts:
-        return Chunk(b"", 1, 0)
-    data = b"".join(p.data for p in parts)
-    last = parts[-1]
-    return Chunk(data, parts[0].first_line, sum(p.n_lines for p in parts), last.damage, last.partial_line)
 
 
 def parse_text_table(chunk: Chunk, names: list[str], include: list[str]) -> tuple[pa.Table, np.ndarray, list[tuple[int, str]]]:
