@@ -73,7 +73,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--members", type=int, help="ensemble size (train.members)")
     p.add_argument("--no-spark", action="store_true", help="train the members in this process, one after another")
 
-    p = sub.add_parser("demo", help="run the demo end to end on the embedded default (synth -> ingest -> preprocess -> select -> train)")
+    p = sub.add_parser("predict", help="apply a registered ensemble (default @champion) to every star -> predictions")
+    _common(p, suppress=True)
+    p.add_argument("--model", dest="predict_model", metavar="ALIAS|VERSION",
+                   help="model alias or version number of mlflow.model_name (predict.model)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="predict.device")
+    p.add_argument("--no-spark", action="store_true", help="predict in this process instead of Spark tasks")
+
+    p = sub.add_parser("export", help="write the predictions to FITS, VOTable or CSV (for TOPCAT and friends)")
+    _common(p, suppress=True)
+    p.add_argument("output", help="output file; the format follows its suffix (.fits .vot .xml .csv) or --format")
+    p.add_argument("--format", choices=["fits", "votable", "csv"], help="output format")
+    p.add_argument("--where", help="comma-separated filters: train_like, good, hpx=N, model_version=N, split=S")
+    p.add_argument("--max-rows", type=int, default=5_000_000, help="refuse FITS/VOTable above this many rows")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    p = sub.add_parser("promote", help="evaluate @challenger vs @champion on the test split; move @champion if better")
+    _common(p, suppress=True)
+    p.add_argument("--challenger", help="alias or version of the candidate (promote.challenger)")
+    p.add_argument("--champion", help="alias to move (promote.champion)")
+    p.add_argument("--dry-run", action="store_true", help="evaluate and decide, change nothing")
+    p.add_argument("--rollback", action="store_true", help="give the champion alias back to the previous champion")
+
+    p = sub.add_parser("demo", help="run the demo end to end on the embedded default "
+                                    "(synth -> ingest -> preprocess -> select -> train -> promote -> predict)")
     _common(p, suppress=True)
     return parser
 
@@ -87,7 +110,9 @@ def _load(args: argparse.Namespace) -> StellarConfig:
                                                                                              "synth.output_dir")
     for flag, key in (("stars", "synth.n_stars"), ("seed", "synth.seed"), ("output", output_key),
                       ("instrument", "instrument"), ("gaia_root", "ingest.gaia_root"),
-                      ("model", "train.model"), ("members", "train.members")):
+                      ("model", "train.model"), ("members", "train.members"),
+                      ("predict_model", "predict.model"), ("device", "predict.device"),
+                      ("challenger", "promote.challenger"), ("champion", "promote.champion")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -269,6 +294,77 @@ def cmd_train(cfg: StellarConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_predict(cfg: StellarConfig, use_spark: bool = True) -> dict:
+    from stellar.predict import predict, resolve_model
+
+    bundle = resolve_model(cfg)  # once, before any task runs: the alias may move meanwhile
+    if not use_spark:
+        return predict(cfg, bundle)
+    from stellar.spark import build_session
+
+    spark = build_session(cfg, "predict")
+    try:
+        return predict(cfg, bundle, spark=spark)
+    finally:
+        spark.stop()
+
+
+def summarise_predict(s: dict, root: str) -> str:
+    m = s["model"]
+    if s.get("up_to_date"):
+        return (f"predictions in {root} are up to date (version {s['version']}, model {m['name']} "
+                f"v{m['version']})")
+    lines = [f"predictions written to {root} (version {s['version']}) with {m['name']} version {m['version']} "
+             f"(run {m['run_id']}); {s['seconds']:.1f} s, {s['rows'] / max(s['seconds'], 1e-9):.0f} stars/s",
+             f"  stars {s['rows']}: predicted {s['predicted']}, quarantined {s['quarantined']}; train-like "
+             f"{s['train_like']}, train-unlike {s['train_unlike']}, no selection row {s['no_selection']}; "
+             f"a label outside the training range {s['out_of_range']}"]
+    for k, v in s.get("problems", {}).items():
+        lines.append(f"  quarantine: {v} x {k}")
+    return "\n".join(lines)
+
+
+def cmd_predict(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    print(summarise_predict(run_predict(cfg, use_spark=not args.no_spark), cfg.predict.output_dir))
+    return 0
+
+
+def cmd_export(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    from stellar.export import export
+
+    s = export(cfg.predict.output_dir, args.output, args.format, args.where, args.max_rows, args.overwrite)
+    m = s.get("model") or {}
+    print(f"wrote {s['rows']} rows to {s['path']} ({s['format']}; model {m.get('name')} v{m.get('version')})")
+    return 0
+
+
+def summarise_promote(r: dict) -> str:
+    if r["decision"] == "rolled back":
+        return f"@champion rolled back from version {r['from']} to version {r['to']}"
+    head = f"challenger version {r['challenger']} vs champion " + (
+        f"version {r['champion']}" if r.get("champion") else "(none yet)") + f": {r['decision']}"
+    if r.get("dry_run"):
+        head += " (dry run: nothing changed)"
+    lines = [head]
+    mets = r.get("metrics") or {}
+    if mets:
+        lines.append(f"  {'label':<8} {'RMSE chal':>10} {'RMSE champ':>11} {'z std chal':>11} {'n':>6}")
+        for lab, v in mets["challenger"].items():
+            champ = (mets.get("champion") or {}).get(lab, {}).get("rmse", float("nan"))
+            lines.append(f"  {lab:<8} {v['rmse']:>10.4g} {champ:>11.4g} {v['z_std']:>11.3f} {v['n']:>6}")
+    lines += [f"  not promoted because {why}" for why in r.get("reasons", []) if r["decision"] == "rejected"]
+    lines += [f"  {why}" for why in r.get("reasons", []) if r["decision"] == "unchanged"]
+    return "\n".join(lines)
+
+
+def cmd_promote(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    from stellar.promote import promote, rollback
+
+    r = rollback(cfg) if args.rollback else promote(cfg, dry_run=args.dry_run)
+    print(summarise_promote(r))
+    return 0
+
+
 def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"[demo] stage synth: {cfg.synth.n_stars} stars -> {cfg.synth.output_dir}", flush=True)
@@ -287,11 +383,22 @@ def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
           flush=True)
     tr = run_train(cfg)
     print(summarise_train(tr))
+    from stellar.promote import promote
+
+    print(f"[demo] stage promote: @{cfg.promote.challenger} vs @{cfg.promote.champion} on the test split", flush=True)
+    pro = promote(cfg)
+    print(summarise_promote(pro))
+    print(f"[demo] stage predict: @{cfg.predict.model} -> {cfg.predict.output_dir}", flush=True)
+    pred = run_predict(cfg)
+    print(summarise_predict(pred, cfg.predict.output_dir))
     summary = {"stages": {"synth": {k: manifest[k] for k in ("n_stars", "n_files", "n_labelled", "n_ood", "path")},
                           "ingest": {k: ing.get(k) for k in ("version", "rows_in", "written", "quarantined", "tables")},
                           "preprocess": {k: pre.get(k) for k in ("version", "tables_version", "counts")},
                           "select": {k: sel.get(k) for k in ("version", "rows", "observed", "observed_train_unlike")},
-                          "train": {k: tr.get(k) for k in ("members", "kept", "calibration", "version", "alias", "run_id")}},
+                          "train": {k: tr.get(k) for k in ("members", "kept", "calibration", "version", "alias", "run_id")},
+                          "promote": {k: pro.get(k) for k in ("decision", "reasons", "challenger", "champion")},
+                          "predict": {k: pred.get(k) for k in ("version", "model", "rows", "predicted", "quarantined",
+                                                               "train_like", "train_unlike", "out_of_range")}},
                "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(cfg.work_dir) / "demo-summary.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")
@@ -300,7 +407,8 @@ def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"doctor": cmd_doctor, "synth": cmd_synth, "ingest": cmd_ingest, "preprocess": cmd_preprocess,
-            "select": cmd_select, "train": cmd_train, "demo": cmd_demo}
+            "select": cmd_select, "train": cmd_train, "predict": cmd_predict, "export": cmd_export,
+            "promote": cmd_promote, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

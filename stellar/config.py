@@ -194,7 +194,10 @@ class SelectConfig(StrictModel):
     use_xp: bool = False  # embed spectrum + XP (default: the spectrum alone, as the reference analysis)
     pca_components: int = Field(50, ge=2, le=500)
     # Observed stars fitted with the training stars (hash-chosen, S/N-stratified); caps driver memory.
-    observed_sample: int = Field(4000, ge=0)
+    observed_sample: int = Field(20000, ge=0)
+    # Training stars in the fit set (hash-chosen when there are more); the rest are placed like
+    # observed stars. With observed_sample this bounds driver memory and the fit time.
+    train_sample: int = Field(20000, ge=10)
     perplexity: int = Field(30, ge=2)  # t-SNE perplexity / UMAP n_neighbors
     neighbours: int = Field(20, ge=1)  # k for the train-like score
     # train_like when (share of training stars among the k map neighbours) / (their share in the fit set) >= this
@@ -202,6 +205,8 @@ class SelectConfig(StrictModel):
     seed: int = Field(0, ge=0)
     # Stars placed per transform call (fixed by the data, so results do not depend on the cluster).
     place_batch: int = Field(10000, ge=100)
+    # openTSNE negative-gradient method of the placement: fft (fast at any size) or bh (Barnes-Hut)
+    place_gradient: Literal["fft", "bh"] = "fft"
     output_dir: str = "{work_dir}/selection"
 
 
@@ -222,6 +227,46 @@ class TrainConfig(StrictModel):
     alias: str = "challenger"
 
 
+_ALIAS = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$|^[0-9]{1,9}$"
+
+
+class PredictConfig(StrictModel):
+    """Applying a registered ensemble to the whole features table."""
+
+    # alias (resolved once, at the start) or version number of mlflow.model_name
+    model: str = Field("champion", pattern=_ALIAS)
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: the task's Spark-assigned GPU, else CPU
+    # auto: fp16 autocast on GPU when the first sub-batch agrees with fp32 within amp_tolerance, else fp32
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    amp_tolerance: float = Field(0.02, gt=0)  # max |mixed - fp32| of the mean, in units of its sigma
+    batch_size: int = Field(64, ge=1)  # rows per forward on CPU (cache-sized: larger is slower on CPU)
+    gpu_batch_size: int = Field(16384, ge=1)  # rows per forward on GPU
+    arrow_batch_rows: int = Field(10000, ge=1)  # rows per Arrow batch handed to a Python worker
+    output_dir: str = "{work_dir}/predictions"
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _version_number(cls, v):
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class PromoteConfig(StrictModel):
+    """When a challenger may replace the champion (both evaluated on the same held-out test stars)."""
+
+    challenger: str = Field("challenger", pattern=_ALIAS)
+    champion: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # an alias, never a number
+    # every label's test RMSE must be <= this times the champion's
+    max_rmse_ratio: float = Field(1.0, gt=0)
+    # every label's test z-score spread must lie within 1 +- this (calibrated uncertainties)
+    max_z_std_error: float = Field(0.25, gt=0)
+    min_test_stars: int = Field(30, ge=1)
+
+    @field_validator("challenger", mode="before")
+    @classmethod
+    def _version_number(cls, v):
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
 class StellarConfig(StrictModel):
     work_dir: str = "./work"
     instrument: str = "gaia_rvs"
@@ -232,6 +277,8 @@ class StellarConfig(StrictModel):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
     # Directory the config was loaded from: instrument presets are looked up under it.
     conf_dir: str = Field(default="", exclude=True)
 

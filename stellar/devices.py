@@ -28,6 +28,16 @@ def task_gpu_addresses() -> list[str]:
     return list(res.addresses) if res is not None else []
 
 
+def task_cpus() -> int | None:
+    """CPUs Spark gave this task (spark.task.cpus); None outside a Spark task."""
+    try:
+        from pyspark import TaskContext
+    except ImportError:  # pragma: no cover - pyspark is a dependency
+        return None
+    ctx = TaskContext.get()
+    return int(ctx.cpus()) if ctx is not None else None
+
+
 def pick_device(prefer: str = "auto", gpu_addresses: list[str] | None = None,
                 cuda_available: bool | None = None, visible: str | None = None) -> torch.device:
     """``prefer``: 'auto' (GPU when there is one), 'cuda' (must have one) or 'cpu'.

@@ -1,11 +1,25 @@
-"""Turn raw feature arrays into the normalised tensors the networks take (shared by every caller)."""
+"""Turn raw feature arrays into network inputs and run an ensemble over them (shared by every caller).
+
+``features_to_tensors`` normalises raw features exactly as the training
+loader does; ``arrow_features`` gets the same raw arrays out of an Arrow
+batch without a Python loop per row (and says which rows are unusable and
+why); ``forward_members`` evaluates every member of an ensemble on each
+sub-batch in one pass over the data, on CPU or GPU, optionally in mixed
+precision.
+"""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from stellar.features import Normaliser
+
+INPUTS = ("spectrum", "spectrum_mask", "xp", "scalars")
 
 
 def features_to_tensors(stats: dict, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -20,3 +34,177 @@ def features_to_tensors(stats: dict, arrays: dict[str, np.ndarray]) -> dict[str,
         "scalars": torch.from_numpy(sc),
         "source_id": torch.from_numpy(np.asarray(arrays.get("source_id", np.arange(n)), dtype=np.int64)),
     }
+
+
+def _fixed(col: pa.ChunkedArray | pa.Array, width: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A list column (fixed or variable size, as Parquet or Spark hands it over) -> (n, width) array and
+    a per-row 'has exactly width values, none null' mask; bad rows come back as zeros."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    n = len(col)
+    if pa.types.is_fixed_size_list(col.type) and col.type.list_size == width and col.null_count == 0 \
+            and col.flatten().null_count == 0:
+        return col.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(n, width), \
+            np.ones(n, dtype=bool)
+    lengths = pc.fill_null(pc.list_value_length(col), -1).to_numpy(zero_copy_only=False)
+    inner_nulls = np.zeros(n, dtype=bool)
+    ok = lengths == width
+    good = col.filter(pa.array(ok))
+    values = good.flatten()
+    if values.null_count:
+        per_row = values.is_null().to_numpy(zero_copy_only=False).reshape(-1, width).any(axis=1)
+        idx = np.flatnonzero(ok)
+        inner_nulls[idx[per_row]] = True
+        values = pc.fill_null(values, 0)
+    out = np.zeros((n, width), dtype=dtype)
+    out[ok] = values.to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(-1, width)
+    return out, ok & ~inner_nulls
+
+
+def arrow_features(batch: pa.RecordBatch | pa.Table, stats: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Raw feature arrays of a batch plus a per-row problem text ('' when the row is usable).
+
+    A row is unusable when an array has the wrong length or holds nulls, or a
+    value the network would read is not finite (unmasked flux, XP, scalars):
+    those rows get no prediction and land in quarantine, the rest go on.
+    """
+    n_pix, n_xp, n_sc = stats["n_spectrum"], 2 * stats["xp_bases"], len(stats["scalar_names"])
+    spec, ok_s = _fixed(batch.column("spectrum"), n_pix, np.float32)
+    mask, ok_m = _fixed(batch.column("spectrum_mask"), n_pix, np.uint8)
+    xp, ok_x = _fixed(batch.column("xp"), n_xp, np.float32)
+    sc, ok_c = _fixed(batch.column("scalars"), n_sc, np.float32)
+    problem = np.full(len(spec), "", dtype=object)
+    for ok, what in ((ok_c, f"scalars: not {n_sc} values"), (ok_x, f"xp: not {n_xp} values"),
+                     (ok_m, f"spectrum_mask: not {n_pix} values"), (ok_s, f"spectrum: not {n_pix} values")):
+        problem[~ok] = what
+    usable = ok_s & ok_m & ok_x & ok_c
+    # A row sum is finite exactly when every value is (NaN and inf propagate): one pass over the
+    # batch; the pixel-by-pixel test, which forgives masked pixels, runs only on the rows it flags.
+    spec_bad = ~np.isfinite(spec.sum(axis=1, dtype=np.float64))
+    if spec_bad.any():
+        rows = np.flatnonzero(spec_bad)
+        spec_bad[rows] = ~(np.isfinite(spec[rows]) | (mask[rows] != 0)).all(axis=1)
+    for bad, what in ((spec_bad, "spectrum: non-finite flux in unmasked pixels"),
+                      (~np.isfinite(xp.sum(axis=1, dtype=np.float64)), "xp: non-finite coefficients"),
+                      (~np.isfinite(sc.sum(axis=1, dtype=np.float64)), "scalars: non-finite values")):
+        problem[usable & bad] = what
+        usable &= ~bad
+    sid = batch.column("source_id")
+    sid = (sid.combine_chunks() if isinstance(sid, pa.ChunkedArray) else sid)
+    if sid.null_count:
+        problem[sid.is_null().to_numpy(zero_copy_only=False)] = "source_id: null"
+    arrays = {"spectrum": spec, "spectrum_mask": mask, "xp": xp, "scalars": sc,
+              "source_id": pc.fill_null(sid, -1).to_numpy(zero_copy_only=False)}
+    return arrays, problem
+
+
+def forward_members(model: "StackedEnsemble | list[torch.nn.Module]", data: dict[str, torch.Tensor],
+                    device: torch.device, chunk: int, autocast_dtype: torch.dtype | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Every member on each sub-batch (inputs moved to the device once per sub-batch): normalised
+    means and variances, (M, N, L) float32 each, on the host. ``model`` is a StackedEnsemble
+    (one call for all members) or a list of member networks (one call each)."""
+    n = len(data["spectrum"])
+    if isinstance(model, StackedEnsemble):
+        m, n_lab, call = model.m, model.n_labels, model
+    else:
+        m, n_lab = len(model), model[0].n_labels
+
+        def call(*x):
+            outs = [net(*x) for net in model]
+            return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+    means = np.empty((m, n, n_lab), dtype=np.float32)
+    variances = np.empty((m, n, n_lab), dtype=np.float32)
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else \
+        contextlib.nullcontext()
+    with torch.inference_mode(), ctx:
+        for lo in range(0, n, chunk):
+            x = [data[k][lo:lo + chunk] for k in INPUTS]
+            rows = len(x[0])
+            if rows < chunk and n > chunk:
+                # pad the last sub-batch to the full size: one kernel shape for the whole run (a new
+                # shape costs oneDNN/cuDNN a fresh plan, and every row then goes through the same code)
+                x = [torch.cat([t, t[:1].expand(chunk - rows, *t.shape[1:])]) for t in x]
+            mu, log_var = call(*(t.to(device, non_blocking=True) for t in x))
+            means[:, lo:lo + rows] = mu[:, :rows].float().cpu().numpy()
+            variances[:, lo:lo + rows] = log_var[:, :rows].float().exp().cpu().numpy()
+    return means, variances
+
+
+class StackedEnsemble(torch.nn.Module):
+    """All members of an ensemble as one network: the first conv and dense layers of shared inputs
+    concatenated, later convs grouped by member, dense layers as batched matmuls. Same arithmetic
+    as the members one by one (up to float rounding), but a few large kernels instead of many
+    small ones, which is what makes the CPU fast on small convolutions."""
+
+    def __init__(self, nets: list[torch.nn.Module]):
+        super().__init__()
+        from stellar.model import _act
+
+        cfg = nets[0].cfg
+        self.cfg = cfg
+        self.m = len(nets)
+        self.n_labels = nets[0].n_labels
+        self.act = _act(cfg.activation)
+        cat = lambda ts: torch.nn.Parameter(torch.cat([t.detach() for t in ts]), requires_grad=False)  # noqa: E731
+        stack = lambda ts: torch.nn.Parameter(torch.stack([t.detach() for t in ts]), requires_grad=False)  # noqa: E731
+        if cfg.use_spectrum:
+            self.convs = torch.nn.ModuleList()
+            self.pools = []
+            convs = [[mod for mod in net.conv if isinstance(mod, torch.nn.Conv1d)] for net in nets]
+            for i, layer in enumerate(cfg.conv):
+                first = convs[0][i]
+                conv = torch.nn.Conv1d(first.in_channels * (1 if i == 0 else self.m), first.out_channels * self.m,
+                                       first.kernel_size[0], groups=1 if i == 0 else self.m)
+                conv.weight = cat([c[i].weight for c in convs])
+                conv.bias = cat([c[i].bias for c in convs])
+                self.convs.append(conv)
+                self.pools.append(layer.pool)
+            self.spec_dense = self._dense([net.spec_dense for net in nets], stack)
+        if cfg.use_xp:
+            self.xp_dense = self._dense([net.xp_dense for net in nets], stack)
+        if cfg.use_scalars:
+            self.scalar_dense = self._dense([net.scalar_dense for net in nets], stack)
+        self.head = self._dense([net.head for net in nets], stack)
+        self.out_w = stack([net.out.weight.t() for net in nets])
+        self.out_b = stack([net.out.bias[None, :] for net in nets])
+
+    @staticmethod
+    def _dense(seqs, stack) -> torch.nn.ParameterList:
+        layers = [[mod for mod in seq if isinstance(mod, torch.nn.Linear)] for seq in seqs]
+        params = torch.nn.ParameterList()
+        for i in range(len(layers[0])):
+            params.append(stack([lay[i].weight.t() for lay in layers]))  # (M, in, out)
+            params.append(stack([lay[i].bias[None, :] for lay in layers]))  # (M, 1, out)
+        return params
+
+    def _mlp(self, params, x: torch.Tensor) -> torch.Tensor:
+        """x: (M, B, in) -> (M, B, out); activation after every layer, as in the members."""
+        for i in range(0, len(params), 2):
+            x = self.act(torch.baddbmm(params[i + 1], x, params[i]))
+        return x
+
+    def forward(self, spectrum, mask, xp, scalars) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns means and log-variances of the normalised labels, (M, B, L) each."""
+        b = spectrum.shape[0]
+        parts = []
+        if self.cfg.use_spectrum:
+            keep = (~mask).to(spectrum.dtype)
+            x = torch.stack([(spectrum - 1.0) * keep, 1.0 - keep], dim=1)
+            for conv, pool in zip(self.convs, self.pools):
+                x = self.act(conv(x))
+                if pool > 1:
+                    x = torch.nn.functional.max_pool1d(x, pool)
+            # (B, M*C, L) -> (M, B, C*L): each member's own flatten order
+            x = x.reshape(b, self.m, -1).transpose(0, 1)
+            parts.append(self._mlp(self.spec_dense, x))
+        if self.cfg.use_xp:
+            parts.append(self._mlp(self.xp_dense, xp.to(self.out_w.dtype).expand(self.m, -1, -1)))
+        if self.cfg.use_scalars:
+            parts.append(self._mlp(self.scalar_dense, scalars.to(self.out_w.dtype).expand(self.m, -1, -1)))
+        h = self._mlp(self.head, torch.cat(parts, dim=2))
+        out = torch.baddbmm(self.out_b, h, self.out_w)
+        n = self.n_labels
+        if self.cfg.heteroscedastic:
+            return out[..., :n], out[..., n:].clamp(-12.0, 8.0)
+        return out, torch.zeros_like(out)

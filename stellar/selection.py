@@ -3,9 +3,10 @@
 The reference analysis trusts labels only for observed stars that fall among
 training stars in a t-SNE map of the spectra. Here:
 
-1. features of the training split plus a hash-chosen, S/N-stratified sample
-   of observed stars are read on the driver (the sample size, not the
-   catalogue, bounds driver memory);
+1. features of hash-chosen, S/N-stratified samples of the training stars
+   (``train_sample``) and of the observed stars (``observed_sample``) are read
+   on the driver (the sample sizes, not the catalogue, bound driver memory;
+   of the rest only source_id, S/N and split reach it);
 2. PCA (fitted on the training stars) reduces spectrum (+ XP) features;
 3. openTSNE (default) or UMAP embeds that fit set in 2-D;
 4. every other star is placed on the fitted map by the embedding's
@@ -46,11 +47,15 @@ class SelectError(StellarError):
     pass
 
 
+def _matrix(col: pa.ChunkedArray, n: int) -> np.ndarray:
+    return col.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+
+
 def feature_matrix(table: pa.Table, stats: dict, use_xp: bool) -> np.ndarray:
-    spec = np.stack(table["spectrum"].to_numpy(zero_copy_only=False)).astype(np.float32) - 1.0
+    spec = _matrix(table["spectrum"], table.num_rows).astype(np.float32) - 1.0
     if not use_xp:
         return spec
-    xp = Normaliser.from_stats(stats["xp"]).normalise(np.stack(table["xp"].to_numpy(zero_copy_only=False)))
+    xp = Normaliser.from_stats(stats["xp"]).normalise(_matrix(table["xp"], table.num_rows))
     return np.concatenate([spec, 0.1 * xp], axis=1)
 
 
@@ -92,28 +97,37 @@ def _read(root: str, flt, columns: list[str]) -> pa.Table:
     return ds.dataset(path, format="parquet", partitioning="hive").to_table(columns=columns, filter=flt)
 
 
-def fit_map(cfg: SelectConfig, features_root: str, stats: dict, n_observed: int) -> tuple[FittedMap, pa.Table]:
-    frac = min(1.0, cfg.observed_sample / max(1, n_observed))
-    # Hash-chosen sample of observed stars, stratified by S/N (each S/N quartile sampled alike).
-    cols = ["source_id", "spectrum", "xp", "split", "snr"]
-    train = _read(features_root, pc.field("split") == "train", cols)
-    observed = _read(features_root, pc.field("split") != "train", ["source_id", "snr"])
-    sid = observed["source_id"].to_numpy()
-    snr = observed["snr"].to_numpy()
+def _hash_sample(sid: np.ndarray, snr: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Choose about n of the stars by a hash of source_id, each S/N quartile sampled alike:
+    the same stars whatever the partitioning, and no S/N range under-represented on the map."""
+    frac = min(1.0, n / max(1, len(sid)))
+    if frac >= 1.0:
+        return np.ones(len(sid), dtype=bool)
     edges = np.quantile(snr, [0.25, 0.5, 0.75]) if len(snr) else []
     stratum = np.searchsorted(edges, snr)
-    u = split_hash(sid, cfg.seed + 17)
+    u = split_hash(sid, seed)
     chosen = np.zeros(len(sid), dtype=bool)
     for s in range(4):
         m = stratum == s
         if m.any():
             chosen[m] = u[m] < frac
-    picked = set(sid[chosen].tolist())
-    sample = _read(features_root, pc.field("source_id").isin(pa.array(sorted(picked), pa.int64())), cols) \
-        if picked else train.slice(0, 0)
-    fit = pa.concat_tables([train, sample]).sort_by("source_id")
-    if (fit["split"].to_numpy(zero_copy_only=False) == "train").sum() < cfg.neighbours:
-        raise SelectError("too few training stars to build the map")
+    return chosen
+
+
+def fit_map(cfg: SelectConfig, features_root: str, stats: dict) -> tuple[FittedMap, pa.Table]:
+    cols = ["source_id", "spectrum", "xp", "split", "snr"]
+    # Only ids and S/N of the whole catalogue reach the driver; spectra only for the chosen fit set.
+    ids = _read(features_root, None, ["source_id", "snr", "split"])
+    sid, snr = ids["source_id"].to_numpy(), ids["snr"].to_numpy()
+    train = ids["split"].to_numpy(zero_copy_only=False) == "train"
+    chosen = np.zeros(len(sid), dtype=bool)
+    chosen[train] = _hash_sample(sid[train], snr[train], cfg.train_sample, cfg.seed + 11)
+    chosen[~train] = _hash_sample(sid[~train], snr[~train], cfg.observed_sample, cfg.seed + 17)
+    picked = pa.array(np.sort(sid[chosen]), pa.int64())
+    fit = _read(features_root, pc.field("source_id").isin(picked), cols).sort_by("source_id")
+    if (fit["split"].to_numpy(zero_copy_only=False) == "train").sum() < max(cfg.neighbours, 3 * cfg.perplexity + 1):
+        raise SelectError(f"too few training stars to build the map (need > {3 * cfg.perplexity} for perplexity "
+                          f"{cfg.perplexity})")
     x = feature_matrix(fit, stats, cfg.use_xp)
     is_train = fit["split"].to_numpy(zero_copy_only=False) == "train"
     from sklearn.decomposition import PCA
@@ -125,7 +139,11 @@ def fit_map(cfg: SelectConfig, features_root: str, stats: dict, n_observed: int)
 
         # exact neighbours: the approximate index (Annoy) is rebuilt differently in each worker process,
         # which would make a star's placement depend on where it ran
-        emb = TSNE(perplexity=cfg.perplexity, n_jobs=1, random_state=cfg.seed, neighbors="exact", verbose=False).fit(z)
+        emb = TSNE(perplexity=cfg.perplexity, n_jobs=1, random_state=cfg.seed, neighbors="exact",
+                   verbose=False).fit(z)
+        # placement by FFT interpolation whatever the group size: openTSNE's "auto" takes Barnes-Hut
+        # below 10,000 points, several times slower for the same result
+        emb.gradient_descent_params["negative_gradient_method"] = cfg.place_gradient
         xy = np.asarray(emb)
     else:
         import umap
@@ -146,8 +164,12 @@ class Ctx:
     stats: dict
 
 
-def place_group(parts: list[str], fmap: FittedMap, fit_ids: np.ndarray, ctx: Ctx) -> list[dict]:
-    """Place the stars of several partitions with one ``transform`` call (it has a high fixed cost)."""
+def place_group(parts: list[str], shared, ctx: Ctx) -> list[dict]:
+    """Place the stars of several partitions with one ``transform`` call (it has a high fixed cost).
+    ``shared.value`` is (fitted map, sorted fit-set ids), shipped to each executor once."""
+    t0 = time.perf_counter()
+    fmap, fit_ids = shared.value
+    t_load = time.perf_counter() - t0
     tables = [pq.read_table(Path(ctx.features_vdir) / "features" / p, columns=["source_id", "spectrum", "xp", "split"])
               for p in parts]
     if not tables:
@@ -159,8 +181,10 @@ def place_group(parts: list[str], fmap: FittedMap, fit_ids: np.ndarray, ctx: Ctx
     xy = np.zeros((len(sid), 2))
     xy[in_fit] = fmap.ref_xy[pos[in_fit]]
     rest = ~in_fit
+    t1 = time.perf_counter()
     if rest.any():
         xy[rest] = fmap.place(fmap.project(feature_matrix(allt.filter(pa.array(rest)), ctx.stats, ctx.use_xp)))
+    t_transform = time.perf_counter() - t1
     score = scores(fmap, xy, ctx.k)
     out = []
     lo = 0
@@ -176,11 +200,14 @@ def place_group(parts: list[str], fmap: FittedMap, fit_ids: np.ndarray, ctx: Ctx
         out.append({"part": p, "rows": t.num_rows, "observed": int(obs.sum()),
                     "observed_train_unlike": int((obs & (score[sl] < ctx.threshold)).sum()),
                     "placed": int(rest[sl].sum())})
+    # task time split (first part of the group carries it): where placement time goes
+    out[0].update({"task_seconds": time.perf_counter() - t0, "map_load_seconds": t_load,
+                   "transform_seconds": t_transform})
     return out
 
 
 def select(cfg: SelectConfig, features_root: str, mapper=None) -> dict:
-    from stellar.ingest.run import local_map
+    from stellar.ingest.run import local_map, share
 
     t0 = time.perf_counter()
     mapper = mapper or local_map
@@ -198,10 +225,8 @@ def select(cfg: SelectConfig, features_root: str, mapper=None) -> dict:
         return {**cur["summary"], "up_to_date": True}
     stats = load_stats(features_root)
     manifest = fstore.current_manifest()
-    n_obs = manifest["summary"]["counts"].get("split:observed", 0) + \
-        manifest["summary"]["counts"].get("split:validation", 0) + manifest["summary"]["counts"].get("split:test", 0)
     t_fit = time.perf_counter()
-    fmap, fit = fit_map(cfg, features_root, stats, n_obs)
+    fmap, fit = fit_map(cfg, features_root, stats)
     t_fit = time.perf_counter() - t_fit
     version = store.new_version()
     vdir_in = fstore.root / fversion
@@ -220,7 +245,10 @@ def select(cfg: SelectConfig, features_root: str, mapper=None) -> dict:
         groups[-1].append(p)
         count += pq.read_metadata(vdir_in / "features" / p).num_rows
     t_place = time.perf_counter()
-    results = [r for g in mapper(lambda grp: place_group(grp, fmap, fit_ids, ctx), groups) for r in g]
+    shared = share(mapper, (fmap, fit_ids))  # the fitted map (~100 MB) travels once, not in every task
+    results = [r for g in mapper(lambda grp: place_group(grp, shared, ctx), groups) for r in g]
+    if hasattr(shared, "unpersist"):
+        shared.unpersist()
     t_place = time.perf_counter() - t_place
     c = Counter()
     for r in results:
@@ -231,7 +259,8 @@ def select(cfg: SelectConfig, features_root: str, mapper=None) -> dict:
     summary = {"version": version, "features_version": fversion, "settings_digest": digest, "rows": c["rows"],
                "fit_set": len(fit_ids), "fit_training": int(fmap.ref_is_train.sum()), "placed": c["placed"],
                "observed": c["observed"], "observed_train_unlike": c["observed_train_unlike"],
-               "fit_seconds": round(t_fit, 2), "place_seconds": round(t_place, 2),
+               "fit_seconds": round(t_fit, 2), "place_seconds": round(t_place, 2), "groups": len(groups),
+               **{k: round(c[k], 2) for k in ("task_seconds", "map_load_seconds", "transform_seconds")},
                "seconds": round(time.perf_counter() - t0, 2)}
     _figure(store.root / version / "map.png", store.root / version / "selection")
     store.commit(version, {"stellar_version": __version__, "settings_digest": digest, "summary": summary})

@@ -163,6 +163,12 @@ class Ensemble:
 
     def predict(self, data: dict[str, torch.Tensor], calibrated: bool = True) -> dict[str, np.ndarray]:
         means, variances = self.predict_normalised(data)
+        return self.combine(means, variances, calibrated)
+
+    def combine(self, means: np.ndarray, variances: np.ndarray, calibrated: bool = True) -> dict[str, np.ndarray]:
+        """Members' normalised (M, N, L) means and variances -> physical mean and uncertainties."""
+        means = np.asarray(means, dtype=np.float64)
+        variances = np.asarray(variances, dtype=np.float64)
         mu = means.mean(axis=0)
         aleatoric = variances.mean(axis=0)
         epistemic = means.var(axis=0)
@@ -198,25 +204,41 @@ class Ensemble:
         return y, e
 
     # -- persistence: JSON + safetensors, nothing pickled ----------------------------------------
+    def to_files(self) -> dict[str, bytes]:
+        """The ensemble as named files (what is saved, logged to MLflow and shipped to executors)."""
+        files = {f"member_{i:02d}.safetensors": w for i, w in enumerate(self.weights)}
+        files["ensemble.json"] = json.dumps({
+            "model": self.cfg.model_dump(), "labels": self.labels, "n_members": len(self.weights),
+            "calibration": self.calibration.tolist(), "meta": self.meta}, indent=1, default=str).encode()
+        files["stats.json"] = json.dumps(self.stats).encode()
+        return files
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes]) -> "Ensemble":
+        try:
+            spec = json.loads(files["ensemble.json"])
+            stats = json.loads(files["stats.json"])
+            weights = [files[f"member_{i:02d}.safetensors"] for i in range(spec["n_members"])]
+        except KeyError as exc:
+            raise ValueError(f"ensemble files incomplete: {exc.args[0]} missing") from None
+        return cls(ModelConfig.model_validate(spec["model"]), spec["labels"], stats, weights,
+                   np.asarray(spec["calibration"]), spec.get("meta"))
+
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for i, w in enumerate(self.weights):
-            (folder / f"member_{i:02d}.safetensors").write_bytes(w)
-        (folder / "ensemble.json").write_text(json.dumps({
-            "model": self.cfg.model_dump(), "labels": self.labels, "n_members": len(self.weights),
-            "calibration": self.calibration.tolist(), "meta": self.meta}, indent=1, default=str))
-        (folder / "stats.json").write_text(json.dumps(self.stats))
+        for name, data in self.to_files().items():
+            (folder / name).write_bytes(data)
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> "Ensemble":
         folder = Path(folder)
-        spec = json.loads((folder / "ensemble.json").read_text())
-        stats = json.loads((folder / "stats.json").read_text())
-        weights = [(folder / f"member_{i:02d}.safetensors").read_bytes() for i in range(spec["n_members"])]
-        return cls(ModelConfig.model_validate(spec["model"]), spec["labels"], stats, weights,
-                   np.asarray(spec["calibration"]), spec.get("meta"))
+        if not (folder / "ensemble.json").is_file():
+            raise FileNotFoundError(f"{folder} holds no ensemble.json")
+        n = json.loads((folder / "ensemble.json").read_text())["n_members"]
+        names = ["ensemble.json", "stats.json"] + [f"member_{i:02d}.safetensors" for i in range(n)]
+        return cls.from_files({name: (folder / name).read_bytes() for name in names})
 
 
 def evaluate(ens: Ensemble, data: dict[str, torch.Tensor]) -> dict:

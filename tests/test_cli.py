@@ -37,8 +37,10 @@ def test_help_texts_list_every_command():
 
 
 def test_job_scripts_do_not_shadow_the_standard_library():
-    """spark-submit puts jobs/ first on sys.path: a jobs/select.py once broke every job."""
+    """A script's folder comes first on sys.path: a jobs/select.py once broke every spark-submit job."""
     from pathlib import Path
 
-    jobs = {p.stem for p in (Path(__file__).resolve().parent.parent / "jobs").glob("*.py")}
-    assert jobs and not jobs & set(sys.stdlib_module_names)
+    root = Path(__file__).resolve().parent.parent
+    for folder in ("jobs", "benchmarks"):
+        scripts = {p.stem for p in (root / folder).glob("*.py")}
+        assert scripts and not scripts & set(sys.stdlib_module_names), folder

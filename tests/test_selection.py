@@ -44,7 +44,7 @@ def test_out_of_distribution_stars_are_flagged(built):
     ood_rate, wrong_rate = flagged[ood].mean(), flagged[~ood].mean()
     print(f"OOD flagged train-unlike: {ood_rate:.3f} ({ood.sum()} stars); in-distribution flagged: {wrong_rate:.3f}")
     # floors for this small (5000-star, ~900 training stars) survey; the 90 % / 5 % targets are
-    # measured at scale by benchmarks/select.py
+    # measured at scale by benchmarks/selection.py
     assert ood_rate >= 0.7 and wrong_rate <= 0.05
     assert (TableStore(cfg.select.output_dir).table_path("selection").parent / "map.png").stat().st_size > 10_000
 

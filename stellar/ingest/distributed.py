@@ -20,4 +20,5 @@ def spark_mapper(spark, description: str = "stellar ingest") -> Callable[[Callab
         return sc.parallelize(list(items), numSlices=len(items)).map(fn).collect()
 
     mapper.parallelism = spark.sparkContext.defaultParallelism  # type: ignore[attr-defined]
+    mapper.share = spark.sparkContext.broadcast  # type: ignore[attr-defined]
     return mapper

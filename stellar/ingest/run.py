@@ -291,6 +291,20 @@ def local_map(fn: Callable, items: list) -> list:
     return [fn(x) for x in items]
 
 
+class Shared:
+    """A value handed to every task as ``.value`` (in-process: the object itself)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def share(mapper, value):
+    """Ship a large read-only value to the tasks once (a Spark broadcast: once per executor,
+    read once per Python worker) instead of inside every task's closure."""
+    fn = getattr(mapper, "share", None)
+    return fn(value) if fn is not None else Shared(value)
+
+
 def ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None = None,
            mapper: Runner | None = None) -> dict:
     """Run the ingest stage; returns the summary (also written beside the tables)."""

@@ -1,0 +1,148 @@
+"""Speed of the predict job (Parquet in -> Parquet out) against a bare-torch forward of the same ensemble.
+
+    .venv/bin/python benchmarks/inference.py [--stars 100000] [--work DIR] [--members 5] [--device auto]
+
+Builds (or reuses, with --work) a generated survey through preprocess and select,
+and a 5-member hybrid ensemble with seeded random weights (speed does not
+depend on the weight values, so no training is needed; the job receives it
+exactly as a resolved registry version). Then, in the same run:
+  * bare torch: the features read into memory first (not timed), then every
+    member's forward over all stars in sub-batches of 64, members one after
+    another, torch.inference_mode, all CPU threads: stars/s;
+  * the stacked forward used by the job (all members as one network), same data;
+  * the predict job, Spark local[*] (read Parquet, Arrow batches to the Python
+    workers, forward, join the selection flags, write Parquet): stars/s and the
+    ratio to bare torch (targets: >= 0.7x and >= 10,000 stars/s on 2 cores);
+  * the same job without Spark (one process).
+On a GPU machine --device cuda measures there (name the card with the figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from stellar.config import load_config  # noqa: E402
+from stellar.devices import pick_device  # noqa: E402
+from stellar.inference_core import StackedEnsemble, features_to_tensors, forward_members  # noqa: E402
+from stellar.instruments import load_instrument  # noqa: E402
+from stellar.model import load_model_preset  # noqa: E402
+from stellar.predict import ModelBundle, predict  # noqa: E402
+from stellar.preprocess import load_stats  # noqa: E402
+from stellar.tables import read_table  # noqa: E402
+from stellar.training import Ensemble, build_net  # noqa: E402
+
+
+def random_ensemble(stats: dict, labels: list[str], members: int) -> Ensemble:
+    from safetensors.torch import save as st_save
+
+    cfg = load_model_preset("hybrid", str(ROOT / "conf"))
+    weights = []
+    for i in range(members):
+        torch.manual_seed(1000 + i)
+        weights.append(st_save({k: v.contiguous() for k, v in build_net(cfg, stats, len(labels)).state_dict().items()}))
+    return Ensemble(cfg, labels, stats, weights)
+
+
+def build(args, cfg, inst) -> None:
+    from stellar.ingest.distributed import spark_mapper
+    from stellar.ingest.run import ingest
+    from stellar.preprocess import preprocess
+    from stellar.selection import select
+    from stellar.spark import build_session
+    from stellar.synth.distributed import spark_runner
+    from stellar.synth.survey import run_survey
+
+    spark = build_session(cfg, "bench-inference-build")
+    mapper = spark_mapper(spark, "bench build")
+    if not (Path(cfg.work_dir) / "synth" / "survey.json").exists():
+        print(f"building a {args.stars}-star survey, its features and selection ...", flush=True)
+        run_survey(cfg.synth, inst, runner=spark_runner(spark))
+    ingest(cfg.ingest, inst, cfg.conf_dir, mapper=mapper)
+    preprocess(cfg.preprocess, inst, cfg.ingest.output_dir, mapper=mapper)
+    select(cfg.select, cfg.preprocess.output_dir, mapper=mapper)
+    spark.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stars", type=int, default=100_000)
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--members", type=int, default=5)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--no-spark", action="store_true", help="skip the Spark job (e.g. where Java is missing)")
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="stellar-bench-inf-"))
+    cfg = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={work}", f"synth.n_stars={args.stars}",
+                                                     "synth.stars_per_file=10000", f"predict.device={args.device}"])
+    inst = load_instrument(cfg.instrument, cfg.conf_dir)
+    if not args.no_spark:
+        build(args, cfg, inst)
+    stats = load_stats(cfg.preprocess.output_dir)
+    ens = random_ensemble(stats, list(inst.labels), args.members)
+    bundle = ModelBundle("bench-random", 0, "none", ens.to_files())
+    device = pick_device(args.device)
+
+    feats = read_table(cfg.preprocess.output_dir, "features", ["spectrum", "spectrum_mask", "xp", "scalars"])
+    n = feats.num_rows
+    arrays = {k: feats[k].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+              for k in feats.column_names}
+    data = features_to_tensors(stats, arrays)
+    nets = [net.to(device) for net in ens.nets]
+    forward_members(nets, {k: v[:2048] for k, v in data.items()}, device, 256)  # warm-up
+    t = time.perf_counter()
+    forward_members(nets, data, device, 64)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t_bare = time.perf_counter() - t
+    chunk = cfg.predict.gpu_batch_size if device.type == "cuda" else cfg.predict.batch_size
+    stacked = StackedEnsemble(nets).to(device).eval()
+    forward_members(stacked, {k: v[:2048] for k, v in data.items()}, device, chunk)
+    t = time.perf_counter()
+    forward_members(stacked, data, device, chunk)
+    t_stacked = time.perf_counter() - t
+    print(f"inference benchmark: {n} stars, {args.members}-member hybrid ensemble, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+             f", {torch.get_num_threads()} torch threads"))
+    print(f"  bare torch forward (members in turn, 64/batch ) : {t_bare:7.2f} s  {n / t_bare:9.0f} stars/s")
+    print(f"  stacked forward ({chunk}/batch)                   : {t_stacked:7.2f} s  {n / t_stacked:9.0f} stars/s")
+    rows = []
+    if not args.no_spark:
+        from stellar.spark import build_session
+
+        spark = build_session(cfg, "bench-inference")
+        spark.sparkContext.parallelize(range(4), 4).map(lambda x: x).collect()  # warm Python workers
+        for label, out in (("predict job, Spark local[*], Parquet->Parquet", "pred-spark"),):
+            shutil.rmtree(work / out, ignore_errors=True)
+            c = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={work}", f"predict.output_dir={work / out}",
+                                                           f"predict.device={args.device}"])
+            t = time.perf_counter()
+            s = predict(c, bundle, spark=spark)
+            rows.append((label, time.perf_counter() - t, s["rows"]))
+        spark.stop()
+    shutil.rmtree(work / "pred-local", ignore_errors=True)
+    c = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={work}", f"predict.output_dir={work / 'pred-local'}",
+                                                   f"predict.device={args.device}"])
+    t = time.perf_counter()
+    s = predict(c, bundle)
+    rows.append(("predict job, one process, Parquet->Parquet", time.perf_counter() - t, s["rows"]))
+    for label, dt, rows_out in rows:
+        assert rows_out == n
+        print(f"  {label:<48}: {dt:7.2f} s  {n / dt:9.0f} stars/s  {t_bare / dt:5.2f}x bare torch")
+    print("  targets: predict job >= 0.7x bare torch and >= 10,000 stars/s on 2 cores")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

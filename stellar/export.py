@@ -1,0 +1,124 @@
+"""Predictions to files TOPCAT users open: FITS and VOTable (astropy, with units), and CSV.
+
+FITS and VOTable are written whole from memory, so they are for selections
+(``--where``) and catalogues up to ``max_rows``; CSV streams batch by batch
+(pyarrow) and has no size limit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.dataset as ds
+
+from stellar.errors import StellarError
+from stellar.tables import TableStore
+
+UNITS = {"teff": "K", "logg": "dex", "m_h": "dex", "alpha_m": "dex", "fe_h": "dex", "a_li": "dex"}
+FORMATS = {"fits": "fits", "votable": "votable", "csv": "csv"}
+DEFAULT_MAX_ROWS = 5_000_000
+
+
+class ExportError(StellarError):
+    pass
+
+
+def _filter(where: str | None):
+    """A small, safe filter language: 'train_like', 'not problem', 'model_version=3', 'hpx=17'."""
+    if not where:
+        return None
+    expr = None
+    for term in (t.strip() for t in where.split(",") if t.strip()):
+        if term == "train_like":
+            e = pc.field("train_like") == True  # noqa: E712 - an Arrow expression
+        elif term == "good":
+            e = pc.field("problem").is_null() & (pc.field("out_of_range") == 0)
+        elif "=" in term:
+            key, _, value = term.partition("=")
+            if key not in ("hpx", "model_version", "split"):
+                raise ExportError(f"--where: cannot filter on {key!r} (hpx, model_version, split)")
+            e = pc.field(key) == (value if key == "split" else int(value))
+        else:
+            raise ExportError(f"--where: unknown term {term!r} (train_like, good, hpx=N, model_version=N, split=S)")
+        expr = e if expr is None else expr & e
+    return expr
+
+
+def export(predictions_root: str, output: str, fmt: str | None = None, where: str | None = None,
+           max_rows: int = DEFAULT_MAX_ROWS, overwrite: bool = False) -> dict:
+    out = Path(output)
+    fmt = fmt or {".fits": "fits", ".fit": "fits", ".vot": "votable", ".xml": "votable", ".csv": "csv"}.get(
+        "".join(out.suffixes[-1:]).lower())
+    if fmt not in FORMATS:
+        raise ExportError(f"cannot tell the format of {output}: give --format fits|votable|csv")
+    if out.exists() and not overwrite:
+        raise ExportError(f"{output} exists (use --overwrite)")
+    store = TableStore(predictions_root)
+    man = store.current_manifest()
+    if man is None:
+        raise ExportError(f"no predictions under {predictions_root} (run 'stellar predict' first)")
+    dataset = ds.dataset(store.table_path("predictions"), format="parquet", partitioning="hive")
+    flt = _filter(where)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if fmt == "csv":
+        rows = 0
+        writer = None
+        for batch in dataset.to_batches(filter=flt):
+            batch = _plain(pa.Table.from_batches([batch]))
+            if writer is None:
+                writer = pacsv.CSVWriter(str(tmp), batch.schema)
+            writer.write_table(batch)
+            rows += batch.num_rows
+        if writer is None:
+            pacsv.write_csv(_plain(dataset.schema.empty_table()), str(tmp))
+        else:
+            writer.close()
+    else:
+        n = dataset.count_rows(filter=flt)
+        if n > max_rows:
+            raise ExportError(f"{n} rows is more than {max_rows} for {fmt} (held in memory): narrow it with --where "
+                              "or write CSV")
+        table = _plain(dataset.to_table(filter=flt))
+        rows = table.num_rows
+        _astropy(table, man, fmt, tmp)
+    os.replace(tmp, out)
+    return {"rows": rows, "path": str(out), "format": fmt, "model": man.get("model")}
+
+
+def _plain(table: pa.Table) -> pa.Table:
+    """Dictionary columns as plain strings (CSV/astropy want plain types)."""
+    cols = [c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) else c for c in table.columns]
+    return pa.table(cols, names=table.column_names)
+
+
+def _astropy(table: pa.Table, manifest: dict, fmt: str, path: Path) -> None:
+    from astropy.table import Table
+
+    t = Table()
+    for name in table.column_names:
+        col = table[name]
+        if pa.types.is_string(col.type):
+            t[name] = np.asarray(col.fill_null("").to_pylist(), dtype=str)
+        elif pa.types.is_boolean(col.type):
+            # FITS/VOTable booleans have no null: unknown train-like reads as False, with 'has_selection'
+            t[name] = col.fill_null(False).to_numpy(zero_copy_only=False)
+            if name == "train_like":
+                t["has_selection"] = col.is_valid().to_numpy(zero_copy_only=False)
+        else:
+            t[name] = col.to_numpy(zero_copy_only=False)
+        base = name[:-4] if name.endswith("_err") else name
+        if base in UNITS:
+            t[name].unit = UNITS[base]
+    model = manifest.get("model", {})
+    t.meta.update({"ORIGIN": "stellar", "MODEL": model.get("name", ""), "MODELVER": model.get("version", -1),
+                   "RUNID": model.get("run_id", ""), "FEATVER": manifest["summary"].get("features_version", "")})
+    if fmt == "fits":
+        t.write(path, format="fits")
+    else:
+        t.write(path, format="votable")

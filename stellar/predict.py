@@ -1,0 +1,358 @@
+"""The predict stage: a registered ensemble applied to every star of the features table.
+
+The model is resolved once, on the driver: ``models:/<name>@<alias>`` (or a
+version number) becomes a concrete version whose files (safetensors weights,
+JSON config, normalisation statistics) are fetched once and shipped to the
+executors as one broadcast. Every output row, and the table's manifest,
+record that name, version and run id, so a rerun after the alias moved can
+name the exact model.
+
+On Spark the features are read as a DataFrame and scored with ``mapInArrow``:
+each Python worker builds the ensemble once (cached across tasks), uses as
+many torch threads as its task has CPUs, runs on the task's GPU when Spark
+assigned one, and evaluates all members on each sub-batch in one pass.
+Without Spark the same ``BatchPredictor`` reads the Parquet parts in this
+process. The ``predictions`` table (partitioned by hpx like the features)
+holds per label the mean and calibrated uncertainty, the train-like flag and
+score from the ``selection`` table, an outside-the-training-range bit mask
+and the quality bits; unusable feature rows get no prediction, a ``problem``
+text, and a row in ``quarantine``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import torch
+
+from stellar import __version__
+from stellar.config import PredictConfig, StellarConfig
+from stellar.devices import pick_device
+from stellar.errors import StellarError
+from stellar.inference_core import StackedEnsemble, arrow_features, features_to_tensors, forward_members
+from stellar.tables import TableStore, write_part
+from stellar.training import Ensemble
+
+PASS_THROUGH = ("source_id", "hpx", "split", "snr", "quality")
+
+
+class PredictError(StellarError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A resolved model version and its files: what the driver ships to the executors."""
+
+    name: str
+    version: int
+    run_id: str
+    files: dict[str, bytes] = field(repr=False)
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for k in sorted(self.files):
+            h.update(k.encode())
+            h.update(hashlib.sha256(self.files[k]).digest())
+        return h.hexdigest()[:16]
+
+    def identity(self) -> dict:
+        return {"name": self.name, "version": self.version, "run_id": self.run_id, "digest": self.digest}
+
+    def ensemble(self) -> Ensemble:
+        return Ensemble.from_files(self.files)
+
+
+def resolve_model(cfg: StellarConfig, alias_or_version: str | None = None) -> ModelBundle:
+    """Resolve the alias to a version once and fetch its files (pickle-free)."""
+    from stellar.trainer import load_registered
+
+    ens, info = load_registered(cfg, alias_or_version or cfg.predict.model)
+    return ModelBundle(info["name"], info["version"], info["run_id"], ens.to_files())
+
+
+def output_schema(labels: list[str]) -> pa.Schema:
+    fields = [pa.field("source_id", pa.int64()), pa.field("hpx", pa.int32()), pa.field("split", pa.string()),
+              pa.field("snr", pa.float32()), pa.field("quality", pa.int32())]
+    for lab in labels:
+        fields += [pa.field(lab, pa.float32()), pa.field(f"{lab}_err", pa.float32())]
+    fields += [pa.field("out_of_range", pa.int32()), pa.field("problem", pa.string())]
+    return pa.schema(fields)
+
+
+class BatchPredictor:
+    """An ensemble on one device turning feature batches into prediction batches (vectorised)."""
+
+    def __init__(self, ens: Ensemble, device: torch.device, chunk: int, precision: str = "fp32",
+                 amp_tolerance: float = 0.02):
+        self.ens = ens
+        self.stacked = StackedEnsemble(ens.nets).to(device).eval()  # all members in one pass
+        self.device = device
+        self.chunk = chunk
+        self.labels = ens.labels
+        self.schema = output_schema(self.labels)
+        idx = [ens.stats["label_names"].index(k) for k in self.labels]
+        self.lo = np.asarray(ens.stats["labels"]["min"], dtype=np.float64)[idx]
+        self.hi = np.asarray(ens.stats["labels"]["max"], dtype=np.float64)[idx]
+        self.amp_tolerance = amp_tolerance
+        self.requested = precision
+        # auto: decided on the first sub-batch (fp16 on GPU only if it agrees with fp32)
+        self.dtype: torch.dtype | None = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        self.decided = precision != "auto" or device.type != "cuda"
+        self.amp_deviation: float | None = None
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+
+    def check_mixed_precision(self, data: dict[str, torch.Tensor], dtype: torch.dtype) -> float:
+        """Largest |mixed - fp32| of a predicted mean in units of its sigma, on up to one sub-batch."""
+        head = {k: v[: self.chunk] for k, v in data.items()}
+        ref = self.ens.combine(*forward_members(self.stacked, head, self.device, self.chunk, None))
+        mixed = self.ens.combine(*forward_members(self.stacked, head, self.device, self.chunk, dtype))
+        dev = np.abs(mixed["mean"] - ref["mean"]) / ref["sigma"]
+        return float(np.nanmax(dev)) if dev.size else 0.0
+
+    def predict_arrays(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        data = features_to_tensors(self.ens.stats, arrays)
+        if not self.decided and len(arrays["spectrum"]):
+            self.amp_deviation = self.check_mixed_precision(data, torch.float16)
+            self.dtype = torch.float16 if self.amp_deviation <= self.amp_tolerance else None
+            self.decided = True
+            print(f"stellar predict: {self.device} precision {self.precision} (fp16 deviation "
+                  f"{self.amp_deviation:.2g} sigma, tolerance {self.amp_tolerance})", file=sys.stderr)
+        means, variances = forward_members(self.stacked, data, self.device, self.chunk, self.dtype)
+        return self.ens.combine(means, variances)
+
+    def predict_batch(self, batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
+        n = batch.num_rows
+        arrays, problem = arrow_features(batch, self.ens.stats)
+        ok = problem == ""
+        n_lab = len(self.labels)
+        mean = np.full((n, n_lab), np.nan)
+        sigma = np.full((n, n_lab), np.nan)
+        if ok.any():
+            sub = {k: v[ok] for k, v in arrays.items()}
+            out = self.predict_arrays(sub)
+            mean[ok], sigma[ok] = out["mean"], out["sigma"]
+        outside = ((mean < self.lo) | (mean > self.hi)) & ok[:, None]
+        bits = (outside * (1 << np.arange(n_lab))).sum(axis=1).astype(np.int32)
+        cols = {name: _column(batch, name, self.schema.field(name).type) for name in PASS_THROUGH}
+        for j, lab in enumerate(self.labels):
+            cols[lab] = pa.array(mean[:, j].astype(np.float32), mask=~ok)
+            cols[f"{lab}_err"] = pa.array(sigma[:, j].astype(np.float32), mask=~ok)
+        cols["out_of_range"] = pa.array(bits)
+        cols["problem"] = pa.array(np.where(ok, None, problem).tolist(), pa.string())
+        return pa.RecordBatch.from_pydict(cols, schema=self.schema)
+
+
+def _column(batch, name: str, typ: pa.DataType) -> pa.Array:
+    if name not in batch.schema.names:
+        return pa.nulls(batch.num_rows, typ)
+    col = batch.column(name)
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return col.cast(typ)
+
+
+# One predictor per (model, device, settings) per Python worker: Spark reuses workers across tasks,
+# so the ensemble is built once per worker, not once per task or batch.
+_PREDICTORS: dict[tuple, BatchPredictor] = {}
+
+
+def worker_predictor(bundle: ModelBundle, pcfg: PredictConfig) -> BatchPredictor:
+    from stellar.devices import task_cpus
+
+    threads = task_cpus()
+    if threads:
+        torch.set_num_threads(threads)
+    device = pick_device(pcfg.device)
+    key = (bundle.digest, str(device), pcfg.precision, pcfg.amp_tolerance, pcfg.batch_size, pcfg.gpu_batch_size)
+    if key not in _PREDICTORS:
+        _PREDICTORS.clear()  # one model at a time per worker: bounded memory
+        chunk = pcfg.gpu_batch_size if device.type == "cuda" else pcfg.batch_size
+        _PREDICTORS[key] = BatchPredictor(bundle.ensemble(), device, chunk, pcfg.precision, pcfg.amp_tolerance)
+    return _PREDICTORS[key]
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+def _features_version(features_root: str) -> tuple[TableStore, str]:
+    store = TableStore(features_root)
+    v = store.current_version()
+    if v is None:
+        raise PredictError(f"no features under {features_root} (run 'stellar preprocess' first)")
+    return store, v
+
+
+def _selection_dir(cfg: StellarConfig, features_version: str) -> tuple[Path | None, str | None]:
+    store = TableStore(cfg.select.output_dir)
+    man = store.current_manifest()
+    if man is None:
+        return None, None
+    fv = man.get("summary", {}).get("features_version")
+    if fv != features_version:
+        raise PredictError(f"the selection in {cfg.select.output_dir} was made from features {fv}, the features "
+                           f"are now {features_version}: run 'stellar select' first")
+    return store.root / store.current_version() / "selection", store.current_version()
+
+
+def predict(cfg: StellarConfig, bundle: ModelBundle | None = None, spark=None) -> dict:
+    """Predict every star of the current features with ``bundle`` (resolved from cfg.predict.model when None)."""
+    t0 = time.perf_counter()
+    fstore, fversion = _features_version(cfg.preprocess.output_dir)
+    sel_dir, sel_version = _selection_dir(cfg, fversion)
+    bundle = bundle or resolve_model(cfg)
+    labels = json.loads(bundle.files["ensemble.json"])["labels"]
+    pcfg = cfg.predict
+    digest = hashlib.sha256(json.dumps({
+        "model": bundle.digest, "features": fversion, "selection": sel_version,
+        "cfg": pcfg.model_dump(exclude={"output_dir", "model"}), "v": __version__}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    store = TableStore(pcfg.output_dir)
+    store.root.mkdir(parents=True, exist_ok=True)
+    store.clean_uncommitted()
+    cur = store.current_manifest()
+    if cur and cur.get("settings_digest") == digest:
+        return {**cur["summary"], "up_to_date": True}
+    version = store.new_version()
+    out_dir = store.root / version / "predictions"
+    features_dir = fstore.root / fversion / "features"
+    if spark is None:
+        _predict_local(bundle, pcfg, features_dir, sel_dir, out_dir)
+    else:
+        _predict_spark(spark, bundle, pcfg, features_dir, sel_dir, out_dir)
+    summary = _account(out_dir, store.root / version, fstore.current_manifest()["summary"]["counts"]["stars"])
+    summary.update({"version": version, "features_version": fversion, "selection_version": sel_version,
+                    "model": bundle.identity(), "labels": labels, "settings_digest": digest,
+                    "seconds": round(time.perf_counter() - t0, 2)})
+    store.commit(version, {"stellar_version": __version__, "settings_digest": digest, "model": bundle.identity(),
+                           "summary": summary, "columns": output_schema(labels).names + [
+                               "train_like", "selection_score", "model_name", "model_version", "model_run_id"]})
+    return summary
+
+
+def _identity_columns(table: pa.Table, bundle: ModelBundle) -> pa.Table:
+    n = table.num_rows
+    table = table.append_column("model_name", pa.array([bundle.name] * n, pa.string()).dictionary_encode())
+    table = table.append_column("model_version", pa.array(np.full(n, bundle.version, np.int32)))
+    return table.append_column("model_run_id", pa.array([bundle.run_id] * n, pa.string()).dictionary_encode())
+
+
+FEATURE_COLUMNS = ["source_id", "split", "snr", "quality", "spectrum", "spectrum_mask", "xp", "scalars"]
+
+
+def predict_part(predictor: BatchPredictor, features_dir: str, rel: str, batch_rows: int):
+    """Prediction batches of one features part, read straight from Parquet by pyarrow (zero-copy
+    into numpy; no JVM row conversion of the 1,700 array values per star)."""
+    hpx = int(Path(rel).parts[0].split("=", 1)[1])
+    pf = pq.ParquetFile(Path(features_dir) / rel)
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=FEATURE_COLUMNS):
+        batch = batch.append_column("hpx", pa.array(np.full(batch.num_rows, hpx, np.int32)))
+        yield predictor.predict_batch(batch)
+
+
+def _parts(features_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(features_dir)) for p in features_dir.rglob("part-*.parquet"))
+
+
+def _predict_local(bundle: ModelBundle, pcfg: PredictConfig, features_dir: Path, sel_dir: Path | None,
+                   out_dir: Path) -> None:
+    predictor = worker_predictor(bundle, pcfg)
+    for rel in _parts(features_dir):
+        table = pa.Table.from_batches(list(predict_part(predictor, str(features_dir), rel, pcfg.arrow_batch_rows)),
+                                      schema=predictor.schema)
+        table = _join_selection(table, sel_dir / rel if sel_dir else None)
+        table = _identity_columns(table, bundle).drop_columns(["hpx"])
+        write_part(out_dir / rel, table, {"stellar.table": "predictions",
+                                          "stellar.model": json.dumps(bundle.identity())})
+
+
+def _join_selection(table: pa.Table, sel_part: Path | None) -> pa.Table:
+    n = table.num_rows
+    if sel_part is None or not sel_part.exists():
+        return table.append_column("train_like", pa.nulls(n, pa.bool_())).append_column(
+            "selection_score", pa.nulls(n, pa.float32()))
+    sel = pq.read_table(sel_part, columns=["source_id", "train_like", "score"])
+    pos = pc.index_in(table["source_id"], value_set=sel["source_id"])
+    train_like = pc.take(sel["train_like"], pos)
+    score = pc.take(sel["score"], pos)
+    return table.append_column("train_like", train_like).append_column("selection_score", score)
+
+
+def _spark_type(schema: pa.Schema) -> str:
+    names = {pa.int64(): "bigint", pa.int32(): "int", pa.float32(): "float", pa.string(): "string"}
+    return ", ".join(f"`{f.name}` {names[f.type]}" for f in schema)
+
+
+def _predict_spark(spark, bundle: ModelBundle, pcfg: PredictConfig, features_dir: Path, sel_dir: Path | None,
+                   out_dir: Path) -> None:
+    from pyspark.sql import functions as F
+
+    sc = spark.sparkContext
+    sc.setJobDescription(f"stellar predict: {bundle.name} v{bundle.version}")
+    bc = sc.broadcast(bundle)  # shipped once per executor, not per task or batch
+    labels = json.loads(bundle.files["ensemble.json"])["labels"]
+    schema = output_schema(labels)
+
+    parts = _parts(features_dir)
+    if not parts:
+        raise PredictError(f"no feature parts under {features_dir}")
+    fdir = str(features_dir)
+    rows = pcfg.arrow_batch_rows
+
+    def score(batches):
+        predictor = worker_predictor(bc.value, pcfg)
+        for b in batches:
+            for rel in b.column("part").to_pylist():
+                yield from predict_part(predictor, fdir, rel, rows)
+
+    # The tasks read their feature parts with pyarrow (Arrow in, Arrow out through mapInArrow);
+    # Spark handles the small outputs: the join with the selection flags and the partitioned write.
+    n_tasks = min(len(parts), 4 * sc.defaultParallelism)
+    files = spark.createDataFrame([(p,) for p in parts], "part string").repartition(n_tasks)
+    pred = files.mapInArrow(score, _spark_type(schema))
+    if sel_dir is not None:
+        sel = spark.read.parquet(str(sel_dir)).select("source_id", "train_like",
+                                                      F.col("score").alias("selection_score"))
+        pred = pred.join(sel, "source_id", "left")
+    else:
+        pred = pred.withColumn("train_like", F.lit(None).cast("boolean")).withColumn(
+            "selection_score", F.lit(None).cast("float"))
+    pred = (pred.withColumn("model_name", F.lit(bundle.name))
+                .withColumn("model_version", F.lit(bundle.version).cast("int"))
+                .withColumn("model_run_id", F.lit(bundle.run_id)))
+    pred.write.partitionBy("hpx").option("compression", "zstd").parquet(str(out_dir))
+    bc.unpersist()
+
+
+def _account(out_dir: Path, vdir: Path, n_features: int) -> dict:
+    """Counts from the written table; every feature row must have exactly one prediction row."""
+    dataset = ds.dataset(out_dir, format="parquet", partitioning="hive")
+    n = dataset.count_rows()
+    if n != n_features:
+        raise PredictError(f"row accounting: {n_features} feature rows, {n} prediction rows in {out_dir}")
+    bad = dataset.to_table(columns=["source_id", "hpx", "problem"], filter=pc.field("problem").is_valid())
+    if bad.num_rows:
+        write_part(vdir / "quarantine" / "part-000000.parquet", bad, {"stellar.table": "predict_quarantine"})
+    flags = dataset.to_table(columns=["train_like", "out_of_range"])
+    train_like = flags["train_like"]
+    problems = {}
+    if bad.num_rows:
+        kinds, counts = np.unique(bad["problem"].to_numpy(zero_copy_only=False).astype(str), return_counts=True)
+        problems = {str(k): int(c) for k, c in zip(kinds, counts)}
+    return {"rows": n, "predicted": n - bad.num_rows, "quarantined": bad.num_rows, "problems": problems,
+            "train_like": int(pc.sum(pc.fill_null(train_like, False).cast(pa.int64())).as_py() or 0),
+            "train_unlike": int(pc.sum(pc.invert(pc.fill_null(train_like, True)).cast(pa.int64())).as_py() or 0),
+            "no_selection": train_like.null_count,
+            "out_of_range": int(pc.sum(pc.not_equal(flags["out_of_range"], 0).cast(pa.int64())).as_py() or 0)}

@@ -1,0 +1,164 @@
+"""Model promotion in the MLflow registry: a challenger replaces the champion only on evidence.
+
+Both versions are evaluated on the same held-out test stars of the current
+features with the metrics of the train stage (``training.evaluate``: per
+label RMSE, bias, z-score spread, 68 % coverage). The challenger takes the
+champion alias when, for every label, its RMSE is at most
+``max_rmse_ratio`` times the champion's and its z-score spread is within
+``1 +- max_z_std_error`` (calibrated uncertainties), on at least
+``min_test_stars`` stars. With no champion yet, only the calibration and
+size criteria apply. The decision and both versions' metrics are written as
+tags on both versions; the registered model keeps the champion history
+(tag ``champion_history``), which ``--rollback`` walks back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from stellar.config import StellarConfig
+from stellar.errors import StellarError
+from stellar.preprocess import load_stats
+from stellar.training import Ensemble, evaluate, load_split
+
+HISTORY_TAG = "champion_history"
+
+
+class PromoteError(StellarError):
+    pass
+
+
+def _client(cfg: StellarConfig):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    return MlflowClient()
+
+
+def _version_for(client, name: str, ref: str):
+    """A model version from an alias or a version number; None only for a missing alias."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise PromoteError(f"no registered model {name!r} (run 'stellar train' first)") from None
+    try:
+        return client.get_model_version(name, ref) if ref.isdigit() else client.get_model_version_by_alias(name, ref)
+    except MlflowException:
+        if ref.isdigit():
+            raise PromoteError(f"model {name!r} has no version {ref}") from None
+        return None
+
+
+def held_out_metrics(cfg: StellarConfig, ens: Ensemble) -> dict:
+    """The train-stage metrics of ``ens`` on the test split of the current features (its own normalisation)."""
+    stats = load_stats(cfg.preprocess.output_dir)
+    missing = [lab for lab in ens.labels if lab not in stats["label_names"]]
+    if missing:
+        raise PromoteError(f"the current features lack labels {missing} of this model")
+    test = load_split(cfg.preprocess.output_dir, "test", ens.labels, ens.stats)
+    if not test:
+        raise PromoteError("the test split of the current features is empty")
+    return evaluate(ens, test)
+
+
+def decide(cfg: StellarConfig, labels: list[str], challenger: dict, champion: dict | None) -> tuple[bool, list[str]]:
+    """Apply the configured criteria; returns (promote?, reasons it may not)."""
+    p = cfg.promote
+    fails = []
+    for lab in labels:
+        n = challenger.get(f"{lab}/all/n", 0)
+        if n < p.min_test_stars:
+            fails.append(f"{lab}: {n} test stars < {p.min_test_stars}")
+        z = challenger.get(f"{lab}/all/z_std", float("nan"))
+        if not abs(z - 1.0) <= p.max_z_std_error:
+            fails.append(f"{lab}: z-score spread {z:.3f} outside 1 +- {p.max_z_std_error}")
+        if champion is not None:
+            a, b = challenger.get(f"{lab}/all/rmse", float("inf")), champion.get(f"{lab}/all/rmse", float("nan"))
+            if not a <= p.max_rmse_ratio * b:
+                fails.append(f"{lab}: RMSE {a:.4g} > {p.max_rmse_ratio} x champion {b:.4g}")
+    return not fails, fails
+
+
+def _summary(metrics: dict, labels: list[str]) -> dict:
+    return {lab: {k: round(metrics.get(f"{lab}/all/{k}", float("nan")), 5) for k in ("rmse", "bias", "z_std", "n")}
+            for lab in labels}
+
+
+def promote(cfg: StellarConfig, dry_run: bool = False) -> dict:
+    from stellar.trainer import load_registered
+
+    client = _client(cfg)
+    name, p = cfg.mlflow.model_name, cfg.promote
+    chal_mv = _version_for(client, name, p.challenger)
+    if chal_mv is None:
+        raise PromoteError(f"model {name!r} has no alias {p.challenger!r} (the challenger) in "
+                           f"{cfg.mlflow.tracking_uri}")
+    champ_mv = _version_for(client, name, p.champion)
+    if champ_mv is not None and champ_mv.version == chal_mv.version:
+        return {"decision": "unchanged", "reasons": [f"version {chal_mv.version} is already @{p.champion}"],
+                "challenger": int(chal_mv.version), "champion": int(champ_mv.version)}
+    chal, _ = load_registered(cfg, str(chal_mv.version))
+    m_chal = held_out_metrics(cfg, chal)
+    m_champ = None
+    if champ_mv is not None:
+        champ, _ = load_registered(cfg, str(champ_mv.version))
+        if champ.labels != chal.labels:
+            raise PromoteError(f"challenger labels {chal.labels} differ from champion labels {champ.labels}")
+        m_champ = held_out_metrics(cfg, champ)
+    ok, reasons = decide(cfg, chal.labels, m_chal, m_champ)
+    decision = "promoted" if ok else "rejected"
+    record = {"decision": decision, "reasons": reasons, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "challenger": int(chal_mv.version), "champion": int(champ_mv.version) if champ_mv else None,
+              "criteria": p.model_dump(), "metrics": {"challenger": _summary(m_chal, chal.labels),
+                                                      "champion": _summary(m_champ, chal.labels) if m_champ else None}}
+    if dry_run:
+        return {**record, "dry_run": True}
+    tag = json.dumps(record, sort_keys=True)
+    client.set_model_version_tag(name, chal_mv.version, "promotion", tag)
+    client.set_model_version_tag(name, chal_mv.version, "promotion_decision", decision)
+    if champ_mv is not None:
+        client.set_model_version_tag(name, champ_mv.version, "challenged_by",
+                                     json.dumps({"version": int(chal_mv.version), "decision": decision,
+                                                 "time": record["time"]}))
+        client.set_model_version_tag(name, champ_mv.version, "promotion", tag)
+    if ok:
+        history = _history(client, name)
+        if champ_mv is not None:
+            history.append(int(champ_mv.version))
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        client.set_registered_model_alias(name, p.champion, chal_mv.version)
+    return record
+
+
+def _history(client, name: str) -> list[int]:
+    tags = client.get_registered_model(name).tags or {}
+    try:
+        return [int(v) for v in json.loads(tags.get(HISTORY_TAG, "[]"))]
+    except (ValueError, TypeError):
+        raise PromoteError(f"registered model {name!r} has an unreadable {HISTORY_TAG} tag") from None
+
+
+def rollback(cfg: StellarConfig) -> dict:
+    """Give the champion alias back to the previous champion (the last one in the history)."""
+    client = _client(cfg)
+    name, alias = cfg.mlflow.model_name, cfg.promote.champion
+    current = _version_for(client, name, alias)
+    if current is None:
+        raise PromoteError(f"model {name!r} has no alias {alias!r}: nothing to roll back")
+    history = _history(client, name)
+    if not history:
+        raise PromoteError(f"model {name!r} has no previous champion to roll back to")
+    previous = history.pop()
+    _version_for(client, name, str(previous))  # refuses clearly when it was deleted
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    client.set_registered_model_alias(name, alias, str(previous))
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    client.set_model_version_tag(name, current.version, "rolled_back",
+                                 json.dumps({"time": stamp, "champion_now": previous}))
+    client.set_model_version_tag(name, str(previous), "restored",
+                                 json.dumps({"time": stamp, "replacing": int(current.version)}))
+    return {"decision": "rolled back", "from": int(current.version), "to": previous, "time": stamp}

@@ -1,0 +1,225 @@
+"""Prediction, export and promotion against a real MLflow registry (SQLite) and a real SparkSession."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from stellar.config import load_config
+from stellar.ingest.run import ingest
+from stellar.inference_core import features_to_tensors
+from stellar.preprocess import load_stats, preprocess
+from stellar.selection import select
+from stellar.synth.survey import run_survey
+from stellar.tables import TableStore, read_table
+
+from conftest import ROOT, small_config
+
+
+def _cfg(tmp, *sets):
+    return load_config(ROOT / "conf" / "local.yaml", [
+        f"work_dir={tmp}", "train.members=2", "train.model_overrides={max_epochs: 3, patience: 2}",
+        "select.place_batch=1000", "select.observed_sample=500", "promote.max_z_std_error=0.5", *sets])
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, rvs_instrument):
+    """A 3000-star survey through select, and two registered ensembles (versions 1 and 2), v1 @champion."""
+    from mlflow import MlflowClient
+
+    from stellar.trainer import train_ensemble
+
+    tmp = tmp_path_factory.mktemp("predict")
+    cfg = small_config(tmp, n_stars=3000, stars_per_file=1000, **{"synth.training_fraction": 0.5,
+                                                                   "synth.ood_fraction": 0.03})
+    run_survey(cfg.synth, rvs_instrument)
+    cfg = _cfg(tmp)
+    ingest(cfg.ingest, rvs_instrument, cfg.conf_dir)
+    preprocess(cfg.preprocess, rvs_instrument, cfg.ingest.output_dir)
+    select(cfg.select, cfg.preprocess.output_dir)
+    v1 = train_ensemble(cfg, rvs_instrument)
+    v2 = train_ensemble(_cfg(tmp, "train.seed=5"), rvs_instrument)
+    assert (v1["version"], v2["version"]) == (1, 2)
+    MlflowClient(cfg.mlflow.tracking_uri).set_registered_model_alias(cfg.mlflow.model_name, "champion", "1")
+    return tmp, cfg, {1: v1["ensemble"], 2: v2["ensemble"]}
+
+
+def direct_forward(cfg, ens) -> dict:
+    """The same model on the same stars, in this process, straight from the features table."""
+    feats = read_table(cfg.preprocess.output_dir, "features").sort_by("source_id")
+    arrays = {k: np.stack(feats[k].to_numpy(zero_copy_only=False)) for k in ("spectrum", "xp", "scalars")}
+    arrays["spectrum_mask"] = np.stack(feats["spectrum_mask"].to_numpy(zero_copy_only=False))
+    out = ens.predict(features_to_tensors(load_stats(cfg.preprocess.output_dir), arrays))
+    return {"source_id": feats["source_id"].to_numpy(), **out}
+
+
+def _assert_matches(table: pa.Table, ref: dict, labels: list[str]) -> None:
+    t = table.sort_by("source_id")
+    assert np.array_equal(t["source_id"].to_numpy(), ref["source_id"])
+    for j, lab in enumerate(labels):
+        np.testing.assert_allclose(t[lab].to_numpy(), ref["mean"][:, j], rtol=1e-5, atol=1e-6 * np.abs(
+            ref["mean"][:, j]).max())
+        np.testing.assert_allclose(t[f"{lab}_err"].to_numpy(), ref["sigma"][:, j], rtol=1e-5)
+
+
+@pytest.mark.spark
+def test_spark_predictions_equal_direct_forward_one_row_per_star(spark, registry, tmp_path):
+    from stellar.predict import predict, resolve_model
+
+    _, cfg, models = registry
+    cfg = _cfg(cfg.work_dir, f"predict.output_dir={tmp_path / 'pred'}")
+    bundle = resolve_model(cfg)  # @champion -> version 1
+    s = predict(cfg, bundle, spark=spark)
+    n = TableStore(cfg.preprocess.output_dir).current_manifest()["summary"]["counts"]["stars"]
+    t = read_table(tmp_path / "pred", "predictions")
+    assert s["rows"] == t.num_rows == n == 3000 and len(set(t["source_id"].to_pylist())) == n
+    assert s["predicted"] + s["quarantined"] == n and s["quarantined"] == 0
+    _assert_matches(t, direct_forward(cfg, models[1]), models[1].labels)
+    assert set(t["model_version"].to_pylist()) == {1} and set(t["model_run_id"].to_pylist()) == {bundle.run_id}
+    man = TableStore(tmp_path / "pred").current_manifest()
+    assert man["model"]["version"] == 1 and man["model"]["run_id"] == bundle.run_id
+    # train-like flags are those of the selection table, star by star
+    sel = read_table(cfg.select.output_dir, "selection").sort_by("source_id")
+    assert t.sort_by("source_id")["train_like"].to_pylist() == sel["train_like"].to_pylist()
+    assert s["train_unlike"] == sum(not x for x in sel["train_like"].to_pylist()) > 0
+
+
+def test_version_recorded_is_the_resolved_one_after_the_alias_moves(registry, tmp_path):
+    from mlflow import MlflowClient
+
+    from stellar.predict import predict, resolve_model
+
+    _, cfg, models = registry
+    cfg = _cfg(cfg.work_dir, f"predict.output_dir={tmp_path / 'pred'}")
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    bundle = resolve_model(cfg)  # resolved at the start of the run: version 1
+    client.set_registered_model_alias(cfg.mlflow.model_name, "champion", "2")  # moves during the run
+    try:
+        s = predict(cfg, bundle)
+    finally:
+        client.set_registered_model_alias(cfg.mlflow.model_name, "champion", "1")
+    t = read_table(tmp_path / "pred", "predictions")
+    assert s["model"]["version"] == 1 and set(t["model_version"].to_pylist()) == {1}
+    _assert_matches(t, direct_forward(cfg, models[1]), models[1].labels)
+    v2 = direct_forward(cfg, models[2])
+    assert not np.allclose(t.sort_by("source_id")["teff"].to_numpy(), v2["mean"][:, 0])
+    # same input and config: a rerun is a no-op, and a fresh run writes the same values
+    assert predict(cfg, bundle).get("up_to_date")
+    again = _cfg(cfg.work_dir, f"predict.output_dir={tmp_path / 'again'}")
+    predict(again, bundle)
+    b = read_table(tmp_path / "again", "predictions").sort_by("source_id")
+    assert b.select(models[1].labels).equals(t.sort_by("source_id").select(models[1].labels))
+
+
+def test_missing_alias_is_a_clear_error(registry, capsys):
+    from stellar.cli import main
+
+    tmp, cfg, _ = registry
+    rc = main(["predict", "--no-spark", "--model", "nosuch", "--set", f"work_dir={tmp}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no alias 'nosuch'" in err and "stellar-hybrid" in err
+    rc = main(["predict", "--no-spark", "--model", "99", "--set", f"work_dir={tmp}"])
+    assert rc == 2 and "has no version '99'" in capsys.readouterr().err
+
+
+def test_bad_rows_are_quarantined_and_the_rest_predicted(registry):
+    from stellar.devices import pick_device
+    from stellar.predict import BatchPredictor
+
+    _, cfg, models = registry
+    ens = models[1]
+    feats = read_table(cfg.preprocess.output_dir, "features").slice(0, 6)
+    spec = feats["spectrum"].to_pylist()
+    spec[1] = spec[1][:-3]  # wrong length
+    spec[2] = [float("nan")] * len(spec[2])  # non-finite, unmasked
+    xp = feats["xp"].to_pylist()
+    xp[3] = None
+    batch = pa.table({"source_id": feats["source_id"], "hpx": feats["hpx"], "split": feats["split"],
+                      "snr": feats["snr"], "quality": feats["quality"],
+                      "spectrum": pa.array(spec, pa.list_(pa.float32())), "spectrum_mask": feats["spectrum_mask"],
+                      "xp": pa.array(xp, pa.list_(pa.float32())), "scalars": feats["scalars"]})
+    out = BatchPredictor(ens, pick_device("cpu"), 4).predict_batch(batch)
+    problems = out.column("problem").to_pylist()
+    assert problems[0] is None and problems[4] is None and problems[5] is None
+    assert "spectrum: not 800 values" == problems[1]
+    assert "non-finite flux" in problems[2] and problems[3].startswith("xp:")
+    teff = out.column("teff").to_pylist()
+    assert [v is None for v in teff] == [False, True, True, True, False, False]
+    good = direct_forward(cfg, ens)
+    pos = {s: i for i, s in enumerate(good["source_id"])}
+    for i in (0, 4, 5):
+        assert teff[i] == pytest.approx(good["mean"][pos[batch["source_id"][i].as_py()], 0], rel=1e-5)
+
+
+def test_mixed_precision_deviation_is_measured(registry):
+    import torch
+
+    from stellar.predict import BatchPredictor
+
+    _, cfg, models = registry
+    feats = read_table(cfg.preprocess.output_dir, "features").slice(0, 64)
+    arrays = {k: np.stack(feats[k].to_numpy(zero_copy_only=False)) for k in ("spectrum", "xp", "scalars",
+                                                                                 "spectrum_mask")}
+    p = BatchPredictor(models[1], torch.device("cpu"), 32, precision="auto")
+    assert p.precision == "fp32" and p.decided  # auto means fp32 on CPU
+    dev = p.check_mixed_precision(features_to_tensors(models[1].stats, arrays), torch.bfloat16)
+    assert 0 < dev < 1.0  # bf16 moves the means by a fraction of their uncertainty, not more
+
+
+def test_export_fits_votable_csv(registry, tmp_path):
+    from astropy.table import Table
+
+    from stellar.cli import main
+    from stellar.predict import predict, resolve_model
+
+    _, cfg, _ = registry
+    cfg = _cfg(cfg.work_dir, f"predict.output_dir={tmp_path / 'pred'}")
+    s = predict(cfg, resolve_model(cfg))
+    base = ["--set", f"work_dir={cfg.work_dir}", "--set", f"predict.output_dir={tmp_path / 'pred'}"]
+    for name in ("all.fits", "all.vot", "all.csv"):
+        assert main(["export", str(tmp_path / name), *base]) == 0
+    fits = Table.read(tmp_path / "all.fits")
+    vot = Table.read(tmp_path / "all.vot", format="votable")
+    csv = Table.read(tmp_path / "all.csv", format="ascii.csv")
+    assert len(fits) == len(vot) == len(csv) == s["rows"]
+    assert str(fits["teff"].unit) == "K" and str(vot["logg_err"].unit) == "dex"
+    assert fits.meta["MODELVER"] == 1 and np.allclose(np.sort(fits["teff"]), np.sort(csv["teff"]), rtol=1e-6)
+    assert main(["export", str(tmp_path / "like.fits"), "--where", "train_like", *base]) == 0
+    assert len(Table.read(tmp_path / "like.fits")) == s["train_like"]
+    assert main(["export", str(tmp_path / "all.fits"), *base]) == 2  # exists
+    assert main(["export", str(tmp_path / "x.fits"), "--where", "teff>3", *base]) == 2
+
+
+def test_promote_reject_promote_rollback(registry, capsys):
+    from mlflow import MlflowClient
+
+    from stellar.cli import main
+
+    tmp, cfg, _ = registry
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    name = cfg.mlflow.model_name
+    base = ["--set", f"work_dir={tmp}", "--set", "promote.max_z_std_error=0.5"]
+    # the criteria say no: the alias stays, the decision is on both versions
+    assert main(["promote", *base, "--set", "promote.max_rmse_ratio=0.01"]) == 0
+    assert "rejected" in capsys.readouterr().out
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    tag = json.loads(client.get_model_version(name, "2").tags["promotion"])
+    assert tag["decision"] == "rejected" and tag["champion"] == 1 and "teff" in tag["metrics"]["champion"]
+    assert json.loads(client.get_model_version(name, "1").tags["challenged_by"])["version"] == 2
+    # a dry run changes nothing
+    assert main(["promote", *base, "--set", "promote.max_rmse_ratio=100", "--dry-run"]) == 0
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    # they say yes: champion moves, history kept; rollback gives it back
+    assert main(["promote", *base, "--set", "promote.max_rmse_ratio=100"]) == 0
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    assert client.get_model_version(name, "2").tags["promotion_decision"] == "promoted"
+    assert main(["promote", "--rollback", *base]) == 0
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert "rolled back from version 2 to version 1" in capsys.readouterr().out
+    assert main(["promote", "--rollback", *base]) == 2
+    assert "no previous champion" in capsys.readouterr().err
+    assert main(["promote", *base, "--challenger", "nosuch"]) == 2
+    assert "has no alias 'nosuch'" in capsys.readouterr().err
