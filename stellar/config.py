@@ -195,6 +195,9 @@ class SelectConfig(StrictModel):
     pca_components: int = Field(50, ge=2, le=500)
     # Observed stars fitted with the training stars (hash-chosen, S/N-stratified); caps driver memory.
     observed_sample: int = Field(20000, ge=0)
+    # ... and at most this many per training star in the fit set: a fit set swamped by observed stars
+    # makes the training share among a star's neighbours noisy, and so the flags
+    observed_per_training: float = Field(1.0, gt=0)
     # Training stars in the fit set (hash-chosen when there are more); the rest are placed like
     # observed stars. With observed_sample this bounds driver memory and the fit time.
     train_sample: int = Field(20000, ge=10)

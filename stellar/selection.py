@@ -122,7 +122,8 @@ def fit_map(cfg: SelectConfig, features_root: str, stats: dict) -> tuple[FittedM
     train = ids["split"].to_numpy(zero_copy_only=False) == "train"
     chosen = np.zeros(len(sid), dtype=bool)
     chosen[train] = _hash_sample(sid[train], snr[train], cfg.train_sample, cfg.seed + 11)
-    chosen[~train] = _hash_sample(sid[~train], snr[~train], cfg.observed_sample, cfg.seed + 17)
+    n_obs = min(cfg.observed_sample, int(cfg.observed_per_training * chosen[train].sum()))
+    chosen[~train] = _hash_sample(sid[~train], snr[~train], n_obs, cfg.seed + 17)
     picked = pa.array(np.sort(sid[chosen]), pa.int64())
     fit = _read(features_root, pc.field("source_id").isin(picked), cols).sort_by("source_id")
     if (fit["split"].to_numpy(zero_copy_only=False) == "train").sum() < max(cfg.neighbours, 3 * cfg.perplexity + 1):

@@ -223,3 +223,24 @@ def test_promote_reject_promote_rollback(registry, capsys):
     assert "no previous champion" in capsys.readouterr().err
     assert main(["promote", *base, "--challenger", "nosuch"]) == 2
     assert "has no alias 'nosuch'" in capsys.readouterr().err
+
+
+def test_promotion_rule_without_and_with_a_champion():
+    from stellar.promote import decide
+
+    cfg = load_config(ROOT / "conf" / "local.yaml", ["promote.max_z_std_error=0.2", "promote.min_test_stars=10"])
+    good = {"teff/all/n": 50, "teff/all/z_std": 1.1, "teff/all/rmse": 80.0}
+    assert decide(cfg, ["teff"], good, None) == (True, [])
+    ok, why = decide(cfg, ["teff"], {**good, "teff/all/z_std": 1.3}, None)
+    assert not ok and "z-score spread 1.300 outside 1 +- 0.2" in why[0]
+    ok, why = decide(cfg, ["teff"], good, {"teff/all/rmse": 70.0})
+    assert not ok and "RMSE 80 > 1.0 x champion 70" in why[0]
+    assert decide(cfg, ["teff"], good, {"teff/all/rmse": 90.0})[0]
+    assert not decide(cfg, ["teff"], {**good, "teff/all/n": 5}, None)[0]
+    assert not decide(cfg, ["teff"], {**good, "teff/all/z_std": float("nan")}, None)[0]
+
+
+def test_task_cpus_outside_spark_is_none():
+    from stellar.devices import task_cpus
+
+    assert task_cpus() is None

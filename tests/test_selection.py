@@ -24,7 +24,7 @@ def built(tmp_path_factory, rvs_instrument):
     cfg = small_config(tmp, n_stars=5000, stars_per_file=2500, **{"synth.ood_fraction": 0.04})
     run_survey(cfg.synth, rvs_instrument)
     cfg = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={tmp}", "select.place_batch=1000",
-                                                     "select.observed_sample=1500", "select.threshold=0.3"])
+                                                     "select.observed_sample=1500", "select.observed_per_training=10", "select.threshold=0.3"])
     ingest(cfg.ingest, rvs_instrument, cfg.conf_dir)
     preprocess(cfg.preprocess, rvs_instrument, cfg.ingest.output_dir)
     summary = select(cfg.select, cfg.preprocess.output_dir)
@@ -55,7 +55,7 @@ def test_same_seed_same_flags_and_rerun_is_a_no_op(built, tmp_path):
     again = select(cfg.select, cfg.preprocess.output_dir)
     assert again.get("up_to_date")
     other = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={cfg.work_dir}", "select.place_batch=1000",
-                                                       "select.observed_sample=1500", "select.threshold=0.3",
+                                                       "select.observed_sample=1500", "select.observed_per_training=10", "select.threshold=0.3",
                                                        f"select.output_dir={tmp_path / 'sel'}"]).select
     select(other, cfg.preprocess.output_dir)
     a = read_table(cfg.select.output_dir, "selection").sort_by("source_id")
@@ -71,7 +71,7 @@ def test_spark_placement_equals_in_process(spark, built, tmp_path):
 
     _, cfg, _ = built
     other = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={cfg.work_dir}", "select.place_batch=1000",
-                                                       "select.observed_sample=1500", "select.threshold=0.3",
+                                                       "select.observed_sample=1500", "select.observed_per_training=10", "select.threshold=0.3",
                                                        f"select.output_dir={tmp_path / 'spark'}"]).select
     select(other, cfg.preprocess.output_dir, mapper=spark_mapper(spark))
     a = read_table(cfg.select.output_dir, "selection").sort_by("source_id")
