@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--no-spark", action="store_true", help="skip the Spark job (e.g. where Java is missing)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved measurement rounds (best of each)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                    help="predict.precision of the job (bf16 on CPUs with native bf16: faster, not exact)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="stellar-bench-inf-"))
     cfg = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={work}", f"synth.n_stars={args.stars}",
@@ -125,7 +127,8 @@ def main() -> None:
         out = work / ("pred-spark" if use_spark else "pred-local")
         shutil.rmtree(out, ignore_errors=True)
         c = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={work}", f"predict.output_dir={out}",
-                                                       f"predict.device={args.device}"])
+                                                       f"predict.device={args.device}",
+                                                       f"predict.precision={args.precision}"])
         t = time.perf_counter()
         s = predict(c, bundle, spark=spark if use_spark else None)
         assert s["rows"] == n
@@ -144,7 +147,8 @@ def main() -> None:
         spark.stop()
     print(f"inference benchmark: {n} stars, {args.members}-member hybrid ensemble, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-             f", {torch.get_num_threads()} torch threads") + f"; best of {args.rounds} interleaved rounds")
+             f", {torch.get_num_threads()} torch threads") + f"; job precision {args.precision}; best of "
+          f"{args.rounds} interleaved rounds")
     t_bare = best["bare"]
     rows = [("bare torch forward (members in turn, 64/batch)", "bare"),
             (f"stacked forward ({chunk}/batch)", "stacked"),
