@@ -95,8 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="evaluate and decide, change nothing")
     p.add_argument("--rollback", action="store_true", help="give the champion alias back to the previous champion")
 
+    p = sub.add_parser("report", help="the science report (HTML + PNG figures) of the current predictions, "
+                                      "logged to the model's MLflow run")
+    _common(p, suppress=True)
+    p.add_argument("--output", dest="report_output", help="report folder (default: WORK_DIR/report)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the report to the model's MLflow run")
+
     p = sub.add_parser("demo", help="run the demo end to end on the embedded default "
-                                    "(synth -> ingest -> preprocess -> select -> train -> promote -> predict)")
+                                    "(synth -> ingest -> preprocess -> select -> train -> promote -> predict -> report)")
     _common(p, suppress=True)
     return parser
 
@@ -365,6 +371,23 @@ def cmd_promote(cfg: StellarConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def summarise_report(r: dict) -> str:
+    lines = [f"report written to {r['path']} ({len(r['figures'])} figures, {r['seconds']:.1f} s)"
+             + (f"; logged to MLflow run {r['logged_to_run']}" if r.get("logged_to_run") else "")]
+    bim = r.get("alpha_mh", {}).get("all", {}).get("bimodality")
+    if bim and bim["peaks"]:
+        lines.append(f"  [alpha/M] peaks at {bim['peaks'][0]:.2f} and {bim['peaks'][1]:.2f} "
+                     f"(dip {bim['dip_ratio']:.2f} of the lower peak) for {r['alpha_mh']['mh_band']} in [M/H]")
+    return "\n".join(lines)
+
+
+def cmd_report(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    from stellar.report import build_report
+
+    print(summarise_report(build_report(cfg, args.report_output, log_mlflow=not args.no_mlflow)))
+    return 0
+
+
 def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"[demo] stage synth: {cfg.synth.n_stars} stars -> {cfg.synth.output_dir}", flush=True)
@@ -391,6 +414,11 @@ def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
     print(f"[demo] stage predict: @{cfg.predict.model} -> {cfg.predict.output_dir}", flush=True)
     pred = run_predict(cfg)
     print(summarise_predict(pred, cfg.predict.output_dir))
+    from stellar.report import build_report
+
+    print(f"[demo] stage report: -> {Path(cfg.work_dir) / 'report'}", flush=True)
+    rep = build_report(cfg)
+    print(summarise_report(rep))
     summary = {"stages": {"synth": {k: manifest[k] for k in ("n_stars", "n_files", "n_labelled", "n_ood", "path")},
                           "ingest": {k: ing.get(k) for k in ("version", "rows_in", "written", "quarantined", "tables")},
                           "preprocess": {k: pre.get(k) for k in ("version", "tables_version", "counts")},
@@ -398,7 +426,8 @@ def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
                           "train": {k: tr.get(k) for k in ("members", "kept", "calibration", "version", "alias", "run_id")},
                           "promote": {k: pro.get(k) for k in ("decision", "reasons", "challenger", "champion")},
                           "predict": {k: pred.get(k) for k in ("version", "model", "rows", "predicted", "quarantined",
-                                                               "train_like", "train_unlike", "out_of_range")}},
+                                                               "train_like", "train_unlike", "out_of_range")},
+                          "report": {"path": rep["path"], "figures": rep["figures"]}},
                "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(cfg.work_dir) / "demo-summary.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")
@@ -408,7 +437,7 @@ def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
 
 COMMANDS = {"doctor": cmd_doctor, "synth": cmd_synth, "ingest": cmd_ingest, "preprocess": cmd_preprocess,
             "select": cmd_select, "train": cmd_train, "predict": cmd_predict, "export": cmd_export,
-            "promote": cmd_promote, "demo": cmd_demo}
+            "promote": cmd_promote, "report": cmd_report, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -244,3 +244,47 @@ def test_task_cpus_outside_spark_is_none():
     from stellar.devices import task_cpus
 
     assert task_cpus() is None
+
+
+def test_report_figures_load_and_match_the_data(registry, capsys):
+    import re
+
+    from mlflow import MlflowClient
+
+    from stellar.cli import main
+
+    tmp, cfg, _ = registry
+    base = ["--set", f"work_dir={tmp}"]
+    assert main(["predict", "--no-spark", *base]) == 0
+    assert main(["report", *base]) == 0
+    out = capsys.readouterr().out
+    assert "report written to" in out and "logged to MLflow run" in out
+    page = (tmp / "report" / "index.html").read_text()
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert set(images) == {"kiel.png", "alpha_mh.png", "residuals_snr.png", "calibration.png", "selection_map.png",
+                           "saliency.png"}
+    for name in images:  # every figure is a PNG beside the page
+        assert (tmp / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((tmp / "report" / "report.json").read_text())
+    pm = TableStore(tmp / "predictions").current_manifest()
+    assert data["model"]["version"] == pm["model"]["version"] and data["train_like"] == pm["summary"]["train_like"]
+    # counts table = the manifests
+    assert {r["stage"]: r["out"] for r in data["counts"]}["predict"] == pm["summary"]["predicted"]
+    # the R/|Z| panels partition the stars with good parallaxes; the histograms hold the plotted stars
+    panels = data["alpha_mh"]["panels"]
+    assert sum(p["n"] for p in panels) <= data["alpha_mh"]["all"]["n"] <= data["train_like"]
+    assert sum(sum(p["alpha_hist"]) for p in panels) <= sum(data["alpha_mh"]["all"]["alpha_hist"])
+    # residuals on the test split recomputed from the tables
+    pred = read_table(tmp / "predictions", "predictions", ["source_id", "teff", "problem"]).to_pandas()
+    feats = read_table(cfg.preprocess.output_dir, "features", ["source_id", "split", "teff"]).to_pandas()
+    m = feats[feats.split == "test"].merge(pred[pred.problem.isna()], on="source_id", suffixes=("_label", ""))
+    m = m[np.isfinite(m.teff_label)]
+    assert data["residuals"]["teff"]["n"] == len(m)
+    assert data["residuals"]["teff"]["rmse"] == pytest.approx(float(np.sqrt(np.mean((m.teff - m.teff_label) ** 2))),
+                                                              rel=1e-4)
+    for cal in data["calibration"].values():  # coverage curves rise with the nominal coverage
+        assert np.all(np.diff(cal["observed"]) >= 0)
+    sal = data["saliency"]
+    assert all(sal["wavelength"][0] <= w <= sal["wavelength"][1] for w in sal["peak_wavelength"].values())
+    arts = MlflowClient(cfg.mlflow.tracking_uri).list_artifacts(data["model"]["run_id"], "report")
+    assert {"report/index.html", "report/kiel.png"} <= {a.path for a in arts}

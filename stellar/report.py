@@ -1,0 +1,339 @@
+"""The science report: one HTML page with PNG figures beside it, logged to the model's MLflow run.
+
+Figures (each also saved as the numbers it plots, in ``report.json``, so tests
+and users can check content, not pixels):
+
+* Kiel diagram (Teff-log g coloured by [M/H]) of train-like stars;
+* [alpha/M] vs [M/H] density in bins of Galactocentric R and |Z| (astropy
+  coordinates from ra, dec and parallax): the thin/thick disc bimodality;
+* residuals vs S/N per label on the test split, and calibration curves;
+* the selection map (training, observed train-like, train-unlike);
+* saliency: mean d(label)/d(flux) over the spectrum, lines marked;
+* counts per stage (in, out, quarantined, flagged).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+
+from stellar.config import StellarConfig
+from stellar.errors import StellarError
+from stellar.tables import TableStore, read_table
+
+R_BINS = ((0.0, 7.0), (7.0, 9.0), (9.0, 20.0))  # kpc
+Z_BINS = ((0.0, 0.5), (0.5, 1.0), (1.0, 3.0))  # kpc
+# [M/H] range where thin- and thick-disc sequences overlap: the [alpha/M] histogram there is bimodal
+BIMODAL_MH = (-0.7, -0.2)
+ALPHA_EDGES = np.linspace(-0.2, 0.5, 36)
+UNITS = {"teff": "K", "logg": "dex", "m_h": "dex", "alpha_m": "dex", "fe_h": "dex", "a_li": "dex"}
+
+
+class ReportError(StellarError):
+    pass
+
+
+def galactocentric(ra: np.ndarray, dec: np.ndarray, parallax_mas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Galactocentric cylindrical R and Z (kpc) from ra/dec (deg) and parallax (mas), astropy's frame."""
+    import astropy.units as u
+    from astropy.coordinates import Galactocentric, SkyCoord
+
+    c = SkyCoord(ra=ra * u.deg, dec=dec * u.deg, distance=(1.0 / parallax_mas) * u.kpc)
+    g = c.transform_to(Galactocentric())
+    return np.hypot(g.x.to_value(u.kpc), g.y.to_value(u.kpc)), g.z.to_value(u.kpc)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> str:
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    return path.name
+
+
+def bimodality(counts: np.ndarray, edges: np.ndarray = ALPHA_EDGES, min_sep: float = 0.1) -> dict:
+    """The two highest maxima of the smoothed histogram at least ``min_sep`` apart and the depth of the
+    dip between them (dip / lower peak: 1 = no dip). A two-sequence disc gives a dip well below 1."""
+    c = np.convolve(np.asarray(counts, dtype=float), np.ones(3) / 3, mode="same")
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    maxima = [i for i in range(1, len(c) - 1) if c[i] > c[i - 1] and c[i] >= c[i + 1] and c[i] > 0]
+    best = None
+    for a in maxima:
+        for b in maxima:
+            if centres[b] - centres[a] >= min_sep:
+                dip = c[a:b + 1].min() / min(c[a], c[b])
+                if best is None or min(c[a], c[b]) > best[3]:
+                    best = (a, b, dip, min(c[a], c[b]))
+    if best is None:
+        return {"peaks": [], "dip_ratio": 1.0}
+    a, b, dip, _ = best
+    return {"peaks": [float(centres[a]), float(centres[b])], "dip_ratio": float(dip)}
+
+
+def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlflow: bool = True) -> dict:
+    t0 = time.perf_counter()
+    pstore = TableStore(cfg.predict.output_dir)
+    pman = pstore.current_manifest()
+    if pman is None:
+        raise ReportError(f"no predictions under {cfg.predict.output_dir} (run 'stellar predict' first)")
+    out = Path(out_dir or Path(cfg.work_dir) / "report")
+    out.mkdir(parents=True, exist_ok=True)
+    labels = pman["summary"]["labels"]
+    model = pman["model"]
+    preds = read_table(cfg.predict.output_dir, "predictions").to_pandas()
+    ok = preds["problem"].isna().to_numpy()
+    like = preds["train_like"].fillna(False).to_numpy(dtype=bool) & ok
+    data: dict = {"model": model, "labels": labels, "rows": len(preds), "train_like": int(like.sum())}
+    figures: list[tuple[str, str, str]] = []  # (file, title, caption)
+    plt = _plt()
+
+    # Kiel diagram
+    if {"teff", "logg", "m_h"} <= set(labels):
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        p = preds[like]
+        sc = ax.scatter(p["teff"], p["logg"], c=p["m_h"], s=2, cmap="viridis", vmin=-2, vmax=0.5)
+        fig.colorbar(sc, label="[M/H]")
+        ax.invert_xaxis()
+        ax.invert_yaxis()
+        ax.set_xlabel("Teff (K)")
+        ax.set_ylabel("log g")
+        ax.set_title(f"Kiel diagram, {len(p)} train-like stars")
+        figures.append((_save(fig, out / "kiel.png"), "Kiel diagram",
+                        "Predicted Teff and log g of the train-like stars, coloured by predicted [M/H]: the main "
+                        "sequence, turn-off and red-giant branch should be sharp, metal-poor giants bluer."))
+        data["kiel"] = {"n": int(len(p))}
+
+    # [alpha/M] vs [M/H] across the disc
+    if {"alpha_m", "m_h"} <= set(labels):
+        ast = read_table(cfg.ingest.output_dir, "astrometry", ["source_id", "ra", "dec", "parallax",
+                                                                "parallax_error"]).to_pandas()
+        m = preds[like].merge(ast, on="source_id", how="inner")
+        good = (m["parallax"] > 0) & (m["parallax"] > 5 * m["parallax_error"])
+        m = m[good.to_numpy()]
+        r, z = galactocentric(m["ra"].to_numpy(), m["dec"].to_numpy(), m["parallax"].to_numpy())
+        fig, axes = plt.subplots(len(Z_BINS), len(R_BINS), figsize=(10, 8.5), sharex=True, sharey=True,
+                                 squeeze=False)
+        panels = []
+        for i, (z0, z1) in enumerate(reversed(Z_BINS)):
+            for j, (r0, r1) in enumerate(R_BINS):
+                sel = (r >= r0) & (r < r1) & (np.abs(z) >= z0) & (np.abs(z) < z1)
+                ax = axes[i, j]
+                mh, am = m["m_h"].to_numpy()[sel], m["alpha_m"].to_numpy()[sel]
+                if sel.sum() > 0:
+                    ax.hist2d(mh, am, bins=[np.linspace(-2.0, 0.6, 53), ALPHA_EDGES], cmap="Greys", cmin=1)
+                ax.text(0.03, 0.92, f"R {r0:g}-{r1:g}, |Z| {z0:g}-{z1:g} kpc, n={int(sel.sum())}",
+                        transform=ax.transAxes, fontsize=7)
+                band = (mh >= BIMODAL_MH[0]) & (mh < BIMODAL_MH[1])
+                counts, _ = np.histogram(am[band], bins=ALPHA_EDGES)
+                panels.append({"r": [r0, r1], "abs_z": [z0, z1], "n": int(sel.sum()), "alpha_hist": counts.tolist(),
+                               "bimodality": bimodality(counts)})
+                if i == len(Z_BINS) - 1:
+                    ax.set_xlabel("[M/H]")
+                if j == 0:
+                    ax.set_ylabel("[alpha/M]")
+        fig.tight_layout()
+        figures.append((_save(fig, out / "alpha_mh.png"), "[alpha/M] vs [M/H] across the disc",
+                        "Train-like stars with parallax/error > 5, in bins of Galactocentric R and |Z| (astropy): "
+                        "the high-alpha (thick disc) sequence dominates high |Z|, the low-alpha one the plane."))
+        counts, _ = np.histogram(m["alpha_m"].to_numpy()[(m["m_h"] >= BIMODAL_MH[0]).to_numpy()
+                                                         & (m["m_h"] < BIMODAL_MH[1]).to_numpy()], bins=ALPHA_EDGES)
+        data["alpha_mh"] = {"alpha_edges": ALPHA_EDGES.tolist(), "mh_band": list(BIMODAL_MH), "panels": panels,
+                            "all": {"alpha_hist": counts.tolist(), "bimodality": bimodality(counts),
+                                    "n": int(len(m))}}
+
+    # residuals vs S/N and calibration on the test split
+    feats = read_table(cfg.preprocess.output_dir, "features",
+                       ["source_id", "split", *labels, *[f"{lab}_err" for lab in labels]]).to_pandas()
+    test = feats[feats["split"] == "test"].merge(preds[ok], on="source_id", suffixes=("_label", ""))
+    if len(test):
+        from scipy.stats import norm
+
+        fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3), squeeze=False)
+        figc, axc = plt.subplots(figsize=(4.5, 4))
+        qs = np.linspace(0.05, 0.95, 19)
+        res_data, cal_data = {}, {}
+        for j, lab in enumerate(labels):
+            y = test[f"{lab}_label"].to_numpy(dtype=float)
+            fin = np.isfinite(y)
+            r = test[lab].to_numpy(dtype=float)[fin] - y[fin]
+            snr = test["snr"].to_numpy(dtype=float)[fin]
+            axes[0, j].scatter(snr, r, s=3, alpha=0.5)
+            axes[0, j].axhline(0, color="k", lw=0.8)
+            axes[0, j].set_xscale("log")
+            axes[0, j].set_xlabel("S/N")
+            axes[0, j].set_ylabel(f"{lab} prediction - label ({UNITS.get(lab, '')})")
+            err = np.sqrt(test[f"{lab}_err"].to_numpy(dtype=float)[fin] ** 2
+                          + np.nan_to_num(test[f"{lab}_err_label"].to_numpy(dtype=float)[fin]) ** 2)
+            zs = r / err
+            cover = [float(np.mean(np.abs(zs) < norm.ppf(0.5 + q / 2))) for q in qs]
+            axc.plot(qs, cover, label=lab)
+            res_data[lab] = {"n": int(fin.sum()), "rmse": float(np.sqrt(np.mean(r**2))), "bias": float(np.mean(r))}
+            cal_data[lab] = {"expected": qs.round(3).tolist(), "observed": cover}
+        axc.plot([0, 1], [0, 1], "k--", lw=0.8)
+        axc.set_xlabel("expected coverage")
+        axc.set_ylabel("observed coverage (test split)")
+        axc.legend(fontsize=7)
+        fig.tight_layout()
+        figc.tight_layout()
+        figures.append((_save(fig, out / "residuals_snr.png"), "Residuals vs S/N (test split)",
+                        "Prediction minus label for held-out labelled stars: the scatter should shrink with S/N "
+                        "and scatter about zero."))
+        figures.append((_save(figc, out / "calibration.png"), "Calibration curves (test split)",
+                        "Share of test stars whose label lies within the predicted interval, against the "
+                        "interval's nominal coverage: on the diagonal when the uncertainties are calibrated."))
+        data["residuals"] = res_data
+        data["calibration"] = cal_data
+
+    # selection map
+    sstore = TableStore(cfg.select.output_dir)
+    if sstore.current_version() is not None:
+        sel = read_table(cfg.select.output_dir, "selection", ["x", "y", "train_like", "split"]).to_pandas()
+        tr = (sel["split"] == "train").to_numpy()
+        sl = sel["train_like"].to_numpy(dtype=bool)
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        ax.scatter(sel["x"][~tr & sl], sel["y"][~tr & sl], s=1, c="0.7", label="observed, train-like")
+        ax.scatter(sel["x"][tr], sel["y"][tr], s=1, c="C0", label="training")
+        ax.scatter(sel["x"][~tr & ~sl], sel["y"][~tr & ~sl], s=1, c="C3", label="observed, train-unlike")
+        ax.legend(markerscale=8, fontsize=7)
+        ax.set_title("selection map")
+        figures.append((_save(fig, out / "selection_map.png"), "Selection map",
+                        "The t-SNE/UMAP map of training and observed spectra; observed stars far from training "
+                        "stars (red) are flagged train-unlike and their labels should not be trusted."))
+        data["selection"] = {"training": int(tr.sum()), "observed_train_like": int((~tr & sl).sum()),
+                             "observed_train_unlike": int((~tr & ~sl).sum())}
+
+    # saliency
+    figures_sal, sal = _saliency(cfg, model, preds[like]["source_id"].to_numpy()[:512], out, labels)
+    if figures_sal:
+        figures.append(figures_sal)
+        data["saliency"] = sal
+
+    data["counts"] = stage_counts(cfg)
+    data["seconds"] = round(time.perf_counter() - t0, 2)
+    (out / "report.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    (out / "index.html").write_text(_html(data, figures))
+    if log_mlflow and model.get("run_id") not in (None, "", "none"):
+        from mlflow import MlflowClient
+
+        MlflowClient(cfg.mlflow.tracking_uri).log_artifacts(model["run_id"], str(out), "report")
+        data["logged_to_run"] = model["run_id"]
+    return {"path": str(out / "index.html"), "figures": [f for f, _, _ in figures], **data}
+
+
+def _saliency(cfg: StellarConfig, model: dict, ids: np.ndarray, out: Path, labels: list[str]):
+    """Mean gradient of each label's ensemble mean with respect to the flux, over train-like stars."""
+    import torch
+
+    from stellar.inference_core import StackedEnsemble, features_to_tensors
+    from stellar.trainer import load_registered
+
+    if not len(ids):
+        return None, None
+    try:
+        ens, _ = load_registered(cfg, str(model["version"]))
+    except StellarError:
+        return None, None
+    if not ens.cfg.use_spectrum:
+        return None, None
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    path = TableStore(cfg.preprocess.output_dir).table_path("features")
+    t = ds.dataset(path, format="parquet", partitioning="hive").to_table(
+        columns=["spectrum", "spectrum_mask", "xp", "scalars"], filter=pc.field("source_id").isin(pa.array(ids)))
+    n = t.num_rows
+    arrays = {k: t[k].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, -1) for k in t.column_names}
+    data = features_to_tensors(ens.stats, arrays)
+    net = StackedEnsemble(ens.nets).eval()
+    spec = data["spectrum"].clone().requires_grad_(True)
+    grads = []
+    for j in range(len(labels)):
+        mean, _ = net(spec, data["spectrum_mask"], data["xp"], data["scalars"])
+        (g,) = torch.autograd.grad(mean[..., j].mean(), spec)
+        grads.append((g * n * ens.label_std[j]).mean(dim=0).numpy())  # physical units per unit flux
+    wave = np.asarray(ens.stats["wavelength"])
+    from stellar.instruments import load_instrument
+
+    try:
+        lines = [(ln.species, ln.wavelength) for ln in load_instrument(cfg.instrument, cfg.conf_dir).lines
+                 if wave[0] <= ln.wavelength <= wave[-1] and ln.kind != "dib"]
+    except StellarError:
+        lines = []
+    plt = _plt()
+    fig, axes = plt.subplots(len(labels), 1, figsize=(10, 1.6 * len(labels)), sharex=True, squeeze=False)
+    for j, lab in enumerate(labels):
+        ax = axes[j, 0]
+        ax.plot(wave, grads[j], lw=0.7)
+        for name, w in lines:
+            ax.axvline(w, color="C3" if name == "Ca II" else "0.8", lw=0.6 if name == "Ca II" else 0.4, zorder=0)
+        ax.set_ylabel(f"d {lab} / d flux", fontsize=7)
+    axes[-1, 0].set_xlabel("wavelength (nm); red: Ca II triplet, grey: other lines of the instrument preset")
+    fig.tight_layout()
+    name = _save(fig, out / "saliency.png")
+    ca = [w for s, w in lines if s == "Ca II"]
+    sal = {"n_stars": n, "wavelength": [float(wave[0]), float(wave[-1])],
+           "peak_wavelength": {lab: float(wave[int(np.argmax(np.abs(grads[j])))]) for j, lab in enumerate(labels)},
+           "ca_triplet": ca}
+    return (name, "Saliency", "Mean derivative of each predicted label with respect to the flux of each pixel, over "
+            "train-like stars: where in the spectrum the network looks (Ca II triplet in red)."), sal
+
+
+def stage_counts(cfg: StellarConfig) -> list[dict]:
+    """Rows in / out / quarantined / flagged per stage, from the committed manifests."""
+    rows = []
+    man = TableStore(cfg.ingest.output_dir).current_manifest()
+    if man:
+        s = man["summary"]
+        rows.append({"stage": "ingest", "in": s.get("rows_in"), "out": s.get("written"),
+                     "quarantined": s.get("quarantined"), "flagged": None})
+    man = TableStore(cfg.preprocess.output_dir).current_manifest()
+    if man:
+        c = man["summary"]["counts"]
+        rows.append({"stage": "preprocess", "in": c.get("stars"), "out": c.get("stars"), "quarantined": 0,
+                     "flagged": sum(v for k, v in c.items() if k.startswith("quality:"))})
+    man = TableStore(cfg.select.output_dir).current_manifest()
+    if man:
+        s = man["summary"]
+        rows.append({"stage": "select", "in": s.get("rows"), "out": s.get("rows"), "quarantined": 0,
+                     "flagged": s.get("observed_train_unlike")})
+    man = TableStore(cfg.predict.output_dir).current_manifest()
+    if man:
+        s = man["summary"]
+        rows.append({"stage": "predict", "in": s.get("rows"), "out": s.get("predicted"),
+                     "quarantined": s.get("quarantined"), "flagged": s.get("out_of_range")})
+    return rows
+
+
+def _html(data: dict, figures: list[tuple[str, str, str]]) -> str:
+    e = html.escape
+    m = data["model"]
+    rows = "".join(f"<tr><td>{e(str(r['stage']))}</td>" + "".join(
+        f"<td>{'' if r[k] is None else r[k]}</td>" for k in ("in", "out", "quarantined", "flagged")) + "</tr>"
+        for r in data["counts"])
+    figs = "".join(f'<figure><img src="{e(f)}" alt="{e(t)}"><figcaption><b>{e(t)}.</b> {e(c)}</figcaption></figure>'
+                   for f, t, c in figures)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>stellar report: {e(str(m.get('name')))} v{m.get('version')}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+figure{{margin:2em 0}}img{{max-width:100%}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:0.3em 0.8em;text-align:right}}</style></head>
+<body><h1>stellar report</h1>
+<p>Model <b>{e(str(m.get('name')))}</b> version {m.get('version')} (MLflow run {e(str(m.get('run_id')))});
+{data['rows']} stars, {data['train_like']} train-like with a prediction.</p>
+<h2>Counts per stage</h2>
+<table><tr><th>stage</th><th>in</th><th>out</th><th>quarantined</th><th>flagged</th></tr>{rows}</table>
+{figs}
+</body></html>
+"""
