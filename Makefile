@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml deploy/requirements.lock
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/stellar --config $(CONF) demo --set synth.n_stars=$(DEMO_STARS)
+	$(BIN)/stellar --config $(CONF) pipeline --set synth.n_stars=$(DEMO_STARS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

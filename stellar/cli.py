@@ -101,9 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", dest="report_output", help="report folder (default: WORK_DIR/report)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to the model's MLflow run")
 
-    p = sub.add_parser("demo", help="run the demo end to end on the embedded default "
-                                    "(synth -> ingest -> preprocess -> select -> train -> promote -> predict -> report)")
-    _common(p, suppress=True)
+    for name, text in (("pipeline", "run every stage in order, skipping those whose committed output is up to date "
+                                     "(synth -> ingest -> preprocess -> select -> train -> promote -> predict -> report)"),
+                       ("demo", "the pipeline on the embedded default (what 'make demo' runs); same options")):
+        p = sub.add_parser(name, help=text)
+        _common(p, suppress=True)
+        p.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (earlier ones are not run)")
+        p.add_argument("--only", action="append", metavar="STAGE",
+                       help="run only these stages (repeatable, or comma-separated)")
+        p.add_argument("--no-spark", action="store_true", help="run every stage in this process instead of Spark tasks")
     return parser
 
 
@@ -388,59 +394,63 @@ def cmd_report(cfg: StellarConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(cfg: StellarConfig, args: argparse.Namespace) -> int:
+def _stage_text(run, cfg: StellarConfig) -> str:
+    s = run.summary
+    if run.status == "failed":
+        return f"  failed: {run.error}"
+    text = {"synth": lambda: summarise_synth({"seconds": run.seconds, **s}) if "files" in s else "",
+            "ingest": lambda: summarise_ingest(s, cfg.ingest.output_dir),
+            "preprocess": lambda: summarise_preprocess(s, cfg.preprocess.output_dir),
+            "train": lambda: summarise_train(s) if "ensemble" in s else "",
+            "promote": lambda: summarise_promote(s),
+            "predict": lambda: summarise_predict(s, cfg.predict.output_dir),
+            "report": lambda: summarise_report(s)}.get(run.name)
+    if run.status == "skipped":
+        return f"  up to date (version {s.get('version', '-')}): skipped"
+    if run.name == "select":
+        return f"  {s['rows']} stars mapped; observed train-unlike {s['observed_train_unlike']} of {s['observed']}"
+    return text() if text else ""
+
+
+def cmd_pipeline(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    from stellar.pipeline import choose_stages, run_pipeline
+
+    only = [x.strip() for item in (args.only or []) for x in item.split(",") if x.strip()]
+    stages = choose_stages(cfg, args.start, only)
     t0 = time.perf_counter()
-    print(f"[demo] stage synth: {cfg.synth.n_stars} stars -> {cfg.synth.output_dir}", flush=True)
-    manifest = run_synth(cfg)
-    print(summarise_synth(manifest))
-    print(f"[demo] stage ingest: {cfg.ingest.gaia_root} -> {cfg.ingest.output_dir}", flush=True)
-    ing = run_ingest(cfg)
-    print(summarise_ingest(ing, cfg.ingest.output_dir))
-    print(f"[demo] stage preprocess: {cfg.ingest.output_dir} -> {cfg.preprocess.output_dir}", flush=True)
-    pre = run_preprocess(cfg)
-    print(summarise_preprocess(pre, cfg.preprocess.output_dir))
-    print(f"[demo] stage select: t-SNE map -> {cfg.select.output_dir}", flush=True)
-    sel = run_select(cfg)
-    print(f"  {sel['rows']} stars mapped; observed train-unlike {sel.get('observed_train_unlike')} of {sel.get('observed')}")
-    print(f"[demo] stage train: {cfg.train.members}-member {cfg.train.model} ensemble -> MLflow {cfg.mlflow.tracking_uri}",
-          flush=True)
-    tr = run_train(cfg)
-    print(summarise_train(tr))
-    from stellar.promote import promote
+    print(f"[pipeline] stages: {' -> '.join(stages)} (work folder {cfg.work_dir})", flush=True)
 
-    print(f"[demo] stage promote: @{cfg.promote.challenger} vs @{cfg.promote.champion} on the test split", flush=True)
-    pro = promote(cfg)
-    print(summarise_promote(pro))
-    print(f"[demo] stage predict: @{cfg.predict.model} -> {cfg.predict.output_dir}", flush=True)
-    pred = run_predict(cfg)
-    print(summarise_predict(pred, cfg.predict.output_dir))
-    from stellar.report import build_report
+    def show(run) -> None:
+        print(f"[pipeline] {run.name}: {run.status} in {run.seconds:.1f} s", flush=True)
+        text = _stage_text(run, cfg)
+        if text:
+            print(text, flush=True)
 
-    print(f"[demo] stage report: -> {Path(cfg.work_dir) / 'report'}", flush=True)
-    rep = build_report(cfg)
-    print(summarise_report(rep))
-    summary = {"stages": {"synth": {k: manifest[k] for k in ("n_stars", "n_files", "n_labelled", "n_ood", "path")},
-                          "ingest": {k: ing.get(k) for k in ("version", "rows_in", "written", "quarantined", "tables")},
-                          "preprocess": {k: pre.get(k) for k in ("version", "tables_version", "counts")},
-                          "select": {k: sel.get(k) for k in ("version", "rows", "observed", "observed_train_unlike")},
-                          "train": {k: tr.get(k) for k in ("members", "kept", "calibration", "version", "alias", "run_id")},
-                          "promote": {k: pro.get(k) for k in ("decision", "reasons", "challenger", "champion")},
-                          "predict": {k: pred.get(k) for k in ("version", "model", "rows", "predicted", "quarantined",
-                                                               "train_like", "train_unlike", "out_of_range")},
-                          "report": {"path": rep["path"], "figures": rep["figures"]}},
+    runs = run_pipeline(cfg, stages, use_spark=not args.no_spark, report=show)
+    summary = {"stages": {r.name: {"status": r.status, "seconds": r.seconds, "error": r.error or None,
+                                   **{k: v for k, v in r.summary.items() if k in (
+                                       "version", "rows", "n_stars", "written", "quarantined", "predicted",
+                                       "train_like", "train_unlike", "decision", "path", "figures", "model")}}
+                          for r in runs},
                "seconds": round(time.perf_counter() - t0, 1)}
-    out = Path(cfg.work_dir) / "demo-summary.json"
-    out.write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"[demo] done in {summary['seconds']} s; summary: {out}")
-    return 0
+    out = Path(cfg.work_dir) / "pipeline-summary.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    failed = [r for r in runs if r.status == "failed"]
+    print(f"[pipeline] {'FAILED at ' + failed[0].name if failed else 'done'} in {summary['seconds']} s; "
+          f"summary: {out}" + ("; rerun to resume from the failed stage" if failed else ""))
+    return 2 if failed else 0
 
 
 COMMANDS = {"doctor": cmd_doctor, "synth": cmd_synth, "ingest": cmd_ingest, "preprocess": cmd_preprocess,
             "select": cmd_select, "train": cmd_train, "predict": cmd_predict, "export": cmd_export,
-            "promote": cmd_promote, "report": cmd_report, "demo": cmd_demo}
+            "promote": cmd_promote, "report": cmd_report, "pipeline": cmd_pipeline, "demo": cmd_pipeline}
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one-line logs, not bars
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -12,6 +12,7 @@ commit, and given the configured alias (``challenger``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import tempfile
@@ -52,6 +53,32 @@ def git_commit() -> str:
         return "unknown"
 
 
+def train_digest(cfg: StellarConfig, instrument: str, features_version: str | None) -> str:
+    """What determines the trained ensemble: train settings, the resolved architecture, instrument,
+    features version and code version (a registered version with this tag need not be retrained)."""
+    from stellar import __version__
+
+    payload = {"train": cfg.train.model_dump(exclude={"alias", "register_model"}),
+               "model": model_config(cfg).model_dump(), "instrument": instrument,
+               "features": features_version, "v": __version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def registered_with_digest(cfg: StellarConfig, digest: str) -> int | None:
+    """The newest registered version trained with exactly these inputs, if any."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    try:
+        versions = MlflowClient().search_model_versions(f"name = '{cfg.mlflow.model_name}'")
+    except MlflowException:
+        return None
+    found = [int(v.version) for v in versions if (v.tags or {}).get("train_digest") == digest]
+    return max(found) if found else None
+
+
 def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper=None, log_mlflow: bool = True) -> dict:
     from stellar.ingest.run import local_map
 
@@ -78,6 +105,7 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper=None, log_
     kept = [m for m in members if m.index not in dropped]
     meta = {"features_root": features_root, "features_version": store.current_version(),
             "config_digest": cfg.digest(), "git_commit": git_commit(), "instrument": instrument.name,
+            "train_digest": train_digest(cfg, instrument.name, store.current_version()),
             "members": [m.index for m in kept], "dropped": dropped, "seeds": seeds,
             "drop_rule": f"best validation loss > median + {cfg.train.outlier_mad} * 1.4826 * MAD"}
     ens = Ensemble(mcfg, labels, stats, [m.weights for m in kept], meta=meta)
@@ -194,7 +222,7 @@ def log_to_mlflow(cfg: StellarConfig, ens: Ensemble, members, dropped, metrics: 
 
             mv = mlflow.register_model(info.model_uri, cfg.mlflow.model_name)
             client = MlflowClient()
-            for key in ("features_version", "config_digest", "git_commit", "instrument"):
+            for key in ("features_version", "config_digest", "git_commit", "instrument", "train_digest"):
                 client.set_model_version_tag(cfg.mlflow.model_name, mv.version, key, str(meta[key]))
             client.set_model_version_tag(cfg.mlflow.model_name, mv.version, "labels", ",".join(ens.labels))
             client.set_registered_model_alias(cfg.mlflow.model_name, cfg.train.alias, mv.version)

@@ -32,7 +32,7 @@ def test_synth_command_in_process(tmp_path, capsys):
 
 def test_help_texts_list_every_command():
     out = subprocess.run([sys.executable, "-m", "stellar.cli", "--help"], capture_output=True, text=True).stdout
-    for cmd in ("doctor", "synth", "ingest", "preprocess", "select", "train", "predict", "export", "promote", "report", "demo"):
+    for cmd in ("doctor", "synth", "ingest", "preprocess", "select", "train", "predict", "export", "promote", "report", "pipeline", "demo"):
         assert cmd in out
 
 

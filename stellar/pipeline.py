@@ -1,0 +1,246 @@
+"""The whole chain in one command, resumable: synth -> ingest -> preprocess -> select -> train ->
+promote -> predict -> report.
+
+Every stage commits its output atomically with a digest of its inputs and
+settings (table stores, the survey manifest, the ``train_digest`` tag of a
+registered model), so a rerun skips the stages whose committed output
+matches and reruns a failed or killed stage alone (its half-written version
+is removed first). ``synth`` runs only when ``ingest.gaia_root`` is the
+synthetic survey's folder (the demo). ``promote`` moves ``@champion`` when the
+criteria hold, so that ``predict`` (``@champion``) has a model on a first run.
+
+One SparkSession serves all stages. On a terminal a live line shows the
+stage, its Spark tasks done, the estimated stars done, the rate and the ETA;
+elsewhere, plain log lines.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from stellar.config import StellarConfig
+from stellar.errors import StellarError
+
+STAGES = ("synth", "ingest", "preprocess", "select", "train", "promote", "predict", "report")
+
+
+class PipelineError(StellarError):
+    pass
+
+
+@dataclass
+class StageRun:
+    name: str
+    status: str = "pending"  # ran | skipped | failed | not selected
+    seconds: float = 0.0
+    summary: dict = field(default_factory=dict)
+    error: str = ""
+
+
+def choose_stages(cfg: StellarConfig, start: str | None = None, only: list[str] | None = None) -> list[str]:
+    for s in [start, *(only or [])]:
+        if s is not None and s not in STAGES:
+            raise PipelineError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
+    stages = list(STAGES)
+    if start:
+        stages = stages[stages.index(start):]
+    if only:
+        stages = [s for s in stages if s in only]
+    if "synth" in stages and not _is_demo(cfg) and not only:
+        stages.remove("synth")
+    return stages
+
+
+def _is_demo(cfg: StellarConfig) -> bool:
+    return cfg.ingest.gaia_root is not None and \
+        Path(cfg.ingest.gaia_root).resolve() == Path(cfg.synth.output_dir).resolve()
+
+
+class Progress:
+    """Spark task progress for the running stage: a live line on a terminal, periodic lines otherwise."""
+
+    def __init__(self, stream=None, interval: float = 0.5, log_every: float = 30.0):
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.interval, self.log_every = interval, log_every
+        self.spark = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stage, self.stars, self.t0 = "", None, 0.0
+
+    def start(self, stage: str, stars: int | None) -> None:
+        self.stage, self.stars, self.t0 = stage, stars, time.perf_counter()
+        self._stop.clear()
+        if self.spark is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+    def line(self) -> str | None:
+        tracker = self.spark.sparkContext.statusTracker()
+        done = total = 0
+        for job in tracker.getActiveJobsIds():
+            info = tracker.getJobInfo(job)
+            for sid in (info.stageIds if info else []):
+                st = tracker.getStageInfo(sid)
+                if st is not None:
+                    done += st.numCompletedTasks
+                    total += st.numTasks
+        if not total:
+            return None
+        elapsed = time.perf_counter() - self.t0
+        frac = done / total
+        text = f"  [{self.stage}] tasks {done}/{total} ({frac:.0%}), {_clock(elapsed)} elapsed"
+        if self.stars and frac > 0:
+            text += f", ~{int(self.stars * frac)} of {self.stars} stars, {self.stars * frac / elapsed:.0f} stars/s"
+        if frac > 0:
+            text += f", ETA {_clock(elapsed * (1 - frac) / frac)}"
+        return text
+
+    def _run(self) -> None:
+        last = 0.0
+        while not self._stop.wait(self.interval):
+            try:
+                text = self.line()
+            except Exception:  # noqa: BLE001 - progress must never break a stage
+                continue
+            if text is None:
+                continue
+            if self.tty:
+                self.stream.write("\r\033[K" + text[:150])
+                self.stream.flush()
+            elif time.perf_counter() - last >= self.log_every:
+                self.stream.write(text + "\n")
+                self.stream.flush()
+                last = time.perf_counter()
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _synth_up_to_date(cfg: StellarConfig, instrument) -> dict | None:
+    from stellar import __version__
+
+    path = Path(cfg.synth.output_dir) / "survey.json"
+    if not path.is_file():
+        return None
+    m = json.loads(path.read_text())
+    same = m.get("config") == json.loads(json.dumps(cfg.synth.model_dump(exclude={"output_dir"}))) and \
+        m.get("instrument") == instrument.name and m.get("stellar_version") == __version__
+    return {**m, "path": str(path.parent), "up_to_date": True} if same else None
+
+
+def run_pipeline(cfg: StellarConfig, stages: list[str], use_spark: bool = True,
+                 report: Callable[[StageRun], None] | None = None, progress: Progress | None = None) -> list[StageRun]:
+    """Run the stages in order; stop at the first failure (later stages are left pending)."""
+    from stellar.instruments import load_instrument
+
+    instrument = load_instrument(cfg.instrument, cfg.conf_dir)
+    progress = progress or Progress()
+    runs = [StageRun(s) for s in stages]
+    spark = mapper = None
+
+    def session():
+        nonlocal spark, mapper
+        if use_spark and spark is None:
+            from stellar.ingest.distributed import spark_mapper
+            from stellar.spark import build_session
+
+            spark = build_session(cfg, "pipeline")
+            mapper = spark_mapper(spark, "stellar pipeline")
+            progress.spark = spark
+        return spark, mapper
+
+    def n_stars() -> int | None:
+        path = Path(cfg.synth.output_dir) / "survey.json"
+        if _is_demo(cfg) and path.is_file():
+            return int(json.loads(path.read_text())["n_stars"])
+        return None
+
+    try:
+        for run in runs:
+            t0 = time.perf_counter()
+            # tasks of these stages are parts of the catalogue: their share estimates the stars done
+            progress.start(run.name, n_stars() if run.name in ("synth", "ingest", "preprocess", "select",
+                                                               "predict") else None)
+            try:
+                run.summary = _stage(run.name, cfg, instrument, session)
+                run.status = "skipped" if run.summary.get("up_to_date") else "ran"
+            except StellarError as exc:
+                run.status, run.error = "failed", str(exc)
+            finally:
+                progress.stop()
+                run.seconds = round(time.perf_counter() - t0, 2)
+            if report:
+                report(run)
+            if run.status == "failed":
+                break
+    finally:
+        if spark is not None:
+            spark.stop()
+    return runs
+
+
+def _stage(name: str, cfg: StellarConfig, instrument, session) -> dict:
+    if name == "synth":
+        done = _synth_up_to_date(cfg, instrument)
+        if done:
+            return done
+        from stellar.synth.distributed import spark_runner
+        from stellar.synth.survey import run_survey
+
+        spark, _ = session()
+        return run_survey(cfg.synth, instrument, runner=spark_runner(spark) if spark else None)
+    if name == "ingest":
+        from stellar.ingest.run import ingest
+
+        return ingest(cfg.ingest, instrument, cfg.conf_dir, mapper=session()[1])
+    if name == "preprocess":
+        from stellar.preprocess import preprocess
+
+        return preprocess(cfg.preprocess, instrument, cfg.ingest.output_dir, mapper=session()[1])
+    if name == "select":
+        from stellar.selection import select
+
+        return select(cfg.select, cfg.preprocess.output_dir, mapper=session()[1])
+    if name == "train":
+        from stellar.tables import TableStore
+        from stellar.trainer import registered_with_digest, train_digest, train_ensemble
+
+        digest = train_digest(cfg, instrument.name, TableStore(cfg.preprocess.output_dir).current_version())
+        version = registered_with_digest(cfg, digest)
+        if version is not None:
+            return {"up_to_date": True, "version": version, "train_digest": digest}
+        s = train_ensemble(cfg, instrument, mapper=session()[1])
+        return {**s, "train_digest": digest}
+    if name == "promote":
+        from stellar.promote import promote
+
+        r = promote(cfg)
+        return {**r, "up_to_date": r["decision"] == "unchanged"}
+    if name == "predict":
+        from stellar.predict import predict, resolve_model
+
+        bundle = resolve_model(cfg)
+        return predict(cfg, bundle, spark=session()[0])
+    if name == "report":
+        from stellar.report import build_report
+
+        return build_report(cfg)
+    raise PipelineError(f"unknown stage {name!r}")
