@@ -10,7 +10,7 @@ CONF ?= conf/local.yaml
 DEMO_STARS ?= 20000
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench doctor lock clean
+.PHONY: setup browser demo test test-fast bench doctor lock clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,14 @@ $(STAMP): pyproject.toml deploy/requirements.lock
 demo: $(STAMP)
 	$(BIN)/stellar --config $(CONF) pipeline --set synth.n_stars=$(DEMO_STARS)
 
-test: $(STAMP)
+# The report test renders the HTML in headless Chromium (Debian package 'chromium').
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
+	  echo "warning: could not install Chromium (apt-get install chromium, as root); the report browser test will fail"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

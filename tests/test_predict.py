@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import numpy as np
 import pyarrow as pa
@@ -288,3 +289,60 @@ def test_report_figures_load_and_match_the_data(registry, capsys):
     assert all(sal["wavelength"][0] <= w <= sal["wavelength"][1] for w in sal["peak_wavelength"].values())
     arts = MlflowClient(cfg.mlflow.tracking_uri).list_artifacts(data["model"]["run_id"], "report")
     assert {"report/index.html", "report/kiel.png"} <= {a.path for a in arts}
+    # the page as a browser shows it: every figure loads, at the PNG's own size
+    rendered = render_images(tmp / "report")
+    for name in images:
+        width, height = struct.unpack(">II", (tmp / "report" / name).read_bytes()[16:24])
+        assert rendered[name] == (width, height), (name, rendered)
+
+
+CHECK_PAGE = """<!DOCTYPE html><html><body><div id="result">pending</div><iframe id="f" src="index.html"></iframe>
+<script>document.getElementById("f").addEventListener("load", () => {
+  const imgs = Array.from(document.getElementById("f").contentDocument.images);
+  Promise.all(imgs.map(im => im.complete ? 0 : new Promise(r => { im.onload = r; im.onerror = r; }))).then(() => {
+    document.getElementById("result").textContent = "images " +
+      imgs.map(im => im.getAttribute("src") + ":" + im.naturalWidth + "x" + im.naturalHeight).join(" ");
+  });
+});</script></body></html>"""
+
+
+def render_images(folder) -> dict:
+    """Open the report's index.html in headless Chromium; the size each image loaded at (0x0: failed)."""
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium")
+    if browser is None:
+        if os.environ.get("STELLAR_NO_BROWSER"):
+            pytest.skip("STELLAR_NO_BROWSER is set: no headless browser check")
+        pytest.fail("Chromium is missing: 'make test' installs it (Debian package chromium, as root), "
+                    "or set STELLAR_NO_BROWSER=1 to skip this check")
+    page = folder / "_browser_check.html"
+    page.write_text(CHECK_PAGE)
+    try:
+        out = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu",
+                              "--allow-file-access-from-files", "--virtual-time-budget=10000", "--dump-dom",
+                              page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    finally:
+        page.unlink()
+    found = re.search(r'id="result">images ([^<]*)<', out)
+    assert found, out[-2000:]
+    sizes = {}
+    for item in found.group(1).split():
+        name, _, size = item.rpartition(":")
+        w, h = size.split("x")
+        sizes[name] = (int(w), int(h))
+    return sizes
+
+
+def test_bimodality_measure():
+    from stellar.report import ALPHA_EDGES, bimodality
+
+    centres = 0.5 * (ALPHA_EDGES[1:] + ALPHA_EDGES[:-1])
+    two = 700 * np.exp(-0.5 * ((centres - 0.03) / 0.05) ** 2) + 600 * np.exp(-0.5 * ((centres - 0.29) / 0.05) ** 2)
+    b = bimodality(np.round(two))
+    assert b["peaks"] == pytest.approx([0.03, 0.29], abs=0.021) and b["dip_ratio"] < 0.1
+    one = np.round(900 * np.exp(-0.5 * ((centres - 0.1) / 0.08) ** 2))
+    assert bimodality(one) == {"peaks": [], "dip_ratio": 1.0}
