@@ -25,6 +25,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from stellar.devices import make_deterministic, pick_device
+from stellar.inference_core import INPUTS
 from stellar.loader import FeatureDataset
 from stellar.model import HybridNet, ModelConfig, gaussian_nll
 
@@ -59,9 +60,6 @@ def _dims(stats: dict) -> tuple[int, int, int]:
 def build_net(cfg: ModelConfig, stats: dict, n_labels: int) -> HybridNet:
     n_pix, n_xp, n_s = _dims(stats)
     return HybridNet(cfg, n_pix, n_xp, n_s, n_labels)
-
-
-INPUTS = ("spectrum", "spectrum_mask", "xp", "scalars")
 
 
 def _forward_chunks(net: HybridNet, data: dict[str, torch.Tensor], chunk: int = 256):

@@ -98,3 +98,31 @@ def test_killed_mid_stage_then_rerun_gives_the_uninterrupted_outputs(tmp_path):
     summary = json.loads((work / "pipeline-summary.json").read_text())
     assert summary["stages"]["report"]["status"] == "ran" and len(summary["stages"]["report"]["figures"]) == 6
     assert (work / "report" / "index.html").is_file()
+
+
+@pytest.mark.spark
+def test_progress_line_follows_a_running_spark_job(spark):
+    import io
+    import threading
+
+    from stellar.pipeline import Progress
+
+    progress = Progress(stream=io.StringIO())
+    progress.spark = spark
+    progress.start("ingest", stars=1000)
+    done = threading.Event()
+
+    def job():
+        spark.sparkContext.parallelize(range(4), 4).map(lambda x: __import__("time").sleep(1.5) or x).collect()
+        done.set()
+
+    threading.Thread(target=job, daemon=True).start()
+    lines = []
+    while not done.is_set():
+        line = progress.line()
+        if line:
+            lines.append(line)
+        time.sleep(0.1)
+    progress.stop()
+    assert lines and all(line.startswith("  [ingest] tasks ") and "/4 (" in line for line in lines)
+    assert any("stars/s" in line and "ETA" in line for line in lines)  # once some tasks are done
