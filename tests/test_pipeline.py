@@ -113,7 +113,9 @@ def test_progress_line_follows_a_running_spark_job(spark):
     done = threading.Event()
 
     def job():
-        spark.sparkContext.parallelize(range(4), 4).map(lambda x: __import__("time").sleep(1.5) or x).collect()
+        # 8 one-second tasks on 2 slots: several seconds with some, not all, tasks done (the status
+        # tracker is fed asynchronously, so a short job could end before it shows progress)
+        spark.sparkContext.parallelize(range(8), 8).map(lambda x: __import__("time").sleep(1.0) or x).collect()
         done.set()
 
     threading.Thread(target=job, daemon=True).start()
@@ -124,5 +126,5 @@ def test_progress_line_follows_a_running_spark_job(spark):
             lines.append(line)
         time.sleep(0.1)
     progress.stop()
-    assert lines and all(line.startswith("  [ingest] tasks ") and "/4 (" in line for line in lines)
+    assert lines and all(line.startswith("  [ingest] tasks ") and "/8 (" in line for line in lines)
     assert any("stars/s" in line and "ETA" in line for line in lines)  # once some tasks are done
