@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -104,7 +103,7 @@ def _astropy(table: pa.Table, manifest: dict, fmt: str, path: Path) -> None:
     for name in table.column_names:
         col = table[name]
         if pa.types.is_string(col.type):
-            t[name] = np.asarray(col.fill_null("").to_pylist(), dtype=str)
+            t[name] = col.fill_null("").to_numpy(zero_copy_only=False).astype(str)
         elif pa.types.is_boolean(col.type):
             # FITS/VOTable booleans have no null: unknown train-like reads as False, with 'has_selection'
             t[name] = col.fill_null(False).to_numpy(zero_copy_only=False)

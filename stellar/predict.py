@@ -26,6 +26,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ from stellar.config import PredictConfig, StellarConfig
 from stellar.devices import pick_device
 from stellar.errors import StellarError
 from stellar.inference_core import StackedEnsemble, arrow_features, features_to_tensors, forward_members
-from stellar.tables import TableStore, write_part
+from stellar.tables import TableStore, settings_hash, write_part
 from stellar.training import Ensemble
 
 PASS_THROUGH = ("source_id", "hpx", "split", "snr", "quality")
@@ -59,13 +60,17 @@ class ModelBundle:
     run_id: str
     files: dict[str, bytes] = field(repr=False)
 
-    @property
+    @cached_property
     def digest(self) -> str:
         h = hashlib.sha256()
         for k in sorted(self.files):
             h.update(k.encode())
             h.update(hashlib.sha256(self.files[k]).digest())
         return h.hexdigest()[:16]
+
+    @property
+    def labels(self) -> list[str]:
+        return json.loads(self.files["ensemble.json"])["labels"]
 
     def identity(self) -> dict:
         return {"name": self.name, "version": self.version, "run_id": self.run_id, "digest": self.digest}
@@ -106,7 +111,6 @@ class BatchPredictor:
         self.lo = np.asarray(ens.stats["labels"]["min"], dtype=np.float64)[idx]
         self.hi = np.asarray(ens.stats["labels"]["max"], dtype=np.float64)[idx]
         self.amp_tolerance = amp_tolerance
-        self.requested = precision
         # auto: decided on the first sub-batch (fp16 on GPU only if it agrees with fp32)
         self.dtype: torch.dtype | None = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
         self.decided = precision != "auto" or device.type != "cuda"
@@ -153,7 +157,7 @@ class BatchPredictor:
             cols[lab] = pa.array(mean[:, j].astype(np.float32), mask=~ok)
             cols[f"{lab}_err"] = pa.array(sigma[:, j].astype(np.float32), mask=~ok)
         cols["out_of_range"] = pa.array(bits)
-        cols["problem"] = pa.array(np.where(ok, None, problem).tolist(), pa.string())
+        cols["problem"] = pa.array(problem, pa.string(), mask=ok)
         return pa.RecordBatch.from_pydict(cols, schema=self.schema)
 
 
@@ -213,17 +217,13 @@ def predict(cfg: StellarConfig, bundle: ModelBundle | None = None, spark=None) -
     fstore, fversion = _features_version(cfg.preprocess.output_dir)
     sel_dir, sel_version = _selection_dir(cfg, fversion)
     bundle = bundle or resolve_model(cfg)
-    labels = json.loads(bundle.files["ensemble.json"])["labels"]
+    labels = bundle.labels
     pcfg = cfg.predict
-    digest = hashlib.sha256(json.dumps({
-        "model": bundle.digest, "features": fversion, "selection": sel_version,
-        "cfg": pcfg.model_dump(exclude={"output_dir", "model"}), "v": __version__}, sort_keys=True).encode()
-    ).hexdigest()[:16]
+    digest = settings_hash({"model": bundle.digest, "features": fversion, "selection": sel_version,
+                            "cfg": pcfg.model_dump(exclude={"output_dir", "model"}), "v": __version__})
     store = TableStore(pcfg.output_dir)
-    store.root.mkdir(parents=True, exist_ok=True)
-    store.clean_uncommitted()
-    cur = store.current_manifest()
-    if cur and cur.get("settings_digest") == digest:
+    cur = store.committed_with(digest)
+    if cur:
         return {**cur["summary"], "up_to_date": True}
     version = store.new_version()
     out_dir = store.root / version / "predictions"
@@ -244,9 +244,9 @@ def predict(cfg: StellarConfig, bundle: ModelBundle | None = None, spark=None) -
 
 def _identity_columns(table: pa.Table, bundle: ModelBundle) -> pa.Table:
     n = table.num_rows
-    table = table.append_column("model_name", pa.array([bundle.name] * n, pa.string()).dictionary_encode())
+    table = table.append_column("model_name", pa.repeat(pa.scalar(bundle.name), n).dictionary_encode())
     table = table.append_column("model_version", pa.array(np.full(n, bundle.version, np.int32)))
-    return table.append_column("model_run_id", pa.array([bundle.run_id] * n, pa.string()).dictionary_encode())
+    return table.append_column("model_run_id", pa.repeat(pa.scalar(bundle.run_id), n).dictionary_encode())
 
 
 FEATURE_COLUMNS = ["source_id", "split", "snr", "quality", "spectrum", "spectrum_mask", "xp", "scalars"]
@@ -302,8 +302,7 @@ def _predict_spark(spark, bundle: ModelBundle, pcfg: PredictConfig, features_dir
     sc = spark.sparkContext
     sc.setJobDescription(f"stellar predict: {bundle.name} v{bundle.version}")
     bc = sc.broadcast(bundle)  # shipped once per executor, not per task or batch
-    labels = json.loads(bundle.files["ensemble.json"])["labels"]
-    schema = output_schema(labels)
+    schema = output_schema(bundle.labels)
 
     parts = _parts(features_dir)
     if not parts:

@@ -12,7 +12,6 @@ table version (``stats.json``), and commits atomically.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import Counter
@@ -32,7 +31,7 @@ from stellar.features import (QUALITY_BITS, SCALAR_NAMES, Q_EDGE_SPIKE, Q_LOW_SN
                               assign_split, finish_moments, merge_moments, partial_moments, process_spectra,
                               scalar_features, scale_xp)
 from stellar.instruments import Instrument
-from stellar.tables import TableStore, write_part
+from stellar.tables import TableStore, settings_hash, write_part
 
 STATS = "stats.json"
 
@@ -255,7 +254,7 @@ def build_partition(hpx: int, ctx: Context) -> dict:
 def settings_digest(cfg: PreprocessConfig, instrument: Instrument, tables_version: str) -> str:
     payload = {"cfg": cfg.model_dump(exclude={"output_dir"}), "instrument": instrument.name,
                "labels": instrument.labels, "tables": tables_version, "version": __version__}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_hash(payload)
 
 
 def preprocess(cfg: PreprocessConfig, instrument: Instrument, tables_root: str, mapper=None) -> dict:
@@ -270,10 +269,8 @@ def preprocess(cfg: PreprocessConfig, instrument: Instrument, tables_root: str, 
         raise PreprocessError(f"no ingested tables under {tables_root} (run 'stellar ingest' first)")
     digest = settings_digest(cfg, instrument, tables_version)
     store = TableStore(cfg.output_dir)
-    store.root.mkdir(parents=True, exist_ok=True)
-    store.clean_uncommitted()
-    current = store.current_manifest()
-    if current and current.get("settings_digest") == digest:
+    current = store.committed_with(digest)
+    if current:
         return {**current["summary"], "up_to_date": True, "version": store.current_version(),
                 "seconds": time.perf_counter() - t0}
     vdir_in = source.root / tables_version

@@ -158,11 +158,11 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
                        ["source_id", "split", *labels, *[f"{lab}_err" for lab in labels]]).to_pandas()
     test = feats[feats["split"] == "test"].merge(preds[ok], on="source_id", suffixes=("_label", ""))
     if len(test):
-        from scipy.stats import norm
+        from stellar.training import COVERAGE_LEVELS as qs
+        from stellar.training import coverage_curve
 
         fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3), squeeze=False)
         figc, axc = plt.subplots(figsize=(4.5, 4))
-        qs = np.linspace(0.05, 0.95, 19)
         res_data, cal_data = {}, {}
         for j, lab in enumerate(labels):
             y = test[f"{lab}_label"].to_numpy(dtype=float)
@@ -177,7 +177,7 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
             err = np.sqrt(test[f"{lab}_err"].to_numpy(dtype=float)[fin] ** 2
                           + np.nan_to_num(test[f"{lab}_err_label"].to_numpy(dtype=float)[fin]) ** 2)
             zs = r / err
-            cover = [float(np.mean(np.abs(zs) < norm.ppf(0.5 + q / 2))) for q in qs]
+            cover = coverage_curve(zs)
             axc.plot(qs, cover, label=lab)
             res_data[lab] = {"n": int(fin.sum()), "rmse": float(np.sqrt(np.mean(r**2))), "bias": float(np.mean(r))}
             cal_data[lab] = {"expected": qs.round(3).tolist(), "observed": cover}

@@ -21,8 +21,6 @@ The fitted map is this run's own object (never read from elsewhere).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import pickle
 import time
 from collections import Counter
@@ -40,7 +38,7 @@ from stellar.config import SelectConfig
 from stellar.errors import StellarError
 from stellar.features import Normaliser, split_hash
 from stellar.preprocess import load_stats
-from stellar.tables import TableStore, write_part
+from stellar.tables import TableStore, settings_hash, write_part
 
 
 class SelectError(StellarError):
@@ -197,7 +195,7 @@ def place_group(parts: list[str], shared, ctx: Ctx) -> list[dict]:
                           "train_like": pa.array(score[sl] >= ctx.threshold), "in_fit": pa.array(in_fit[sl]),
                           "split": t["split"]})
         write_part(Path(ctx.out_vdir) / "selection" / p, table, {"stellar.table": "selection"})
-        obs = np.asarray(t["split"].to_pylist()) != "train"
+        obs = pc.not_equal(t["split"], "train").to_numpy(zero_copy_only=False)
         out.append({"part": p, "rows": t.num_rows, "observed": int(obs.sum()),
                     "observed_train_unlike": int((obs & (score[sl] < ctx.threshold)).sum()),
                     "placed": int(rest[sl].sum())})
@@ -216,13 +214,10 @@ def select(cfg: SelectConfig, features_root: str, mapper=None) -> dict:
     fversion = fstore.current_version()
     if fversion is None:
         raise SelectError(f"no features under {features_root} (run 'stellar preprocess' first)")
-    digest = hashlib.sha256(json.dumps({"cfg": cfg.model_dump(exclude={"output_dir"}), "features": fversion,
-                                        "v": __version__}, sort_keys=True).encode()).hexdigest()[:16]
+    digest = settings_hash({"cfg": cfg.model_dump(exclude={"output_dir"}), "features": fversion, "v": __version__})
     store = TableStore(cfg.output_dir)
-    store.root.mkdir(parents=True, exist_ok=True)
-    store.clean_uncommitted()
-    cur = store.current_manifest()
-    if cur and cur.get("settings_digest") == digest:
+    cur = store.committed_with(digest)
+    if cur:
         return {**cur["summary"], "up_to_date": True}
     stats = load_stats(features_root)
     manifest = fstore.current_manifest()
@@ -277,7 +272,7 @@ def _figure(path: Path, table_dir: Path) -> None:
     t = ds.dataset(table_dir, format="parquet", partitioning="hive").to_table(
         columns=["x", "y", "train_like", "split"])
     x, y = t["x"].to_numpy(), t["y"].to_numpy()
-    train = np.asarray(t["split"].to_pylist()) == "train"
+    train = pc.equal(t["split"], "train").to_numpy(zero_copy_only=False)
     like = t["train_like"].to_numpy(zero_copy_only=False)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharex=True, sharey=True)
     axes[0].scatter(x[~train], y[~train], s=1, c="0.6", label="observed")

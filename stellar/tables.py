@@ -17,6 +17,7 @@ same inputs give byte-identical tables.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -56,6 +57,14 @@ class TableStore:
         return self.root / v / table
 
     # -- a run -------------------------------------------------------------
+    def committed_with(self, digest: str) -> dict | None:
+        """Open a run: create the root, remove versions a killed run left, and return the committed
+        manifest when it was made with these settings (the stage then has nothing to do)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.clean_uncommitted()
+        current = self.current_manifest()
+        return current if current and current.get("settings_digest") == digest else None
+
     def clean_uncommitted(self) -> list[str]:
         """Remove version folders newer than the committed one (left by a killed run)."""
         current = self.current_version()
@@ -102,6 +111,11 @@ class TableStore:
         for name in versions[:-keep] if keep > 0 else versions:
             if name != current:
                 shutil.rmtree(self.root / name)
+
+
+def settings_hash(payload: dict) -> str:
+    """Short, stable hash of what a stage's output depends on (recorded as its settings_digest)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def write_part(path: Path, table: pa.Table, metadata: dict[str, str]) -> None:

@@ -12,7 +12,6 @@ commit, and given the configured alias (``challenger``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import tempfile
@@ -26,8 +25,9 @@ from stellar.errors import StellarError
 from stellar.instruments import Instrument
 from stellar.model import ModelConfig, load_model_preset
 from stellar.preprocess import load_stats
-from stellar.tables import TableStore
-from stellar.training import Ensemble, evaluate, load_split, outlier_members, train_member
+from stellar.tables import TableStore, settings_hash
+from stellar.training import (COVERAGE_LEVELS, Ensemble, coverage_curve, evaluate, load_split, outlier_members,
+                              train_member)
 
 
 class TrainError(StellarError):
@@ -61,7 +61,7 @@ def train_digest(cfg: StellarConfig, instrument: str, features_version: str | No
     payload = {"train": cfg.train.model_dump(exclude={"alias", "register_model"}),
                "model": model_config(cfg).model_dump(), "instrument": instrument,
                "features": features_version, "v": __version__}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return settings_hash(payload)
 
 
 def registered_with_digest(cfg: StellarConfig, digest: str) -> int | None:
@@ -148,9 +148,6 @@ def _figures(ens: Ensemble, test):
     n = len(ens.labels)
     fig_r, axes = plt.subplots(1, n, figsize=(3.2 * n, 3), squeeze=False)
     fig_c, axc = plt.subplots(1, 1, figsize=(4, 3.5))
-    qs = np.linspace(0.05, 0.95, 19)
-    from scipy.stats import norm
-
     for j, lab in enumerate(ens.labels):
         ok = np.isfinite(truth[:, j])
         ax = axes[0, j]
@@ -159,8 +156,7 @@ def _figures(ens: Ensemble, test):
         ax.set_xlabel(f"{lab} (label)")
         ax.set_ylabel("prediction - label")
         z = (pred["mean"][ok, j] - truth[ok, j]) / np.sqrt(pred["sigma"][ok, j] ** 2 + np.nan_to_num(err[ok, j]) ** 2)
-        observed = [np.mean(np.abs(z) < norm.ppf(0.5 + q / 2)) for q in qs]
-        axc.plot(qs, observed, label=lab)
+        axc.plot(COVERAGE_LEVELS, coverage_curve(z), label=lab)
     axc.plot([0, 1], [0, 1], "k--", lw=0.8)
     axc.set_xlabel("expected coverage")
     axc.set_ylabel("observed coverage (test)")

@@ -25,7 +25,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from stellar.devices import make_deterministic, pick_device
-from stellar.inference_core import INPUTS
+from stellar.inference_core import INPUTS, forward_members
 from stellar.loader import FeatureDataset
 from stellar.model import HybridNet, ModelConfig, gaussian_nll
 
@@ -154,10 +154,9 @@ class Ensemble:
 
     def predict_normalised(self, data: dict[str, torch.Tensor], chunk: int = 256):
         """Per member means and variances (normalised units): (M, N, L) each."""
-        outs = [_forward_chunks(net, data, chunk) for net in self.nets]
-        means = torch.stack([m for m, _ in outs]).numpy().astype(np.float64)
-        variances = torch.stack([lv.exp() for _, lv in outs]).numpy().astype(np.float64)
-        return means, variances
+        device = next(self.nets[0].parameters()).device
+        means, variances = forward_members(self.nets, data, device, chunk)
+        return means.astype(np.float64), variances.astype(np.float64)
 
     def predict(self, data: dict[str, torch.Tensor], calibrated: bool = True) -> dict[str, np.ndarray]:
         means, variances = self.predict_normalised(data)
@@ -237,6 +236,18 @@ class Ensemble:
         n = json.loads((folder / "ensemble.json").read_text())["n_members"]
         names = ["ensemble.json", "stats.json"] + [f"member_{i:02d}.safetensors" for i in range(n)]
         return cls.from_files({name: (folder / name).read_bytes() for name in names})
+
+
+COVERAGE_LEVELS = np.linspace(0.05, 0.95, 19)
+
+
+def coverage_curve(z: np.ndarray, levels: np.ndarray = COVERAGE_LEVELS) -> list[float]:
+    """Share of z-scores inside the central interval of each nominal coverage (equal to it when the
+    uncertainties are calibrated): the calibration curve of the train stage and of the report."""
+    from scipy.stats import norm
+
+    limits = norm.ppf(0.5 + np.asarray(levels) / 2)
+    return (np.abs(np.asarray(z, dtype=float))[:, None] < limits).mean(axis=0).tolist()
 
 
 def evaluate(ens: Ensemble, data: dict[str, torch.Tensor]) -> dict:
