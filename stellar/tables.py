@@ -11,8 +11,11 @@ Readers resolve ``_CURRENT`` once (``table_path``). A run builds its version
 folder next to the committed one (hard-linking parts it does not change),
 then replaces ``_CURRENT`` atomically: a killed run leaves the previous
 version visible and whole, and its half-written folder is removed by the next
-run. Part files are written with deterministic names and content, so the
-same inputs give byte-identical tables.
+run -- unless it was opened for a resumable plan (``new_version(plan_digest)``):
+a rerun of the same plan on the same base then carries on in it, skipping
+the tasks whose done markers (``_done/<task>.json``) are there. Part files
+are written with deterministic names and content, so the same inputs give
+byte-identical tables, resumed or not.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ import pyarrow.parquet as pq
 SCHEMA_VERSION = 1
 POINTER = "_CURRENT"
 MANIFEST = "_manifest.json"
+RESUME = "_resume.json"  # in an uncommitted version: the plan it belongs to (resumable runs)
+DONE = "_done"  # ... and one marker per finished task
+SEALED = "_sealed"  # ... past the resumable phase
 _VERSION_RE = re.compile(r"^v(\d{6})$")
 
 
@@ -65,30 +71,60 @@ class TableStore:
         current = self.current_manifest()
         return current if current and current.get("settings_digest") == digest else None
 
-    def clean_uncommitted(self) -> list[str]:
-        """Remove version folders newer than the committed one (left by a killed run)."""
+    def clean_uncommitted(self, keep: str | None = None) -> list[str]:
+        """Remove version folders newer than the committed one (left by a killed run), except ``keep``."""
         current = self.current_version()
         removed = []
         if not self.root.is_dir():
             return removed
         for d in sorted(self.root.iterdir()):
             m = _VERSION_RE.match(d.name)
-            if m and d.is_dir() and (current is None or d.name > current):
+            if m and d.is_dir() and (current is None or d.name > current) and d.name != keep:
                 shutil.rmtree(d)
                 removed.append(d.name)
         return removed
 
-    def new_version(self) -> str:
+    def resumable(self, plan_digest: str) -> str | None:
+        """The uncommitted version a killed run left for the same plan on the same committed base,
+        if any: a run with that plan carries on in it (its finished tasks left done markers)."""
+        current = self.current_version()
+        if not self.root.is_dir():
+            return None
+        for d in sorted(self.root.iterdir(), reverse=True):
+            if _VERSION_RE.match(d.name) and d.is_dir() and (current is None or d.name > current):
+                try:
+                    plan = json.loads((d / RESUME).read_text())
+                except (OSError, ValueError):
+                    return None
+                if plan.get("plan_digest") != plan_digest or plan.get("base_version") != current \
+                        or (d / SEALED).exists():
+                    return None
+                for tmp in d.rglob(".*.tmp-*"):  # half-written files of the tasks that were killed
+                    tmp.unlink()
+                return d.name
+        return None
+
+    def new_version(self, plan_digest: str | None = None) -> str:
+        """A fresh version folder; with ``plan_digest`` a killed run can resume in it (``resumable``)."""
         current = self.current_version()
         n = int(current[1:]) + 1 if current else 1
         name = f"v{n:06d}"
         (self.root / name).mkdir(parents=True, exist_ok=False)
+        if plan_digest is not None:
+            _write_json(self.root / name / RESUME, {"plan_digest": plan_digest, "base_version": current})
         return name
+
+    def seal(self, version: str) -> None:
+        """Mark a version as past its resumable phase (later steps rewrite parts in place): a run
+        killed after this starts again from scratch rather than resume."""
+        (self.root / version / SEALED).touch()
 
     def link_part(self, src_version: str, rel: str, dst_version: str) -> None:
         """Carry an unchanged part into the new version without copying (copy where links fail)."""
         src = self.root / src_version / rel
         dst = self.root / dst_version / rel
+        if dst.exists():  # a resumed run linked it already; never write through a shared link
+            return
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(src, dst)
@@ -111,6 +147,25 @@ class TableStore:
         for name in versions[:-keep] if keep > 0 else versions:
             if name != current:
                 shutil.rmtree(self.root / name)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def mark_done(version_dir: str | os.PathLike, task_id: str, result: dict) -> None:
+    """Record a finished task of a resumable run (after its parts are in place), with its result."""
+    folder = Path(version_dir) / DONE
+    folder.mkdir(exist_ok=True)
+    _write_json(folder / f"{task_id}.json", result)
+
+
+def done_results(version_dir: str | os.PathLike) -> dict[str, dict]:
+    """Results of the tasks a resumable run finished, by task id."""
+    folder = Path(version_dir) / DONE
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
 
 
 def settings_hash(payload: dict) -> str:

@@ -6,6 +6,7 @@ import csv
 import gzip
 import hashlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ from stellar.config import load_config
 from stellar.errors import StellarError
 from stellar.ingest.run import ingest
 from stellar.synth.survey import RVS_DIR, run_survey
-from stellar.tables import TableStore, read_table
+from stellar.tables import TableStore, done_results, read_table
 
 from conftest import ROOT, small_config
 
@@ -221,15 +222,52 @@ def test_killed_run_leaves_nothing_visible_and_rerun_matches(tmp_path, survey):
     proc = subprocess.Popen(cmd + [str(tmp_path / "tables")] + sets, cwd=ROOT)
     vdir = tmp_path / "tables" / "v000001"
     deadline = time.time() + 120
-    while time.time() < deadline and not (vdir.is_dir() and len(list(vdir.rglob("*.parquet"))) >= 5):
-        time.sleep(0.05)
+    while time.time() < deadline and not (vdir.is_dir() and len(list(vdir.glob("_done/*.json"))) >= 2):
+        time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(list(vdir.rglob("*.parquet"))) >= 5  # it was killed mid-write...
+    assert len(list(vdir.glob("_done/*.json"))) >= 2  # it was killed mid-run...
     assert TableStore(tmp_path / "tables").current_version() is None  # ...and nothing is visible
     subprocess.run(cmd + [str(tmp_path / "tables")] + sets, cwd=ROOT, check=True)
     subprocess.run(cmd + [str(tmp_path / "clean")] + sets, cwd=ROOT, check=True)
     assert store_digest(tmp_path / "tables") == store_digest(tmp_path / "clean")
+    # the rerun carried on from the killed run's finished tasks (restart plan), and left no temp files
+    run = json.loads((tmp_path / "tables" / "_runs" / "v000001.json").read_text())
+    assert run["resumed"] and 2 <= run["tasks_resumed"] < run["tasks"], run
+    assert not list(vdir.rglob(".*.tmp-*"))
+    clean = json.loads((tmp_path / "clean" / "_runs" / "v000001.json").read_text())
+    assert not clean["resumed"] and clean["tasks_resumed"] == 0
+    for key in ("tables", "per_file", "quarantined", "rows_in"):
+        assert run[key] == clean[key], key
+
+
+def test_resume_needs_the_same_plan(tmp_path, survey, rvs_instrument):
+    """A killed run's version is resumed only by the same plan on the same base; otherwise removed."""
+    cfg = ingest_cfg(tmp_path, survey, **{"ingest.chunk_mb": 1})
+    calls = []
+
+    def dying(fn, items):  # runs three tasks, then the 'driver' dies
+        for item in items[:3]:
+            calls.append(fn(item))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ingest(cfg.ingest, rvs_instrument, cfg.conf_dir, mapper=dying)
+    store = TableStore(tmp_path / "tables")
+    assert store.current_version() is None and len(done_results(tmp_path / "tables" / "v000001")) == 3
+    s = ingest(cfg.ingest, rvs_instrument, cfg.conf_dir)
+    assert s["resumed"] and s["tasks_resumed"] == 3 and s["version"] == "v000001"
+    fresh = ingest_cfg(tmp_path / "fresh", survey, **{"ingest.chunk_mb": 1})
+    ingest(fresh.ingest, rvs_instrument, fresh.conf_dir)
+    assert store_digest(tmp_path / "tables") == store_digest(tmp_path / "fresh" / "tables")
+
+    # other settings: a different plan, so the killed run's folder is removed, not resumed
+    other = ingest_cfg(tmp_path / "other", survey, **{"ingest.chunk_mb": 1})
+    with pytest.raises(KeyboardInterrupt):
+        ingest(other.ingest, rvs_instrument, other.conf_dir, mapper=dying)
+    other = ingest_cfg(tmp_path / "other", survey, **{"ingest.chunk_mb": 2})
+    s = ingest(other.ingest, rvs_instrument, other.conf_dir)
+    assert not s["resumed"] and s["cleaned"] == ["v000001"] and s["version"] == "v000001"
 
 
 @pytest.mark.spark

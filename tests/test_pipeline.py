@@ -63,9 +63,9 @@ def test_killed_mid_stage_then_rerun_gives_the_uninterrupted_outputs(tmp_path):
                             start_new_session=True)
     tables = work / "tables"
     deadline = time.time() + 600
-    # kill once the ingest stage has written some parts of its new version, before it commits
+    # kill once the ingest stage has finished some tasks of its new version, before it commits
     while time.time() < deadline and proc.poll() is None:
-        if any(tables.glob("v000001/rvs/*/*.parquet")) and not (tables / "_CURRENT").exists():
+        if any(tables.glob("v000001/_done/*.json")) and not (tables / "_CURRENT").exists():
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
@@ -76,6 +76,9 @@ def test_killed_mid_stage_then_rerun_gives_the_uninterrupted_outputs(tmp_path):
     again = subprocess.run(_cmd(work), env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "[pipeline] synth: skipped" in again.stdout and "[pipeline] ingest: ran" in again.stdout
+    # the restart plan: the rerun carried on in the killed run's version, skipping its finished tasks
+    run = json.loads((tables / "_runs" / "v000001.json").read_text())
+    assert run["resumed"] and 1 <= run["tasks_resumed"] < run["tasks"], run
     a, b = _outputs(ref), _outputs(work)
     for name in a:
         assert a[name].num_rows == b[name].num_rows > 0, name

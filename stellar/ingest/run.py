@@ -9,6 +9,12 @@ per HEALPix partition (a source_id fixes its partition): the first occurrence
 by (file, line) wins, the others go to quarantine naming the winner. The new
 version becomes visible in one atomic pointer switch, only when every task
 succeeded and the share of bad rows is under ``max_bad_fraction``.
+
+Restart plan: each finished task leaves a done marker in the uncommitted
+version; a run killed mid-way (after hours, on a full catalogue) and started
+again with the same inputs and settings carries on in that version, parsing
+only the tasks without a marker. Duplicate resolution and accounting, which
+are quick, always run whole.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from stellar.ingest.readers import (InputFile, ReadResult, md5_of, read_ecsv, re
                                     read_rvs_pixel_csv, read_spectra_fits, read_table_file, sniff)
 from stellar.instruments import Instrument
 from stellar.io.gaia_ecsv import uncompressed_size_hint
-from stellar.tables import TableStore, write_part
+from stellar.tables import TableStore, done_results, mark_done, settings_hash, write_part
 
 TABLES = ("rvs", "xp", "astrometry", "labels")
 BULK_LAYOUT = {
@@ -232,9 +238,16 @@ def run_task(task: IngestTask, ctx: TaskContext) -> dict:
     parts = _write_partitioned(good, table_name, ctx, task.key, task.chunk, meta) if good is not None else []
     parts += _write_partitioned(quar, "quarantine", ctx, f"{task.key}", task.chunk,
                                 {"stellar.table": "quarantine", "stellar.source_file": inp.source_file})
-    return {"source_file": inp.source_file, "chunk": task.chunk, "rows_in": res.rows_in,
-            "written": 0 if good is None else good.num_rows, "quarantined": quar.num_rows, "parts": parts,
-            "notes": notes, "provenance": res.provenance, "seconds": time.perf_counter() - t0}
+    result = {"source_file": inp.source_file, "chunk": task.chunk, "rows_in": res.rows_in,
+              "written": 0 if good is None else good.num_rows, "quarantined": quar.num_rows, "parts": parts,
+              "notes": notes, "provenance": json.loads(json.dumps(res.provenance, default=str)),
+              "seconds": time.perf_counter() - t0}
+    mark_done(ctx.version_dir, task_id(task), result)  # its parts are in place: a rerun may skip it
+    return result
+
+
+def task_id(task: IngestTask) -> str:
+    return f"{task.key}-{task.chunk:04d}"
 
 
 def dedup_partition(version_dir: str, rel_dir: str) -> dict:
@@ -312,7 +325,6 @@ def ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None = Non
     mapper = mapper or local_map
     store = TableStore(cfg.output_dir)
     store.root.mkdir(parents=True, exist_ok=True)
-    cleaned = store.clean_uncommitted()
     previous = store.current_manifest()
     digest = settings_digest(cfg, instrument)
     inputs = discover(cfg, instrument.name)
@@ -331,10 +343,21 @@ def ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None = Non
                  and not any("/part-dedup-" in p for p in prev_files[i.source_file]["parts"])]
     todo = [i for i in inputs if i not in unchanged]
     if previous and not todo and set(prev_files) == {i.source_file for i in inputs}:
+        cleaned = store.clean_uncommitted()
         return {**previous["summary"], "up_to_date": True, "version": store.current_version(),
                 "cleaned": cleaned, "seconds": time.perf_counter() - t0}
 
-    version = store.new_version()
+    # The restart plan: every (file, chunk) task of this run, and the files carried over. A run
+    # killed after hours left its finished tasks' parts and done markers in its version folder;
+    # the same plan on the same committed base carries on there instead of starting again.
+    tasks = plan(todo, cfg.chunk_mb << 20, getattr(mapper, "parallelism", 1))
+    plan_digest = settings_hash({
+        "settings": digest, "carried": sorted((i.source_file, fingerprint(i)) for i in unchanged),
+        "tasks": sorted((task_id(t), t.input.source_file, fingerprint(t.input), t.start, t.end) for t in tasks)})
+    version = store.resumable(plan_digest)
+    cleaned = store.clean_uncommitted(keep=version)
+    resumed = version is not None
+    version = version or store.new_version(plan_digest)
     vdir = store.root / version
     prev_version = store.current_version()
     for inp in unchanged:
@@ -344,8 +367,11 @@ def ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None = Non
                                           "xp": xp_product(cfg.keep_xp_correlations),
                                           "astrometry": astrometry_product(cfg.astrometry_columns)},
                       instrument.wave, conf_dir, str(vdir), cfg.verify_md5)
-    tasks = plan(todo, cfg.chunk_mb << 20, getattr(mapper, "parallelism", 1))
-    results = list(mapper(lambda t: run_task(t, ctx), tasks))
+    done = done_results(vdir)
+    results = [done[task_id(t)] for t in tasks if task_id(t) in done]
+    pending = [t for t in tasks if task_id(t) not in done]
+    results += list(mapper(lambda t: run_task(t, ctx), pending))
+    store.seal(version)  # duplicate resolution rewrites parts in place: no resuming past this point
 
     # Per-file bookkeeping (rows in, parts) from this run and carried over from the last one.
     files: dict[str, dict] = {}
@@ -376,6 +402,7 @@ def ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None = Non
     summary = account(vdir, files)
     summary.update({"version": version, "previous_version": prev_version, "reused_files": len(unchanged),
                     "parsed_files": len(todo), "tasks": len(tasks), "cleaned": cleaned,
+                    "resumed": resumed, "tasks_resumed": len(tasks) - len(pending),
                     "settings_digest": digest, "seconds": round(time.perf_counter() - t0, 3)})
     bad_fraction = summary["quarantined"] / max(1, summary["rows_in"])
     summary["bad_fraction"] = round(bad_fraction, 6)
