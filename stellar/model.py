@@ -42,7 +42,7 @@ class ModelConfig(StrictModel):
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)  # L2
     batch_size: int = Field(128, gt=0)
-    max_epochs: int = Field(40, gt=0)
+    max_epochs: int = Field(150, gt=0)  # a bound; early stopping ends training
     patience: int = Field(6, gt=0)
 
     def model_post_init(self, _ctx) -> None:

@@ -174,9 +174,10 @@ def log_to_mlflow(cfg: StellarConfig, ens: Ensemble, members, dropped, metrics: 
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is None:
-        if "://" not in cfg.mlflow.artifact_root:
-            Path(cfg.mlflow.artifact_root).mkdir(parents=True, exist_ok=True)
-        exp_id = mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=cfg.mlflow.artifact_root)
+        root = cfg.mlflow.artifact_root or None  # None: the tracking server's artifact store
+        if root and "://" not in root:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        exp_id = mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=root)
     else:
         exp_id = exp.experiment_id
     meta = ens.meta
