@@ -6,7 +6,8 @@ Runs `stellar pipeline` (Spark local[*], the embedded default config) on a
 generated survey of --stars stars in a fresh work folder (or --work), then
 prints each stage's wall time and share, from pipeline-summary.json, and the
 stars/s of the whole run. A second run in the same folder shows the cost of a
-rerun where every stage is up to date.
+rerun where every stage is up to date. ``--figures DIR`` keeps the report's
+figures (the README shows the demo-size ones, ``benchmarks/figures/``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--stars", type=int, default=20000)
     ap.add_argument("--work", default=None)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--figures", default=None, metavar="DIR",
+                    help="copy the report's figures and report.json here (the README's come from the demo size)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="stellar-bench-pipeline-"))
     first, wall = run(work, args.stars, args.overrides)
@@ -54,6 +57,12 @@ def main() -> None:
         print(f"  {name:<11} {s['seconds']:8.1f} {s['seconds'] / total:6.1%}   {r.get('seconds', 0):6.1f} s "
               f"{r.get('status', '')}")
     print(f"  {'total':<11} {total:8.1f}            rerun process wall {wall2:.0f} s")
+    if args.figures:
+        dest = Path(args.figures)
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in sorted((work / "report").glob("*.png")) + [work / "report" / "report.json"]:
+            shutil.copy2(f, dest / f.name)
+        print(f"  report figures copied to {dest}")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

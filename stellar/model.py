@@ -43,7 +43,7 @@ class ModelConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)  # L2
     batch_size: int = Field(128, gt=0)
     max_epochs: int = Field(150, gt=0)  # a bound; early stopping ends training
-    patience: int = Field(6, gt=0)
+    patience: int = Field(12, gt=0)
 
     def model_post_init(self, _ctx) -> None:
         if not (self.use_spectrum or self.use_xp or self.use_scalars):

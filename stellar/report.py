@@ -6,6 +6,7 @@ and users can check content, not pixels):
 * Kiel diagram (Teff-log g coloured by [M/H]) of train-like stars;
 * [alpha/M] vs [M/H] density in bins of Galactocentric R and |Z| (astropy
   coordinates from ra, dec and parallax): the thin/thick disc bimodality;
+* the [alpha/M] histogram at fixed [M/H], predictions beside the training labels;
 * residuals vs S/N per label on the test split, and calibration curves;
 * the selection map (training, observed train-like, train-unlike);
 * saliency: mean d(label)/d(flux) over the spectrum, lines marked;
@@ -152,6 +153,29 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
         data["alpha_mh"] = {"alpha_edges": ALPHA_EDGES.tolist(), "mh_band": list(BIMODAL_MH), "panels": panels,
                             "all": {"alpha_hist": counts.tolist(), "bimodality": bimodality(counts),
                                     "n": int(len(m))}}
+
+        # the same band as a 1-D histogram, predictions beside the training labels they learnt from
+        lab = read_table(cfg.preprocess.output_dir, "features", ["split", "alpha_m", "m_h"]).to_pandas()
+        lab = lab[(lab["split"] != "observed").to_numpy() & np.isfinite(lab["alpha_m"].to_numpy(dtype=float))]
+        in_band = (lab["m_h"] >= BIMODAL_MH[0]).to_numpy() & (lab["m_h"] < BIMODAL_MH[1]).to_numpy()
+        lab_counts, _ = np.histogram(lab["alpha_m"].to_numpy(dtype=float)[in_band], bins=ALPHA_EDGES)
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        centres = 0.5 * (ALPHA_EDGES[1:] + ALPHA_EDGES[:-1])
+        width = ALPHA_EDGES[1] - ALPHA_EDGES[0]
+        for c, name, style in ((counts, f"predicted, train-like stars (n={int(counts.sum())})", "C0"),
+                               (lab_counts, f"training labels (n={int(lab_counts.sum())})", "C3")):
+            ax.step(centres, c / max(c.sum(), 1) / width, where="mid", color=style, label=name)
+        ax.set_xlabel("[alpha/M]")
+        ax.set_ylabel("density")
+        ax.set_title(f"[alpha/M] for {BIMODAL_MH[0]} < [M/H] < {BIMODAL_MH[1]}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        figures.append((_save(fig, out / "alpha_hist.png"), "[alpha/M] distribution at fixed [M/H]",
+                        "Where the thin- and thick-disc sequences overlap in [M/H], [alpha/M] separates them: the "
+                        "training labels show two peaks, and the predictions should too; a single blurred peak "
+                        "means the model does not read [alpha/M] from the spectrum itself."))
+        data["alpha_mh"]["training_labels"] = {"alpha_hist": lab_counts.tolist(), "bimodality": bimodality(lab_counts),
+                                               "n": int(in_band.sum())}
 
     # residuals vs S/N and calibration on the test split
     feats = read_table(cfg.preprocess.output_dir, "features",

@@ -262,8 +262,8 @@ def test_report_figures_load_and_match_the_data(registry, capsys):
     assert "report written to" in out and "logged to MLflow run" in out
     page = (tmp / "report" / "index.html").read_text()
     images = re.findall(r'<img src="([^"]+)"', page)
-    assert set(images) == {"kiel.png", "alpha_mh.png", "residuals_snr.png", "calibration.png", "selection_map.png",
-                           "saliency.png"}
+    assert set(images) == {"kiel.png", "alpha_mh.png", "alpha_hist.png", "residuals_snr.png", "calibration.png",
+                           "selection_map.png", "saliency.png"}
     for name in images:  # every figure is a PNG beside the page
         assert (tmp / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((tmp / "report" / "report.json").read_text())
@@ -275,6 +275,25 @@ def test_report_figures_load_and_match_the_data(registry, capsys):
     panels = data["alpha_mh"]["panels"]
     assert sum(p["n"] for p in panels) <= data["alpha_mh"]["all"]["n"] <= data["train_like"]
     assert sum(sum(p["alpha_hist"]) for p in panels) <= sum(data["alpha_mh"]["all"]["alpha_hist"])
+    # the plotted [alpha/M] histograms, recomputed from the tables: predictions of train-like stars with
+    # good parallaxes, and the training labels, both for -0.7 <= [M/H] < -0.2
+    from stellar.report import ALPHA_EDGES, BIMODAL_MH
+
+    p = read_table(tmp / "predictions", "predictions", ["source_id", "m_h", "alpha_m", "train_like", "problem"])
+    ast = read_table(cfg.ingest.output_dir, "astrometry", ["source_id", "parallax", "parallax_error"])
+    p = p.to_pandas().merge(ast.to_pandas(), on="source_id")
+    p = p[p.problem.isna() & p.train_like.fillna(False).astype(bool) & (p.parallax > 5 * p.parallax_error)
+          & (p.parallax > 0) & (p.m_h >= BIMODAL_MH[0]) & (p.m_h < BIMODAL_MH[1])]
+    assert data["alpha_mh"]["all"]["alpha_hist"] == np.histogram(p.alpha_m, ALPHA_EDGES)[0].tolist()
+    lab = read_table(cfg.preprocess.output_dir, "features", ["split", "m_h", "alpha_m"]).to_pandas()
+    lab = lab[(lab.split != "observed") & np.isfinite(lab.alpha_m) & (lab.m_h >= BIMODAL_MH[0])
+              & (lab.m_h < BIMODAL_MH[1])]
+    train_hist = data["alpha_mh"]["training_labels"]
+    assert train_hist["alpha_hist"] == np.histogram(lab.alpha_m, ALPHA_EDGES)[0].tolist() and train_hist["n"] > 100
+    # the generated thin/thick bimodality appears in the plotted training-label histogram: two peaks,
+    # near the sequences' [alpha/M] (synth: ~0.03 and ~0.29), with a deep dip between them
+    peaks, dip = train_hist["bimodality"]["peaks"], train_hist["bimodality"]["dip_ratio"]
+    assert len(peaks) == 2 and abs(peaks[0] - 0.03) < 0.08 and abs(peaks[1] - 0.29) < 0.08 and dip < 0.5, train_hist
     # residuals on the test split recomputed from the tables
     pred = read_table(tmp / "predictions", "predictions", ["source_id", "teff", "problem"]).to_pandas()
     feats = read_table(cfg.preprocess.output_dir, "features", ["source_id", "split", "teff"]).to_pandas()
