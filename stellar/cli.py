@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instrument", help="instrument preset name or YAML path")
     p.add_argument("--no-spark", action="store_true", help="generate in this process instead of Spark tasks")
 
-    p = sub.add_parser("ingest", help="Gaia archive files and label catalogues -> partitioned Parquet tables")
+    p = sub.add_parser("ingest", help="Gaia archive files and label catalogues -> partitioned Parquet tables "
+                                      "(a killed run resumes from its finished tasks)")
     _common(p, suppress=True)
     p.add_argument("--gaia-root", help="root of a Gaia bulk-download layout (ingest.gaia_root)")
     p.add_argument("--datalink", action="append", help="DataLink/query product file or folder (repeatable)")
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to the model's MLflow run")
 
     for name, text in (("pipeline", "run every stage in order, skipping those whose committed output is up to date "
-                                     "(synth -> ingest -> preprocess -> select -> train -> promote -> predict -> report)"),
+                                     "(synth -> ingest -> preprocess -> select -> train -> promote -> predict -> report); "
+                                     "under spark-submit: jobs/pipeline.py, the full-catalogue rerun"),
                        ("demo", "the pipeline on the embedded default (what 'make demo' runs); same options")):
         p = sub.add_parser(name, help=text)
         _common(p, suppress=True)

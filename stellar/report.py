@@ -147,7 +147,8 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
         fig.tight_layout()
         figures.append((_save(fig, out / "alpha_mh.png"), "[alpha/M] vs [M/H] across the disc",
                         "Train-like stars with parallax/error > 5, in bins of Galactocentric R and |Z| (astropy): "
-                        "the high-alpha (thick disc) sequence dominates high |Z|, the low-alpha one the plane."))
+                        "the low- and high-[alpha/M] (thin- and thick-disc) sequences should be separate in every "
+                        "panel, each panel's mix of them being the population's own."))
         counts, _ = np.histogram(m["alpha_m"].to_numpy()[(m["m_h"] >= BIMODAL_MH[0]).to_numpy()
                                                          & (m["m_h"] < BIMODAL_MH[1]).to_numpy()], bins=ALPHA_EDGES)
         data["alpha_mh"] = {"alpha_edges": ALPHA_EDGES.tolist(), "mh_band": list(BIMODAL_MH), "panels": panels,

@@ -17,8 +17,8 @@ from stellar.java import configure_java_env
 LOG4J2 = Path(__file__).resolve().parent / "log4j2.properties"
 
 
-def _defaults(cfg: StellarConfig) -> dict[str, str]:
-    local = cfg.spark.master.startswith("local")
+def _defaults(cfg: StellarConfig, master: str) -> dict[str, str]:
+    local = master.startswith("local")
     conf = {
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.execution.arrow.maxRecordsPerBatch": "2048",
@@ -50,12 +50,21 @@ def build_session(cfg: StellarConfig, app_suffix: str = ""):
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    settings = _defaults(cfg)
+    submitted = under_spark_submit()
+    existing = None
+    if submitted:
+        # attach to spark-submit's JVM first: only then does SparkConf() read what the submit command
+        # set (its master included); before that it is an empty dict
+        from pyspark import SparkContext
+
+        SparkContext._ensure_initialized()
+        existing = SparkConf()
+    master = existing.get("spark.master", cfg.spark.master) if existing is not None else cfg.spark.master
+    settings = _defaults(cfg, master)
     settings.update(cfg.spark.conf)
     app = cfg.spark.app_name + (f"-{app_suffix}" if app_suffix else "")
     builder = SparkSession.builder.appName(app)
-    if under_spark_submit():
-        existing = SparkConf()  # carries what spark-submit set
+    if existing is not None:
         for key, value in settings.items():
             if key in cfg.spark.conf or not existing.contains(key):
                 builder = builder.config(key, value)
