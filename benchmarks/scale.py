@@ -72,11 +72,14 @@ def main() -> None:
     core_s = sum(per_star[s] for s in SCALE_STAGES if s in per_star) * cores  # core-seconds per star
     print(f"\n  catalogue stages ({', '.join(SCALE_STAGES)}): {core_s * 1e3:.2f} core-ms per star, "
           f"{1 / core_s:.0f} stars/s per core")
+    fixed = sum(max(runs[n1][s] - per_star[s] * n1, 0.0) for s in SCALE_STAGES if s in per_star)
     print(f"  {'target':<28} {'core-hours':>11} {'wall on ' + str(args.cores_cluster) + ' cores':>18} "
-          f"{'wall on 16 cores':>17}")
+          f"{'wall on 16 cores':>17}   (+ {fixed:.0f} s of fixed per-stage cost)")
     for name, n in TARGETS.items():
         ch = core_s * n / 3600
-        print(f"  {name:<28} {ch:11.1f} {ch / args.cores_cluster:17.2f}h {ch / 16:16.2f}h")
+        print(f"  {name:<28} {ch:11.3g} {60 * ch / args.cores_cluster:14.1f} min {60 * ch / 16:13.1f} min")
+    print("  (select's slope includes its map fit, which grows with the fit set until that is capped at "
+          "select.train_sample + select.observed_sample stars: an upper bound beyond that)")
     print("  (training is per model, not per catalogue star, and ran here with a few epochs only; "
           "benchmarks/pipeline.py times it at full length)")
     if not args.work:
