@@ -116,6 +116,10 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
                         "sequence, turn-off and red-giant branch should be sharp, metal-poor giants bluer."))
         data["kiel"] = {"n": int(len(p))}
 
+    # the labelled stars' labels, read once: the training-label histogram and the test-split residuals
+    feats = read_table(cfg.preprocess.output_dir, "features",
+                       ["source_id", "split", *labels, *[f"{lab}_err" for lab in labels]]).to_pandas()
+
     # [alpha/M] vs [M/H] across the disc
     if {"alpha_m", "m_h"} <= set(labels):
         ast = read_table(cfg.ingest.output_dir, "astrometry", ["source_id", "ra", "dec", "parallax",
@@ -156,10 +160,10 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
                                     "n": int(len(m))}}
 
         # the same band as a 1-D histogram, predictions beside the training labels they learnt from
-        lab = read_table(cfg.preprocess.output_dir, "features", ["split", "alpha_m", "m_h"]).to_pandas()
-        lab = lab[(lab["split"] != "observed").to_numpy() & np.isfinite(lab["alpha_m"].to_numpy(dtype=float))]
-        in_band = (lab["m_h"] >= BIMODAL_MH[0]).to_numpy() & (lab["m_h"] < BIMODAL_MH[1]).to_numpy()
-        lab_counts, _ = np.histogram(lab["alpha_m"].to_numpy(dtype=float)[in_band], bins=ALPHA_EDGES)
+        labelled = feats[(feats["split"] != "observed").to_numpy()
+                         & np.isfinite(feats["alpha_m"].to_numpy(dtype=float))]
+        in_band = (labelled["m_h"] >= BIMODAL_MH[0]).to_numpy() & (labelled["m_h"] < BIMODAL_MH[1]).to_numpy()
+        lab_counts, _ = np.histogram(labelled["alpha_m"].to_numpy(dtype=float)[in_band], bins=ALPHA_EDGES)
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         centres = 0.5 * (ALPHA_EDGES[1:] + ALPHA_EDGES[:-1])
         width = ALPHA_EDGES[1] - ALPHA_EDGES[0]
@@ -179,8 +183,6 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
                                                "n": int(in_band.sum())}
 
     # residuals vs S/N and calibration on the test split
-    feats = read_table(cfg.preprocess.output_dir, "features",
-                       ["source_id", "split", *labels, *[f"{lab}_err" for lab in labels]]).to_pandas()
     test = feats[feats["split"] == "test"].merge(preds[ok], on="source_id", suffixes=("_label", ""))
     if len(test):
         from stellar.training import COVERAGE_LEVELS as qs

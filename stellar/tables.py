@@ -132,13 +132,8 @@ class TableStore:
             shutil.copy2(src, dst)
 
     def commit(self, version: str, manifest: dict, keep: int = 2) -> None:
-        vdir = self.root / version
-        tmp = vdir / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, vdir / MANIFEST)
-        ptr_tmp = self.root / f".{POINTER}.tmp"
-        ptr_tmp.write_text(json.dumps({"version": version, "schema_version": SCHEMA_VERSION}) + "\n")
-        os.replace(ptr_tmp, self.root / POINTER)
+        _write_json(self.root / version / MANIFEST, manifest)
+        _write_json(self.root / POINTER, {"version": version, "schema_version": SCHEMA_VERSION})  # the switch
         self._prune(keep)
 
     def _prune(self, keep: int) -> None:
