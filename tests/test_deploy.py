@@ -150,3 +150,17 @@ def test_scripts_parse():
     for directive in ("--nodes", "--ntasks-per-node=1", "--cpus-per-task", "--time", "--exclusive"):
         assert f"#SBATCH {directive}" in sbatch
     assert "deploy/standalone\" master" in sbatch and "deploy/submit\" --master" in sbatch
+    assert "deploy/standalone\" wait" in sbatch and "urllib" not in sbatch  # one wait loop, in standalone
+
+
+def test_standalone_wait_gives_up_with_the_reason():
+    """With no master listening, 'wait' exits 2 after its timeout and names what it waited for."""
+    import socket
+
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([str(DEPLOY / "standalone"), "wait", "--webui-port", str(port), "--workers", "2",
+                        "--timeout", "2"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert f"fewer than 2 workers registered with http://127.0.0.1:{port} within 2 s" in r.stderr
