@@ -1,6 +1,6 @@
 """spark-submit entry point: `stellar report` (see `stellar report --help`).
 
-    spark-submit jobs/report.py --config conf/local.yaml [--output DIR] [--no-mlflow] [--set KEY=VALUE ...]
+    spark-submit jobs/report.py --config conf/local.yaml [--output DIR] [--no-mlflow] [--force] [--set KEY=VALUE ...]
 
 Thin by design: the CLI parses arguments; the work is ``stellar.report``.
 """

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, suppress=True)
     p.add_argument("--output", dest="report_output", help="report folder (default: WORK_DIR/report)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to the model's MLflow run")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even when the report in the folder was built from the same tables and model")
 
     for name, text in (("pipeline", "run every stage in order, skipping those whose committed output is up to date "
                                      "(synth -> ingest -> preprocess -> select -> train -> promote -> predict -> report); "
@@ -381,6 +383,9 @@ def cmd_promote(cfg: StellarConfig, args: argparse.Namespace) -> int:
 
 
 def summarise_report(r: dict) -> str:
+    if r.get("up_to_date"):
+        return (f"report {r['path']} is up to date ({len(r['figures'])} figures of the same tables and model): "
+                "nothing to rebuild (--force rebuilds it)")
     lines = [f"report written to {r['path']} ({len(r['figures'])} figures, {r['seconds']:.1f} s)"
              + (f"; logged to MLflow run {r['logged_to_run']}" if r.get("logged_to_run") else "")]
     bim = r.get("alpha_mh", {}).get("all", {}).get("bimodality")
@@ -393,7 +398,7 @@ def summarise_report(r: dict) -> str:
 def cmd_report(cfg: StellarConfig, args: argparse.Namespace) -> int:
     from stellar.report import build_report
 
-    print(summarise_report(build_report(cfg, args.report_output, log_mlflow=not args.no_mlflow)))
+    print(summarise_report(build_report(cfg, args.report_output, log_mlflow=not args.no_mlflow, force=args.force)))
     return 0
 
 

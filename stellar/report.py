@@ -11,6 +11,10 @@ and users can check content, not pixels):
 * the selection map (training, observed train-like, train-unlike);
 * saliency: mean d(label)/d(flux) over the spectrum, lines marked;
 * counts per stage (in, out, quarantined, flagged).
+
+A report whose inputs (the committed table versions, the model, where it is
+logged, the stellar version) have not changed since its last complete build is
+not rebuilt: ``_built.json`` records them once the page is written and logged.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
+from stellar import __version__
 from stellar.config import StellarConfig
 from stellar.errors import StellarError
-from stellar.tables import TableStore, read_table
+from stellar.tables import TableStore, read_table, settings_hash
 
 R_BINS = ((0.0, 7.0), (7.0, 9.0), (9.0, 20.0))  # kpc
 Z_BINS = ((0.0, 0.5), (0.5, 1.0), (1.0, 3.0))  # kpc
@@ -83,16 +88,49 @@ def bimodality(counts: np.ndarray, edges: np.ndarray = ALPHA_EDGES, min_sep: flo
     return {"peaks": [float(centres[a]), float(centres[b])], "dip_ratio": float(dip)}
 
 
-def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlflow: bool = True) -> dict:
+BUILT = "_built.json"
+
+
+def report_inputs_digest(cfg: StellarConfig, model: dict, log_mlflow: bool) -> str:
+    """What a report depends on: every committed table it reads, the model, and where it is logged."""
+    versions = {name: TableStore(root).current_version() for name, root in (
+        ("ingest", cfg.ingest.output_dir), ("preprocess", cfg.preprocess.output_dir),
+        ("select", cfg.select.output_dir), ("predict", cfg.predict.output_dir))}
+    return settings_hash({"tables": versions, "model": model.get("digest"), "run": model.get("run_id"),
+                          "mlflow": cfg.mlflow.tracking_uri if log_mlflow else None, "v": __version__})
+
+
+def _built_report(out: Path, digest: str) -> dict | None:
+    """The last complete build in ``out`` if it was made from the same inputs and its files are all there."""
+    try:
+        built = json.loads((out / BUILT).read_text())
+        data = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    files = [out / "index.html", *(out / f for f in built.get("figures", []))]
+    if built.get("inputs_digest") != digest or not all(f.is_file() for f in files):
+        return None
+    return {"path": str(out / "index.html"), "figures": built["figures"], **data,
+            "logged_to_run": built.get("logged_to_run"), "up_to_date": True}
+
+
+def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlflow: bool = True,
+                 force: bool = False) -> dict:
+    """Write the report into ``out_dir`` (default WORK_DIR/report) unless an up-to-date one is there
+    (``force`` rebuilds it anyway)."""
     t0 = time.perf_counter()
     pstore = TableStore(cfg.predict.output_dir)
     pman = pstore.current_manifest()
     if pman is None:
         raise ReportError(f"no predictions under {cfg.predict.output_dir} (run 'stellar predict' first)")
     out = Path(out_dir or Path(cfg.work_dir) / "report")
-    out.mkdir(parents=True, exist_ok=True)
     labels = pman["summary"]["labels"]
     model = pman["model"]
+    digest = report_inputs_digest(cfg, model, log_mlflow)
+    if not force and (done := _built_report(out, digest)):
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    (out / BUILT).unlink(missing_ok=True)  # a build that dies from here on is not taken for a finished one
     preds = read_table(cfg.predict.output_dir, "predictions").to_pandas()
     ok = preds["problem"].isna().to_numpy()
     like = preds["train_like"].fillna(False).to_numpy(dtype=bool) & ok
@@ -256,7 +294,10 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
 
         MlflowClient(cfg.mlflow.tracking_uri).log_artifacts(model["run_id"], str(out), "report")
         data["logged_to_run"] = model["run_id"]
-    return {"path": str(out / "index.html"), "figures": [f for f, _, _ in figures], **data}
+    names = [f for f, _, _ in figures]
+    (out / BUILT).write_text(json.dumps({"inputs_digest": digest, "figures": names,
+                                         "logged_to_run": data.get("logged_to_run")}) + "\n")
+    return {"path": str(out / "index.html"), "figures": names, **data}
 
 
 def _saliency(cfg: StellarConfig, model: dict, ids: np.ndarray, out: Path, labels: list[str]):

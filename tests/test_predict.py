@@ -313,6 +313,16 @@ def test_report_figures_load_and_match_the_data(registry, capsys):
     for name in images:
         width, height = struct.unpack(">II", (tmp / "report" / name).read_bytes()[16:24])
         assert rendered[name] == (width, height), (name, rendered)
+    # the same tables and model: the report is not rebuilt; --force (or logging elsewhere) rebuilds it
+    built = {n: (tmp / "report" / n).stat().st_mtime_ns for n in images}
+    assert main(["report", *base]) == 0
+    assert "is up to date (7 figures" in capsys.readouterr().out
+    assert {n: (tmp / "report" / n).stat().st_mtime_ns for n in images} == built
+    assert main(["report", "--force", "--no-mlflow", *base]) == 0
+    out = capsys.readouterr().out
+    assert "report written to" in out and "logged to MLflow" not in out
+    assert all((tmp / "report" / n).stat().st_mtime_ns > built[n] for n in images)
+    assert json.loads((tmp / "report" / "report.json").read_text())["alpha_mh"] == data["alpha_mh"]
 
 
 CHECK_PAGE = """<!DOCTYPE html><html><body><div id="result">pending</div><iframe id="f" src="index.html"></iframe>
