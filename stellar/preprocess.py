@@ -31,6 +31,7 @@ from stellar.features import (QUALITY_BITS, SCALAR_NAMES, Q_EDGE_SPIKE, Q_LOW_SN
                               assign_split, finish_moments, merge_moments, partial_moments, process_spectra,
                               scalar_features, scale_xp)
 from stellar.instruments import Instrument
+from stellar.numerics import with_one_blas_thread
 from stellar.tables import TableStore, settings_hash, write_part
 
 STATS = "stats.json"
@@ -144,6 +145,7 @@ def _fixed_list(values: np.ndarray, arrow_type: pa.DataType) -> pa.FixedSizeList
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=arrow_type), w)
 
 
+@with_one_blas_thread  # the stats must round alike in-process and on executors (stellar.numerics)
 def build_partition(hpx: int, ctx: Context) -> dict:
     cfg = ctx.cfg
     rvs = _read_partition(ctx.tables_vdir, "rvs", hpx)

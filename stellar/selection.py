@@ -37,6 +37,7 @@ from stellar import __version__
 from stellar.config import SelectConfig
 from stellar.errors import StellarError
 from stellar.features import Normaliser, split_hash
+from stellar.numerics import with_one_blas_thread
 from stellar.preprocess import load_stats
 from stellar.tables import TableStore, settings_hash, write_part
 
@@ -112,6 +113,7 @@ def _hash_sample(sid: np.ndarray, snr: np.ndarray, n: int, seed: int) -> np.ndar
     return chosen
 
 
+@with_one_blas_thread  # PCA, t-SNE and placement under one thread policy (stellar.numerics)
 def fit_map(cfg: SelectConfig, features_root: str, stats: dict) -> tuple[FittedMap, pa.Table]:
     cols = ["source_id", "spectrum", "xp", "split", "snr"]
     # Only ids and S/N of the whole catalogue reach the driver; spectra only for the chosen fit set.
@@ -163,6 +165,7 @@ class Ctx:
     stats: dict
 
 
+@with_one_blas_thread
 def place_group(parts: list[str], shared, ctx: Ctx) -> list[dict]:
     """Place the stars of several partitions with one ``transform`` call (it has a high fixed cost).
     ``shared.value`` is (fitted map, sorted fit-set ids), shipped to each executor once."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from threadpoolctl import threadpool_limits
 
 from stellar.config import load_config
 from stellar.ingest.run import ingest
@@ -42,9 +44,13 @@ def test_out_of_distribution_stars_are_flagged(built):
     flagged = ~obs.train_like.to_numpy()
     ood_rate, wrong_rate = flagged[ood].mean(), flagged[~ood].mean()
     print(f"OOD flagged train-unlike: {ood_rate:.3f} ({ood.sum()} stars); in-distribution flagged: {wrong_rate:.3f}")
-    # floors for this small (5000-star, ~900 training stars) survey; the 90 % / 5 % targets are
-    # measured at scale by benchmarks/selection.py
-    assert ood_rate >= 0.7 and wrong_rate <= 0.05
+    # A 2-D map of a small survey (5000 stars, ~900 training stars) moves a lot with the seed and with
+    # the last bits of its input. Over six synth/select seed pairs (issue 15) the map flagged 0.49-0.88
+    # of the out-of-distribution stars and 0.020-0.065 of the others, never less than 13x as often.
+    # The floors keep a margin below the worst seed; a map that carries no information flags both
+    # kinds alike and fails the ratio. The 90 % / 5 % targets are measured at scale by
+    # benchmarks/selection.py.
+    assert ood_rate >= 0.30 and wrong_rate <= 0.10 and ood_rate >= 5 * wrong_rate
     assert (TableStore(cfg.select.output_dir).table_path("selection").parent / "map.png").stat().st_size > 10_000
 
 
@@ -63,16 +69,27 @@ def test_same_seed_same_flags_and_rerun_is_a_no_op(built, tmp_path):
     assert np.array_equal(a["x"].to_numpy(), b["x"].to_numpy())
 
 
+def _select_into(cfg, out: Path, mapper=None):
+    other = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={cfg.work_dir}", "select.place_batch=1000",
+                                                       "select.observed_sample=1500", "select.observed_per_training=10",
+                                                       "select.threshold=0.3", f"select.output_dir={out}"]).select
+    select(other, cfg.preprocess.output_dir, mapper=mapper)
+    return read_table(out, "selection").sort_by("source_id")
+
+
 @pytest.mark.spark
 @pytest.mark.slow
-def test_spark_placement_equals_in_process(spark, built, tmp_path):
+def test_spark_placement_equals_in_process_under_any_blas_threads(spark, built, tmp_path):
+    """The map's fit and placement in Spark tasks equal the in-process run's to the bit, whether the
+    driver process runs its BLAS with 1 or 2 threads (stellar.numerics' thread policy)."""
     from stellar.ingest.distributed import spark_mapper
 
     _, cfg, _ = built
-    other = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={cfg.work_dir}", "select.place_batch=1000",
-                                                       "select.observed_sample=1500", "select.observed_per_training=10", "select.threshold=0.3",
-                                                       f"select.output_dir={tmp_path / 'spark'}"]).select
-    select(other, cfg.preprocess.output_dir, mapper=spark_mapper(spark))
-    a = read_table(cfg.select.output_dir, "selection").sort_by("source_id")
-    b = read_table(tmp_path / "spark", "selection").sort_by("source_id")
-    assert np.array_equal(a["x"].to_numpy(), b["x"].to_numpy()) and a["train_like"].equals(b["train_like"])
+    runs = {}
+    for threads in (1, 2):
+        with threadpool_limits(limits=threads):
+            runs[threads] = _select_into(cfg, tmp_path / f"local{threads}")
+    b = _select_into(cfg, tmp_path / "spark", spark_mapper(spark))
+    for a in runs.values():
+        assert np.array_equal(a["x"].to_numpy(), b["x"].to_numpy()) and np.array_equal(a["y"].to_numpy(), b["y"].to_numpy())
+        assert a["train_like"].equals(b["train_like"])

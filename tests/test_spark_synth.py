@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from threadpoolctl import threadpool_limits
 
 from stellar.synth.distributed import spark_runner
 from stellar.synth.survey import run_survey
@@ -19,15 +20,21 @@ pytestmark = pytest.mark.spark
 
 
 def test_spark_output_is_identical_whatever_the_partitioning(spark, tmp_path, rvs_instrument):
+    """Spark tasks (one BLAS thread each) write the bytes of the in-process run under 1 and under 2 BLAS threads."""
     cfg = small_config(tmp_path, n_stars=450, stars_per_file=150)
-    ref = run_survey(cfg.synth, rvs_instrument, out_dir=str(tmp_path / "local"))
+    refs = []
+    for threads in (1, 2):
+        with threadpool_limits(limits=threads):
+            refs.append(tree_digest(Path(run_survey(cfg.synth, rvs_instrument,
+                                                    out_dir=str(tmp_path / f"local{threads}"))["path"])))
+    assert refs[0] == refs[1]
     digests = []
     for parts in (1, 2, 3):
         m = run_survey(cfg.synth, rvs_instrument, runner=spark_runner(spark, parts),
                        out_dir=str(tmp_path / f"spark{parts}"))
         assert m["n_stars"] == 450 and m["n_files"] == 3
         digests.append(tree_digest(Path(m["path"])))
-    assert digests[0] == digests[1] == digests[2] == tree_digest(Path(ref["path"]))
+    assert digests[0] == digests[1] == digests[2] == refs[0]
 
 
 @pytest.mark.slow

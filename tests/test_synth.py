@@ -5,6 +5,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ from stellar.healpix import healpix_index, pixels_of_lonlat
 from stellar.synth.labels_catalogue import ASPCAP_STAR_BAD
 from stellar.synth.survey import RVS_DIR, SOURCE_DIR, XP_DIR, run_survey
 
-from conftest import small_config
+from conftest import ROOT, small_config
 
 GAIA_NULL = [("null", "0"), ("", "0")]  # bulk files write missing values as "null" (astropy issue 13331), query results as ""
 
@@ -78,6 +81,39 @@ def test_same_seed_gives_byte_identical_files(tmp_path, rvs_instrument):
     # gzip header: no timestamp, no file name
     gz = next((Path(a["path"]) / RVS_DIR).glob("*.csv.gz")).read_bytes()
     assert gz[:2] == b"\x1f\x8b" and gz[4:8] == b"\x00\x00\x00\x00" and not gz[3] & 0x08
+
+
+_DIGEST_SCRIPT = """
+import hashlib, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from conftest import small_config
+from stellar.instruments import load_instrument
+from stellar.synth.survey import run_survey
+m = run_survey(small_config(Path(sys.argv[1]), n_stars=300, stars_per_file=150,
+                            **{"synth.ood_fraction": 0.05}).synth, load_instrument("gaia_rvs"))
+h = hashlib.sha256()
+for p in sorted(Path(m["path"]).rglob("*")):
+    if p.is_file() and p.name != "survey.json":
+        h.update(p.name.encode() + b"\\0" + p.read_bytes())
+print(h.hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_generator_bytes_do_not_depend_on_blas_threads_or_kernel(tmp_path):
+    """The same bytes with 1 or 2 BLAS threads and with another OpenBLAS kernel (Sandybridge: AVX
+    without FMA, so any BLAS or LAPACK call in the generator would round differently)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS_", "OMP_", "MKL_"))}
+    settings = {"default": {}, "1 thread": {"OPENBLAS_NUM_THREADS": "1"}, "2 threads": {"OPENBLAS_NUM_THREADS": "2"},
+                "Sandybridge kernel": {"OPENBLAS_CORETYPE": "Sandybridge", "OPENBLAS_NUM_THREADS": "2"}}
+    digests = {}
+    for name, extra in settings.items():
+        out = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT, str(tmp_path / name), str(ROOT / "tests")],
+                             env={**env, **extra}, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        digests[name] = out.stdout.split()[-1]
+    assert len(set(digests.values())) == 1, digests
 
 
 def test_rvs_file_matches_the_real_format(small_survey, truth, real_data, rvs_instrument):

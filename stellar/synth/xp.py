@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from stellar.numerics import ar1_cholesky, ar1_correlation, ordered_matmul
+
 N_BASES = 55
 N_SAMPLES = 240
 H_C_OVER_K = 1.4387769e7  # nm K
@@ -36,8 +38,8 @@ def hermite_functions(x: np.ndarray, n: int = N_BASES) -> np.ndarray:
 
 
 def correlation_matrix(band: str) -> np.ndarray:
-    idx = np.arange(N_BASES)
-    return CORRELATION_RHO[band] ** np.abs(idx[:, None] - idx[None, :])
+    """The band's coefficient correlation ``rho ** |i - j|`` (written to the file as Gaia does)."""
+    return ar1_correlation(CORRELATION_RHO[band], N_BASES)
 
 
 def upper_triangle(matrix: np.ndarray) -> np.ndarray:
@@ -56,7 +58,8 @@ class XpModel:
             x = np.linspace(-xr, xr, N_SAMPLES)
             self.grid[band] = (lam, x, np.exp(-(((lam - centre) / half) ** 4)))
             self.basis[band] = hermite_functions(x) * (x[1] - x[0])
-            self.chol[band] = np.linalg.cholesky(correlation_matrix(band))
+            # closed form, not LAPACK: the generator's bits must not depend on the BLAS kernel
+            self.chol[band] = ar1_cholesky(CORRELATION_RHO[band], N_BASES)
 
     @staticmethod
     def sed(lam: np.ndarray, teff: np.ndarray, m_h: np.ndarray, a_v: np.ndarray) -> np.ndarray:
@@ -77,7 +80,7 @@ class XpModel:
             lam, _, resp = self.grid[band]
             s = self.sed(lam, teff, m_h, a_v) * resp
             s /= s.sum(axis=1, keepdims=True)
-            coeff = s @ self.basis[band].T
+            coeff = ordered_matmul(s, self.basis[band].T)
             out[band] = coeff * (band_mag_flux[band][:, None] * N_SAMPLES / 40.0)
         return out
 
@@ -88,6 +91,6 @@ class XpModel:
             n = c.shape[0]
             scale = (0.0015 * np.abs(c[:, :1]) + 0.3) * rng.uniform(0.7, 1.3, (n, 1))
             err = scale * (1.0 + 0.01 * np.arange(N_BASES))[None, :]
-            z = rng.standard_normal((n, N_BASES)) @ self.chol[band].T
+            z = ordered_matmul(rng.standard_normal((n, N_BASES)), self.chol[band].T)
             res[band] = {"coefficients": c + err * z, "errors": err.astype(np.float32)}
         return res
