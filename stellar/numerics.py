@@ -23,6 +23,7 @@ Two promises rest on this module (README, "What is reproducible"):
 from __future__ import annotations
 
 import functools
+from contextlib import AbstractContextManager
 from typing import Callable, TypeVar
 
 import numpy as np
@@ -92,7 +93,7 @@ def ar1_cholesky(rho: float, n: int) -> np.ndarray:
     return power * scale[None, :]
 
 
-def one_blas_thread() -> "threadpoolctl.threadpool_limits":  # noqa: F821 - imported lazily
+def one_blas_thread() -> AbstractContextManager:
     """Context manager: BLAS and OpenMP pools limited to one thread while it is open.
 
     The thread policy of every reproducible numeric step (module docstring).
