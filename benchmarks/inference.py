@@ -51,7 +51,7 @@ def random_ensemble(stats: dict, labels: list[str], members: int) -> Ensemble:
     weights = []
     for i in range(members):
         torch.manual_seed(1000 + i)
-        weights.append(st_save({k: v.contiguous() for k, v in build_net(cfg, stats, len(labels)).state_dict().items()}))
+        weights.append(st_save({k: v.contiguous() for k, v in build_net(cfg, stats, labels).state_dict().items()}))
     return Ensemble(cfg, labels, stats, weights)
 
 

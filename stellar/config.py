@@ -231,6 +231,8 @@ class TrainConfig(StrictModel):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     register_model: bool = True
     alias: str = "challenger"
+    # Share of held-out (validation) stars each out-of-distribution test may flag; sets its threshold.
+    ood_false_flag_rate: float = Field(0.01, gt=0, lt=0.5)
 
 
 _ALIAS = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$|^[0-9]{1,9}$"

@@ -28,7 +28,7 @@ class ExportError(StellarError):
 
 
 def _filter(where: str | None):
-    """A small, safe filter language: 'train_like', 'not problem', 'model_version=3', 'hpx=17'."""
+    """A small, safe filter language: 'train_like', 'good' (no problem, not ood), 'model_version=3', 'hpx=17'."""
     if not where:
         return None
     expr = None
@@ -36,7 +36,8 @@ def _filter(where: str | None):
         if term == "train_like":
             e = pc.field("train_like") == True  # noqa: E712 - an Arrow expression
         elif term == "good":
-            e = pc.field("problem").is_null() & (pc.field("out_of_range") == 0)
+            # labels with no problem that no out-of-distribution test flags (stellar.trust)
+            e = pc.field("problem").is_null() & (pc.field("ood") == False)  # noqa: E712
         elif "=" in term:
             key, _, value = term.partition("=")
             if key not in ("hpx", "model_version", "split"):

@@ -98,6 +98,9 @@ def arrow_features(batch: pa.RecordBatch | pa.Table, stats: dict) -> tuple[dict[
         problem[sid.is_null().to_numpy(zero_copy_only=False)] = "source_id: null"
     arrays = {"spectrum": spec, "spectrum_mask": mask, "xp": xp, "scalars": sc,
               "source_id": pc.fill_null(sid, -1).to_numpy(zero_copy_only=False)}
+    if "spectrum_error" in batch.schema.names:  # for the spectrum-consistency check; the network does not read it
+        err, ok_e = _fixed(batch.column("spectrum_error"), n_pix, np.float32)
+        arrays["spectrum_error"] = np.where(ok_e[:, None], err, np.nan).astype(np.float32)
     return arrays, problem
 
 
@@ -148,13 +151,13 @@ class StackedEnsemble(torch.nn.Module):
 
     def __init__(self, nets: list[torch.nn.Module]):
         super().__init__()
-        from stellar.model import _act
+        from stellar.model import activation
 
         cfg = nets[0].cfg
         self.cfg = cfg
         self.m = len(nets)
         self.n_labels = nets[0].n_labels
-        self.act = _act(cfg.activation)
+        self.act = activation(cfg.activation)
         self.monotonic = cfg.activation in ("relu", "leaky_relu")  # commutes with max-pooling
         cat = lambda ts: torch.nn.Parameter(torch.cat([t.detach() for t in ts]), requires_grad=False)  # noqa: E731
         stack = lambda ts: torch.nn.Parameter(torch.stack([t.detach() for t in ts]), requires_grad=False)  # noqa: E731
@@ -179,6 +182,10 @@ class StackedEnsemble(torch.nn.Module):
         self.head = self._dense([net.head for net in nets], stack)
         self.out_w = stack([net.out.weight.t() for net in nets])
         self.out_b = stack([net.out.bias[None, :] for net in nets])
+        # every member shares the statistics, hence the output bounds (stellar.trust.bound_outputs)
+        self.bounded = nets[0].bounded
+        for key in ("lo", "hi", "m_lo", "m_hi"):
+            self.register_buffer(f"bound_{key}", getattr(nets[0], f"bound_{key}").detach().clone(), persistent=False)
 
     @staticmethod
     def _dense(seqs, stack) -> torch.nn.ParameterList:
@@ -194,6 +201,13 @@ class StackedEnsemble(torch.nn.Module):
         for i in range(0, len(params), 2):
             x = self.act(torch.baddbmm(params[i + 1], x, params[i]))
         return x
+
+    def bound(self, mean: torch.Tensor) -> torch.Tensor:
+        if not self.bounded:
+            return mean
+        from stellar.trust import bound_outputs
+
+        return bound_outputs(mean, self.bound_lo, self.bound_hi, self.bound_m_lo, self.bound_m_hi)
 
     def forward(self, spectrum, mask, xp, scalars) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns means and log-variances of the normalised labels, (M, B, L) each."""
@@ -224,5 +238,5 @@ class StackedEnsemble(torch.nn.Module):
         out = torch.baddbmm(self.out_b, h, self.out_w)
         n = self.n_labels
         if self.cfg.heteroscedastic:
-            return out[..., :n], out[..., n:].clamp(-12.0, 8.0)
-        return out, torch.zeros_like(out)
+            return self.bound(out[..., :n]), out[..., n:].clamp(-12.0, 8.0)
+        return self.bound(out), torch.zeros_like(out)

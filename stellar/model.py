@@ -39,6 +39,13 @@ class ModelConfig(StrictModel):
     dropout: float = Field(0.1, ge=0, lt=1)
     activation: Literal["leaky_relu", "relu", "gelu"] = "leaky_relu"
     heteroscedastic: bool = True  # mean + log-variance per label (else mean only, MSE)
+    # Bounded means (stellar.trust.bound_outputs): the training labels' range plus this fraction of it on
+    # each side (never past the physical envelope) is the most any input can make the network say.
+    output_margin: float = Field(0.25, gt=0, le=5)
+    # Training augmentation: the probability that a star's whole input block (xp, bp, rp, parallax) is
+    # blanked as preprocess blanks a missing one, so stars without it get honest predictions.
+    input_dropout: dict[str, float] = Field(default_factory=lambda: {"xp": 0.02, "bp": 0.02, "rp": 0.02,
+                                                                     "parallax": 0.02})
     # training
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)  # L2
@@ -49,20 +56,28 @@ class ModelConfig(StrictModel):
     def model_post_init(self, _ctx) -> None:
         if not (self.use_spectrum or self.use_xp or self.use_scalars):
             raise ValueError("at least one input branch must be on")
+        blocks = ("xp", "bp", "rp", "parallax")
+        bad = [k for k in self.input_dropout if k not in blocks]
+        if bad:
+            raise ValueError(f"input_dropout: unknown blocks {bad}; known: {list(blocks)}")
+        wrong = {k: v for k, v in self.input_dropout.items() if not 0.0 <= v <= 0.5}
+        if wrong:
+            raise ValueError(f"input_dropout: rates must lie in [0, 0.5], got {wrong}")
 
 
 def load_model_preset(name: str, conf_dir: str | None = None) -> ModelConfig:
     return load_preset("models", name, ModelConfig, conf_dir, "model")
 
 
-def _act(name: str) -> nn.Module:
+def activation(name: str) -> nn.Module:
+    """The activation module of a preset's ``activation`` name."""
     return {"leaky_relu": nn.LeakyReLU(0.01), "relu": nn.ReLU(), "gelu": nn.GELU()}[name]
 
 
 def _mlp(n_in: int, widths: list[int], act: str, dropout: float) -> tuple[nn.Sequential, int]:
     layers: list[nn.Module] = []
     for w in widths:
-        layers += [nn.Linear(n_in, w), _act(act)]
+        layers += [nn.Linear(n_in, w), activation(act)]
         if dropout:
             layers.append(nn.Dropout(dropout))
         n_in = w
@@ -72,21 +87,29 @@ def _mlp(n_in: int, widths: list[int], act: str, dropout: float) -> tuple[nn.Seq
 class HybridNet(nn.Module):
     """Inputs: spectrum (B, P) continuum-normalised, mask (B, P) bool, xp (B, X), scalars (B, S).
 
-    Outputs: mean (B, L) and log-variance (B, L) of the normalised labels.
+    Outputs: mean (B, L) and log-variance (B, L) of the normalised labels. With ``bounds``
+    (``stellar.trust.label_bounds``, normalised units) the mean is bounded by
+    ``stellar.trust.bound_outputs``; the bounds are buffers derived from the normalisation
+    statistics, not saved in the state dict, so they always match the statistics the model ships with.
     """
 
     cpu_channels_last = True  # the conv stack's CPU layout (False: the (B, C, L) modules, as on GPU)
 
-    def __init__(self, cfg: ModelConfig, n_pixels: int, n_xp: int, n_scalars: int, n_labels: int):
+    def __init__(self, cfg: ModelConfig, n_pixels: int, n_xp: int, n_scalars: int, n_labels: int,
+                 bounds: dict | None = None):
         super().__init__()
         self.cfg = cfg
         self.n_labels = n_labels
+        self.bounded = bounds is not None
+        for key in ("lo", "hi", "m_lo", "m_hi"):
+            value = torch.as_tensor(bounds[key], dtype=torch.float32) if bounds is not None else torch.zeros(n_labels)
+            self.register_buffer(f"bound_{key}", value, persistent=False)
         width = 0
         if cfg.use_spectrum:
             convs: list[nn.Module] = []
             ch, length = 2, n_pixels  # channels: flux - 1 (0 where masked), mask
             for layer in cfg.conv:
-                convs += [nn.Conv1d(ch, layer.filters, layer.kernel), _act(cfg.activation)]
+                convs += [nn.Conv1d(ch, layer.filters, layer.kernel), activation(cfg.activation)]
                 length = length - layer.kernel + 1
                 if layer.pool > 1:
                     convs.append(nn.MaxPool1d(layer.pool))
@@ -126,7 +149,15 @@ class HybridNet(nn.Module):
             mean, log_var = out[:, : self.n_labels], out[:, self.n_labels :].clamp(-12.0, 8.0)
         else:
             mean, log_var = out, torch.zeros_like(out)
-        return mean, log_var
+        return self.bound(mean), log_var
+
+    def bound(self, mean: torch.Tensor) -> torch.Tensor:
+        """The bounded mean (identity where the net has no bounds)."""
+        if not self.bounded:
+            return mean
+        from stellar.trust import bound_outputs
+
+        return bound_outputs(mean, self.bound_lo, self.bound_hi, self.bound_m_lo, self.bound_m_hi)
 
     def _conv_channels_last(self, x: torch.Tensor) -> torch.Tensor:
         """The conv stack on CPU: x (B, L, C) as the channels-last storage of (B, C, 1, L), each 1-D

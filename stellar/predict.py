@@ -43,6 +43,7 @@ from stellar.errors import StellarError
 from stellar.inference_core import StackedEnsemble, arrow_features, features_to_tensors, forward_members
 from stellar.tables import TableStore, settings_hash, write_part
 from stellar.training import Ensemble
+from stellar.trust import OOD_BITS, assess, blocks_read
 
 PASS_THROUGH = ("source_id", "hpx", "split", "snr", "quality")
 
@@ -92,7 +93,10 @@ def output_schema(labels: list[str]) -> pa.Schema:
               pa.field("snr", pa.float32()), pa.field("quality", pa.int32())]
     for lab in labels:
         fields += [pa.field(lab, pa.float32()), pa.field(f"{lab}_err", pa.float32())]
-    fields += [pa.field("out_of_range", pa.int32()), pa.field("problem", pa.string())]
+    fields += [pa.field("out_of_range", pa.int32()), pa.field("problem", pa.string()),
+               pa.field("train_like", pa.bool_()), pa.field("selection_score", pa.float32()),
+               pa.field("spectrum_chi2", pa.float32()), pa.field("line_chi2", pa.float32()),
+               pa.field("ood", pa.bool_()), pa.field("ood_reason", pa.int32())]
     return pa.schema(fields)
 
 
@@ -115,6 +119,7 @@ class BatchPredictor:
         self.dtype: torch.dtype | None = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
         self.decided = precision != "auto" or device.type != "cuda"
         self.amp_deviation: float | None = None
+        self.reads = blocks_read(ens.cfg.use_xp, ens.cfg.use_scalars)
 
     @property
     def precision(self) -> str:
@@ -128,7 +133,9 @@ class BatchPredictor:
         dev = np.abs(mixed["mean"] - ref["mean"]) / ref["sigma"]
         return float(np.nanmax(dev)) if dev.size else 0.0
 
-    def predict_arrays(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict_arrays(self, arrays: dict[str, np.ndarray], snr: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Labels, calibrated uncertainties (per S/N bin where ``snr`` is given), the members' spread and
+        the normalised inputs the trust tests read."""
         data = features_to_tensors(self.ens.stats, arrays)
         if not self.decided and len(arrays["spectrum"]):
             self.amp_deviation = self.check_mixed_precision(data, torch.float16)
@@ -137,28 +144,64 @@ class BatchPredictor:
             print(f"stellar predict: {self.device} precision {self.precision} (fp16 deviation "
                   f"{self.amp_deviation:.2g} sigma, tolerance {self.amp_tolerance})", file=sys.stderr)
         means, variances = forward_members(self.stacked, data, self.device, self.chunk, self.dtype)
-        return self.ens.combine(means, variances)
+        out = self.ens.combine(means, variances, snr=snr)
+        out["xp_norm"], out["scalars_norm"] = data["xp"].numpy(), data["scalars"].numpy()
+        if "spectrum_error" in arrays:
+            out["spectrum_chi2"], out["line_chi2"] = self.ens.consistency(out["mean"], arrays)
+        return out
 
-    def predict_batch(self, batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
+    def predict_batch(self, batch: pa.RecordBatch | pa.Table, selection: pa.Table | None = None) -> pa.RecordBatch:
+        """One batch of feature rows -> prediction rows, with the map's verdict from ``selection`` (the
+        selection table's rows of the same partition) and the trust tests (stellar.trust)."""
         n = batch.num_rows
         arrays, problem = arrow_features(batch, self.ens.stats)
         ok = problem == ""
         n_lab = len(self.labels)
         mean = np.full((n, n_lab), np.nan)
         sigma = np.full((n, n_lab), np.nan)
+        cols = {name: _column(batch, name, self.schema.field(name).type) for name in PASS_THROUGH}
+        train_like, score = _selection_of(cols["source_id"], selection)
+        reason = np.zeros(n, dtype=np.int32)
+        withheld = np.zeros((n, n_lab), dtype=bool)
+        chi2 = np.full(n, np.nan)
+        line = np.full(n, np.nan)
         if ok.any():
             sub = {k: v[ok] for k, v in arrays.items()}
-            out = self.predict_arrays(sub)
+            snr = pc.fill_null(cols["snr"], np.nan).to_numpy(zero_copy_only=False)[ok]
+            out = self.predict_arrays(sub, snr)
             mean[ok], sigma[ok] = out["mean"], out["sigma"]
+            quality = pc.fill_null(cols["quality"], 0).to_numpy(zero_copy_only=False)[ok]
+            tl = pc.fill_null(train_like.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)[ok]
+            if out.get("spectrum_chi2") is not None:
+                chi2[ok], line[ok] = out["spectrum_chi2"], out["line_chi2"]
+            reason[ok], withheld[ok] = assess(self.ens.stats, self.ens.trust, self.labels, out["xp_norm"],
+                                              out["scalars_norm"], quality, out["mean"], out["epistemic_norm"], tl,
+                                              self.reads, out.get("spectrum_chi2"), out.get("line_chi2"))
         outside = ((mean < self.lo) | (mean > self.hi)) & ok[:, None]
         bits = (outside * (1 << np.arange(n_lab))).sum(axis=1).astype(np.int32)
-        cols = {name: _column(batch, name, self.schema.field(name).type) for name in PASS_THROUGH}
         for j, lab in enumerate(self.labels):
-            cols[lab] = pa.array(mean[:, j].astype(np.float32), mask=~ok)
-            cols[f"{lab}_err"] = pa.array(sigma[:, j].astype(np.float32), mask=~ok)
+            hide = ~ok | withheld[:, j]  # never publish a value outside the physical envelope
+            cols[lab] = pa.array(mean[:, j].astype(np.float32), mask=hide)
+            cols[f"{lab}_err"] = pa.array(sigma[:, j].astype(np.float32), mask=hide)
         cols["out_of_range"] = pa.array(bits)
         cols["problem"] = pa.array(problem, pa.string(), mask=ok)
+        cols["train_like"] = train_like
+        cols["selection_score"] = score
+        cols["spectrum_chi2"] = pa.array(chi2.astype(np.float32), mask=~np.isfinite(chi2))
+        cols["line_chi2"] = pa.array(line.astype(np.float32), mask=~np.isfinite(line))
+        cols["ood"] = pa.array(reason != 0, mask=~ok)
+        cols["ood_reason"] = pa.array(reason, mask=~ok)
         return pa.RecordBatch.from_pydict(cols, schema=self.schema)
+
+
+def _selection_of(source_id: pa.Array, selection: pa.Table | None) -> tuple[pa.Array, pa.Array]:
+    """train_like and score of each star from its partition's selection rows (null where it has none)."""
+    n = len(source_id)
+    if selection is None:
+        return pa.nulls(n, pa.bool_()), pa.nulls(n, pa.float32())
+    pos = pc.index_in(source_id, value_set=selection["source_id"])
+    return (pc.take(selection["train_like"], pos).combine_chunks(),
+            pc.take(selection["score"], pos).combine_chunks().cast(pa.float32()))
 
 
 def _column(batch, name: str, typ: pa.DataType) -> pa.Array:
@@ -238,7 +281,7 @@ def predict(cfg: StellarConfig, bundle: ModelBundle | None = None, spark=None) -
                     "seconds": round(time.perf_counter() - t0, 2)})
     store.commit(version, {"stellar_version": __version__, "settings_digest": digest, "model": bundle.identity(),
                            "summary": summary, "columns": output_schema(labels).names + [
-                               "train_like", "selection_score", "model_name", "model_version", "model_run_id"]})
+                               "model_name", "model_version", "model_run_id"]})
     return summary
 
 
@@ -249,17 +292,24 @@ def _identity_columns(table: pa.Table, bundle: ModelBundle) -> pa.Table:
     return table.append_column("model_run_id", pa.repeat(pa.scalar(bundle.run_id), n).dictionary_encode())
 
 
-FEATURE_COLUMNS = ["source_id", "split", "snr", "quality", "spectrum", "spectrum_mask", "xp", "scalars"]
+FEATURE_COLUMNS = ["source_id", "split", "snr", "quality", "spectrum", "spectrum_error", "spectrum_mask", "xp",
+                   "scalars"]
 
 
-def predict_part(predictor: BatchPredictor, features_dir: str, rel: str, batch_rows: int):
+def predict_part(predictor: BatchPredictor, features_dir: str, rel: str, batch_rows: int,
+                 selection_dir: str | None = None):
     """Prediction batches of one features part, read straight from Parquet by pyarrow (zero-copy
-    into numpy; no JVM row conversion of the 1,700 array values per star)."""
+    into numpy; no JVM row conversion of the 1,700 array values per star). The selection table shares
+    the features' HEALPix partitioning, so the part's map flags come from the same relative path:
+    one per-partition path for local and Spark runs, no shuffle join."""
     hpx = int(Path(rel).parts[0].split("=", 1)[1])
+    sel_part = Path(selection_dir) / rel if selection_dir else None
+    selection = pq.read_table(sel_part, columns=["source_id", "train_like", "score"]) \
+        if sel_part is not None and sel_part.exists() else None
     pf = pq.ParquetFile(Path(features_dir) / rel)
     for batch in pf.iter_batches(batch_size=batch_rows, columns=FEATURE_COLUMNS):
         batch = batch.append_column("hpx", pa.array(np.full(batch.num_rows, hpx, np.int32)))
-        yield predictor.predict_batch(batch)
+        yield predictor.predict_batch(batch, selection)
 
 
 def _parts(features_dir: Path) -> list[str]:
@@ -270,28 +320,16 @@ def _predict_local(bundle: ModelBundle, pcfg: PredictConfig, features_dir: Path,
                    out_dir: Path) -> None:
     predictor = worker_predictor(bundle, pcfg)
     for rel in _parts(features_dir):
-        table = pa.Table.from_batches(list(predict_part(predictor, str(features_dir), rel, pcfg.arrow_batch_rows)),
-                                      schema=predictor.schema)
-        table = _join_selection(table, sel_dir / rel if sel_dir else None)
+        table = pa.Table.from_batches(list(predict_part(predictor, str(features_dir), rel, pcfg.arrow_batch_rows,
+                                                        str(sel_dir) if sel_dir else None)), schema=predictor.schema)
         table = _identity_columns(table, bundle).drop_columns(["hpx"])
         write_part(out_dir / rel, table, {"stellar.table": "predictions",
                                           "stellar.model": json.dumps(bundle.identity())})
 
 
-def _join_selection(table: pa.Table, sel_part: Path | None) -> pa.Table:
-    n = table.num_rows
-    if sel_part is None or not sel_part.exists():
-        return table.append_column("train_like", pa.nulls(n, pa.bool_())).append_column(
-            "selection_score", pa.nulls(n, pa.float32()))
-    sel = pq.read_table(sel_part, columns=["source_id", "train_like", "score"])
-    pos = pc.index_in(table["source_id"], value_set=sel["source_id"])
-    train_like = pc.take(sel["train_like"], pos)
-    score = pc.take(sel["score"], pos)
-    return table.append_column("train_like", train_like).append_column("selection_score", score)
-
-
 def _spark_type(schema: pa.Schema) -> str:
-    names = {pa.int64(): "bigint", pa.int32(): "int", pa.float32(): "float", pa.string(): "string"}
+    names = {pa.int64(): "bigint", pa.int32(): "int", pa.float32(): "float", pa.string(): "string",
+             pa.bool_(): "boolean"}
     return ", ".join(f"`{f.name}` {names[f.type]}" for f in schema)
 
 
@@ -308,26 +346,20 @@ def _predict_spark(spark, bundle: ModelBundle, pcfg: PredictConfig, features_dir
     if not parts:
         raise PredictError(f"no feature parts under {features_dir}")
     fdir = str(features_dir)
+    sdir = str(sel_dir) if sel_dir else None
     rows = pcfg.arrow_batch_rows
 
     def score(batches):
         predictor = worker_predictor(bc.value, pcfg)
         for b in batches:
             for rel in b.column("part").to_pylist():
-                yield from predict_part(predictor, fdir, rel, rows)
+                yield from predict_part(predictor, fdir, rel, rows, sdir)
 
-    # The tasks read their feature parts with pyarrow (Arrow in, Arrow out through mapInArrow);
-    # Spark handles the small outputs: the join with the selection flags and the partitioned write.
+    # The tasks read their feature and selection parts with pyarrow (Arrow in, Arrow out through
+    # mapInArrow), exactly as the local path does; Spark handles the partitioned write.
     n_tasks = min(len(parts), 4 * sc.defaultParallelism)
     files = spark.createDataFrame([(p,) for p in parts], "part string").repartition(n_tasks)
     pred = files.mapInArrow(score, _spark_type(schema))
-    if sel_dir is not None:
-        sel = spark.read.parquet(str(sel_dir)).select("source_id", "train_like",
-                                                      F.col("score").alias("selection_score"))
-        pred = pred.join(sel, "source_id", "left")
-    else:
-        pred = pred.withColumn("train_like", F.lit(None).cast("boolean")).withColumn(
-            "selection_score", F.lit(None).cast("float"))
     pred = (pred.withColumn("model_name", F.lit(bundle.name))
                 .withColumn("model_version", F.lit(bundle.version).cast("int"))
                 .withColumn("model_run_id", F.lit(bundle.run_id)))
@@ -344,7 +376,7 @@ def _account(out_dir: Path, vdir: Path, n_features: int) -> dict:
     bad = dataset.to_table(columns=["source_id", "hpx", "problem"], filter=pc.field("problem").is_valid())
     if bad.num_rows:
         write_part(vdir / "quarantine" / "part-000000.parquet", bad, {"stellar.table": "predict_quarantine"})
-    flags = dataset.to_table(columns=["train_like", "out_of_range"])
+    flags = dataset.to_table(columns=["train_like", "out_of_range", "ood", "ood_reason"])
     train_like = flags["train_like"]
     problems = {}
     if bad.num_rows:
@@ -354,4 +386,12 @@ def _account(out_dir: Path, vdir: Path, n_features: int) -> dict:
             "train_like": int(pc.sum(pc.fill_null(train_like, False).cast(pa.int64())).as_py() or 0),
             "train_unlike": int(pc.sum(pc.invert(pc.fill_null(train_like, True)).cast(pa.int64())).as_py() or 0),
             "no_selection": train_like.null_count,
-            "out_of_range": int(pc.sum(pc.not_equal(flags["out_of_range"], 0).cast(pa.int64())).as_py() or 0)}
+            "out_of_range": int(pc.sum(pc.not_equal(flags["out_of_range"], 0).cast(pa.int64())).as_py() or 0),
+            "ood": int(pc.sum(pc.fill_null(flags["ood"], False).cast(pa.int64())).as_py() or 0),
+            "ood_by_reason": _reason_counts(flags["ood_reason"])}
+
+
+def _reason_counts(reason: pa.ChunkedArray) -> dict[str, int]:
+    """How many stars each ood_reason bit flags (a star can carry several)."""
+    r = pc.fill_null(reason, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return {name: int(((r & bit) != 0).sum()) for name, (bit, _) in OOD_BITS.items()}

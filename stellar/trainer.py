@@ -19,9 +19,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from stellar.config import StellarConfig
+from stellar.emulator import MAX_FIT_STARS, line_window
 from stellar.errors import StellarError
+from stellar.features import split_hash
 from stellar.instruments import Instrument
 from stellar.model import ModelConfig, load_model_preset
 from stellar.preprocess import load_stats
@@ -115,9 +118,15 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper=None, log_
         raise TrainError("the validation or test split is empty: too few usable labelled stars")
     raw_cal = evaluate_uncalibrated(ens, test)
     ens.calibrate(val)
+    ens.fit_emulator(emulator_sample(features_root, labels, stats),
+                     line_window(stats["wavelength"], [(ln.wavelength, ln.strength) for ln in instrument.lines
+                                                         if ln.kind != "dib"]))
+    trust = ens.fit_trust(val, cfg.train.ood_false_flag_rate)
     metrics = evaluate(ens, test)
     summary = {"members": len(members), "kept": len(kept), "dropped": dropped,
                "calibration": dict(zip(labels, ens.calibration.round(4).tolist())),
+               "snr_calibration": {"edges": ens.snr_edges.tolist(), "factors": ens.snr_factors.round(4).tolist()},
+               "trust": trust.to_dict(),
                "z_std_uncalibrated": raw_cal, "metrics": metrics,
                "member_seconds": [round(m.seconds, 2) for m in members],
                "member_best_epochs": [m.best_epoch for m in members],
@@ -129,11 +138,19 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper=None, log_
     return summary
 
 
+def emulator_sample(features_root: str, labels: list[str], stats: dict) -> dict:
+    """The training stars the spectrum emulator is fitted on: all of them up to MAX_FIT_STARS, beyond
+    that a hash-chosen subset (the same stars whatever the partitioning)."""
+    train = load_split(features_root, "train", labels, stats)
+    n = len(train["source_id"])
+    if n > MAX_FIT_STARS:
+        keep = torch.from_numpy(split_hash(train["source_id"].numpy(), 23) < MAX_FIT_STARS / n)
+        train = {k: v[keep] for k, v in train.items()}
+    return train
+
+
 def evaluate_uncalibrated(ens: Ensemble, test) -> dict:
-    saved = ens.calibration.copy()
-    ens.calibration = np.ones_like(saved)
-    ev = evaluate(ens, test)
-    ens.calibration = saved
+    ev = evaluate(ens, test, calibrated=False)
     return {lab: round(ev[f"{lab}/all/z_std"], 3) for lab in ens.labels}
 
 

@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from stellar.config import load_config
 from stellar.ingest.run import ingest
@@ -53,7 +54,9 @@ def direct_forward(cfg, ens) -> dict:
     feats = read_table(cfg.preprocess.output_dir, "features").sort_by("source_id")
     arrays = {k: np.stack(feats[k].to_numpy(zero_copy_only=False)) for k in ("spectrum", "xp", "scalars")}
     arrays["spectrum_mask"] = np.stack(feats["spectrum_mask"].to_numpy(zero_copy_only=False))
-    out = ens.predict(features_to_tensors(load_stats(cfg.preprocess.output_dir), arrays))
+    data = features_to_tensors(load_stats(cfg.preprocess.output_dir), arrays)
+    data["snr"] = torch.from_numpy(feats["snr"].to_numpy().astype(np.float32))  # the S/N-binned calibration
+    out = ens.predict(data)
     return {"source_id": feats["source_id"].to_numpy(), **out}
 
 

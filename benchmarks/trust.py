@@ -1,0 +1,144 @@
+"""Trust figures of a pipeline run against the generator's truth.
+
+    .venv/bin/python benchmarks/trust.py [--stars 20000] [--work DIR] [--set KEY=VALUE ...]
+
+Runs `stellar pipeline` on a generated survey (or reads a finished run in
+--work) and prints, from the published predictions and the survey's truth
+table:
+
+* impossible labels published (outside stellar.trust.PHYSICAL_ENVELOPE);
+* catastrophic errors (|dTeff| > 1000 K, |dlog g| > 1, |d[M/H]| > 0.5) among
+  unflagged (ood false) in-distribution stars, and among all published stars;
+* recall of ``ood`` per injected out-of-distribution kind, and the false-flag
+  rate among in-distribution stars, with the share each ood_reason bit flags;
+* the z-score spread (predicted - true) / err per label and S/N bin among
+  unflagged in-distribution stars;
+* the RMSE of stars without BP coefficients against the others.
+
+Thresholds inside the model come from its validation split; nothing here is
+fed back into them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from stellar.tables import read_table  # noqa: E402
+from stellar.trust import OOD_BITS, PHYSICAL_ENVELOPE  # noqa: E402
+
+SNR_BINS = ((15.0, 25.0), (25.0, 50.0), (50.0, np.inf))
+CATASTROPHIC = {"teff": 1000.0, "logg": 1.0, "m_h": 0.5}
+
+
+def run_pipeline(work: Path, stars: int, sets: list[str]) -> None:
+    cmd = [sys.executable, "-m", "stellar.cli", "pipeline", "--config", str(ROOT / "conf" / "local.yaml"),
+           "--set", f"work_dir={work}", "--set", f"synth.n_stars={stars}"]
+    for s in sets:
+        cmd += ["--set", s]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        sys.exit(f"pipeline failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+
+
+def figures(work: Path) -> dict:
+    pred = read_table(work / "predictions", "predictions").to_pandas()
+    truth = pq.read_table(work / "synth" / "truth").to_pandas()
+    labels = [k for k in PHYSICAL_ENVELOPE if k in pred.columns]
+    m = pred.merge(truth, on="source_id", suffixes=("", "_true"))
+    published = m[m.problem.isna()]
+    out: dict = {"stars": len(pred), "published": len(published), "labels": labels}
+    impossible = np.zeros(len(published), bool)
+    for k in labels:
+        lo, hi = PHYSICAL_ENVELOPE[k]
+        v = published[k].to_numpy(dtype=float)
+        impossible |= np.isfinite(v) & ((v < lo) | (v > hi))
+    out["impossible_published"] = int(impossible.sum())
+    ood = published.ood.fillna(True).to_numpy(bool)
+    injected = published.is_ood.to_numpy(bool)
+    cat = np.zeros(len(published), bool)
+    for k, limit in CATASTROPHIC.items():
+        d = np.abs(published[k].to_numpy(float) - published[f"{k}_true"].to_numpy(float))
+        cat |= np.nan_to_num(d, nan=np.inf) > limit
+    out["catastrophic_unflagged_in_distribution"] = int((cat & ~ood & ~injected).sum())
+    out["catastrophic_unflagged_any"] = int((cat & ~ood).sum())
+    out["catastrophic_all"] = int(cat.sum())
+    kinds = sorted(set(published.ood_kind[injected].astype(str)))
+    out["recall"] = {k: {"n": int((published.ood_kind == k).sum()),
+                         "ood": float(ood[(published.ood_kind == k).to_numpy()].mean())} for k in kinds}
+    out["false_flags"] = float(ood[~injected].mean()) if (~injected).any() else float("nan")
+    reason = published.ood_reason.fillna(0).to_numpy(np.int64)
+    out["false_flags_by_reason"] = {name: float(((reason[~injected] & bit) != 0).mean())
+                                    for name, (bit, _) in OOD_BITS.items()}
+    for k in kinds:
+        sel = (published.ood_kind == k).to_numpy()
+        out["recall"][k]["by_reason"] = {name: float(((reason[sel] & bit) != 0).mean())
+                                         for name, (bit, _) in OOD_BITS.items()}
+    good = published[~ood & ~injected]
+    snr = good.snr.to_numpy(float)
+    out["z_std"] = {}
+    for k in labels:
+        z = (good[k].to_numpy(float) - good[f"{k}_true"].to_numpy(float)) / good[f"{k}_err"].to_numpy(float)
+        row = {"all": float(np.nanstd(z))}
+        for lo, hi in SNR_BINS:
+            s = (snr >= lo) & (snr < hi)
+            row[f"{lo:g}-{hi:g}"] = float(np.nanstd(z[s])) if s.sum() > 10 else float("nan")
+        out["z_std"][k] = row
+    ind = published[~injected]
+    no_bp = ~ind.has_bp.to_numpy(bool)
+    out["no_bp"] = {"n": int(no_bp.sum()), "rmse": {}, "rmse_others": {}}
+    for k in labels:
+        r = ind[k].to_numpy(float) - ind[f"{k}_true"].to_numpy(float)
+        out["no_bp"]["rmse"][k] = float(np.sqrt(np.nanmean(r[no_bp] ** 2))) if no_bp.any() else float("nan")
+        out["no_bp"]["rmse_others"][k] = float(np.sqrt(np.nanmean(r[~no_bp] ** 2)))
+    return out
+
+
+def report(f: dict) -> str:
+    lines = [f"trust figures: {f['stars']} stars, {f['published']} with labels",
+             f"  impossible labels published: {f['impossible_published']}",
+             f"  catastrophic errors (|dTeff|>1000 K, |dlogg|>1, |d[M/H]|>0.5): unflagged in-distribution "
+             f"{f['catastrophic_unflagged_in_distribution']}, unflagged any {f['catastrophic_unflagged_any']}, "
+             f"all {f['catastrophic_all']}",
+             f"  false flags (ood among in-distribution): {f['false_flags']:.3f}  by reason: " +
+             ", ".join(f"{k} {v:.3f}" for k, v in f["false_flags_by_reason"].items() if v)]
+    for k, r in f["recall"].items():
+        lines.append(f"  ood recall {k:<22} {r['ood']:.3f} of {r['n']}  by reason: " +
+                     ", ".join(f"{n} {v:.2f}" for n, v in r["by_reason"].items() if v))
+    lines.append("  z-score spread among unflagged in-distribution stars (all / S/N 15-25 / 25-50 / >50):")
+    for k, row in f["z_std"].items():
+        lines.append(f"    {k:<8} " + "  ".join(f"{v:.2f}" for v in row.values()))
+    nb = f["no_bp"]
+    lines.append(f"  no-BP stars ({nb['n']}): RMSE ratio to the others " +
+                 ", ".join(f"{k} {nb['rmse'][k] / nb['rmse_others'][k]:.2f}" for k in f["labels"]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stars", type=int, default=20000)
+    ap.add_argument("--work", default=None, help="a folder with a finished pipeline run (else one is made)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="stellar-bench-trust-"))
+    if not (work / "pipeline-summary.json").is_file():
+        run_pipeline(work, args.stars, args.overrides)
+    f = figures(work)
+    print(report(f))
+    if args.json:
+        Path(args.json).write_text(json.dumps(f, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Trust layer: bounded outputs under adversarial inputs, missing-input bookkeeping, thresholds, ood bits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stellar.features import Q_NO_BP, Q_NO_PARALLAX, Q_NO_XP, SCALAR_NAMES
+from stellar.inference_core import StackedEnsemble, forward_members
+from stellar.model import HybridNet, ModelConfig
+from stellar.trust import (OOD_DISAGREEMENT, OOD_ENVELOPE, OOD_INPUT_RANGE, OOD_LABEL_RANGE, OOD_MAP,
+                           OOD_MISSING_INPUT, PHYSICAL_ENVELOPE, TrustThresholds, assess, bound_outputs,
+                           drop_blocks, fit_thresholds, label_bounds, missing_features)
+
+LABELS = ["teff", "logg", "m_h", "alpha_m", "fe_h"]
+NB = 55
+
+
+def fake_stats(rng=None) -> dict:
+    """Normalisation statistics shaped like preprocess's, for a training set with these label ranges."""
+    lab_min = np.array([3800.0, 1.0, -2.3, -0.1, -2.4])
+    lab_max = np.array([6900.0, 4.8, 0.45, 0.4, 0.5])
+    return {
+        "label_names": LABELS, "xp_bases": NB, "n_spectrum": 800, "scalar_names": list(SCALAR_NAMES),
+        "labels": {"mean": list((lab_min + lab_max) / 2), "std": list((lab_max - lab_min) / 4),
+                   "min": list(lab_min), "max": list(lab_max)},
+        "xp": {"mean": [0.5] * 2 * NB, "std": [0.25] * 2 * NB, "min": [0.0] * 2 * NB, "max": [1.0] * 2 * NB},
+        "scalars": {"mean": [12.0, 1.0, 0.5, 1.0, 0.05, 1.0], "std": [1.0, 0.3, 0.15, 1.0, 0.02, 0.5],
+                    "min": [8.0, 0.3, 0.2, -0.5, 0.01, -0.5], "max": [14.2, 2.5, 1.2, 8.0, 0.15, 4.0]},
+    }
+
+
+def test_bound_is_identity_inside_and_never_passes_the_margin():
+    lo, hi, m_lo, m_hi = (torch.tensor(v) for v in (-1.0, 2.0, 0.5, 0.25))
+    x = torch.linspace(-1e6, 1e6, 20001)
+    y = bound_outputs(x, lo, hi, m_lo, m_hi)
+    inside = (x >= -1) & (x <= 2)
+    assert torch.equal(y[inside], x[inside])
+    assert float(y.min()) >= -1.5 and float(y.max()) <= 2.25
+    # continuous with slope 1 at the joins: gradients stay sane just outside the range
+    xs = torch.tensor([2.0 + 1e-4, -1.0 - 1e-4], requires_grad=True)
+    bound_outputs(xs, lo, hi, m_lo, m_hi).sum().backward()
+    assert torch.allclose(xs.grad, torch.ones(2), atol=1e-3)
+    np.testing.assert_array_equal(bound_outputs(np.array([5.0, 0.0]), -1.0, 2.0, 0.5, 0.25) <= 2.25, True)
+
+
+def test_label_bounds_stay_inside_the_physical_envelope():
+    stats = fake_stats()
+    stats["labels"]["max"][0] = 80000.0  # a garbage training label beyond the envelope
+    b = label_bounds(stats, LABELS, margin=0.25)
+    mean, std = np.asarray(stats["labels"]["mean"]), np.asarray(stats["labels"]["std"])
+    top = (b["hi"] + b["m_hi"]) * std + mean
+    bottom = (b["lo"] - b["m_lo"]) * std + mean
+    env = np.array([PHYSICAL_ENVELOPE[k] for k in LABELS])
+    assert np.all(top <= env[:, 1] + 1e-6) and np.all(bottom >= env[:, 0] - 1e-6)
+    assert top[1] == pytest.approx(4.8 + 0.25 * 3.8)  # log g: range 1.0-4.8 plus a quarter of it
+
+
+@pytest.mark.parametrize("kind", ["zeros", "flux10", "huge_parallax", "noise"])
+def test_bounded_network_never_leaves_the_envelope_for_adversarial_inputs(kind):
+    stats = fake_stats()
+    cfg = ModelConfig()
+    bounds = label_bounds(stats, LABELS, cfg.output_margin)
+    nets = []
+    for i in range(3):
+        torch.manual_seed(i)
+        net = HybridNet(cfg, 800, 2 * NB, 6, 5, bounds=bounds).eval()
+        with torch.no_grad():  # extreme weights: an untrained network that shouts
+            for p in net.parameters():
+                p.mul_(40.0)
+        nets.append(net)
+    n = 64
+    g = torch.Generator().manual_seed(3)
+    spectrum = {"zeros": torch.zeros(n, 800), "flux10": torch.full((n, 800), 10.0),
+                "huge_parallax": torch.ones(n, 800), "noise": 1 + 50 * torch.randn(n, 800, generator=g)}[kind]
+    scalars = torch.randn(n, 6, generator=g) * (1e6 if kind == "huge_parallax" else 10)
+    data = {"spectrum": spectrum, "spectrum_mask": torch.zeros(n, 800, dtype=torch.bool),
+            "xp": 100 * torch.randn(n, 2 * NB, generator=g), "scalars": scalars}
+    for model in (nets, StackedEnsemble(nets).eval()):
+        m, _ = forward_members(model, data, torch.device("cpu"), 32)
+        phys = m * np.asarray(stats["labels"]["std"]) + np.asarray(stats["labels"]["mean"])
+        env = np.array([PHYSICAL_ENVELOPE[k] for k in LABELS])
+        assert np.isfinite(phys).all()
+        assert (phys >= env[:, 0]).all() and (phys <= env[:, 1]).all(), (kind, phys.min(axis=(0, 1)))
+        top = (bounds["hi"] + bounds["m_hi"]) * np.asarray(stats["labels"]["std"]) + np.asarray(stats["labels"]["mean"])
+        assert (phys <= top + 1e-3 * np.abs(top)).all()
+
+
+def test_stacked_ensemble_applies_the_same_bounds_as_the_members():
+    stats = fake_stats()
+    cfg = ModelConfig()
+    bounds = label_bounds(stats, LABELS, 0.1)
+    nets = []
+    for i in range(3):
+        torch.manual_seed(10 + i)
+        net = HybridNet(cfg, 800, 2 * NB, 6, 5, bounds=bounds).eval()
+        with torch.no_grad():
+            net.out.weight.mul_(30.0)  # outputs that reach past the training range
+        nets.append(net)
+    g = torch.Generator().manual_seed(1)
+    data = {"spectrum": 1 + 5 * torch.randn(100, 800, generator=g), "spectrum_mask": torch.zeros(100, 800, dtype=torch.bool),
+            "xp": 30 * torch.randn(100, 2 * NB, generator=g), "scalars": 30 * torch.randn(100, 6, generator=g)}
+    ref, _ = forward_members(nets, data, torch.device("cpu"), 50)
+    got, _ = forward_members(StackedEnsemble(nets).eval(), data, torch.device("cpu"), 50)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert (ref > bounds["hi"]).any() or (ref < bounds["lo"]).any()  # the inputs did reach the margins
+
+
+def test_missing_features_follow_the_quality_bits():
+    q = np.array([0, Q_NO_XP, Q_NO_BP, Q_NO_PARALLAX])
+    xp_missing, sc_missing, blocks = missing_features(q, NB)
+    assert not xp_missing[0].any() and xp_missing[1].all()
+    assert xp_missing[2, :NB].all() and not xp_missing[2, NB:].any()
+    plx = [SCALAR_NAMES.index(k) for k in ("parallax", "parallax_error", "reduced_parallax")]
+    assert sc_missing[3, plx].all() and sc_missing[3].sum() == 3
+    assert blocks.tolist() == [[False] * 5, [True, True, True, False, False], [False, True, False, False, False],
+                               [False, False, False, True, False]]
+
+
+def test_block_dropout_blanks_features_as_preprocess_does():
+    stats = fake_stats()
+    xp = torch.randn(2000, 2 * NB)
+    sc = torch.randn(2000, 6)
+    before_xp, before_sc = xp.clone(), sc.clone()
+    gen = torch.Generator().manual_seed(0)
+    drop_blocks(xp, sc, {"bp": 0.1, "parallax": 0.05}, stats, gen)
+    fill_xp = -0.5 / 0.25
+    bp_hit = (xp[:, :NB] == fill_xp).all(dim=1)
+    assert 0.07 < float(bp_hit.float().mean()) < 0.13
+    assert torch.equal(xp[:, NB:], before_xp[:, NB:])  # RP untouched
+    plx = [SCALAR_NAMES.index(k) for k in ("parallax", "parallax_error", "reduced_parallax")]
+    changed = (sc != before_sc).any(dim=1)
+    assert 0.03 < float(changed.float().mean()) < 0.07
+    assert torch.equal(sc[:, [0, 1, 2]], before_sc[:, [0, 1, 2]])
+    fill = -np.asarray(stats["scalars"]["mean"])[plx] / np.asarray(stats["scalars"]["std"])[plx]
+    np.testing.assert_allclose(sc[changed][:, plx].numpy(), np.broadcast_to(fill, (int(changed.sum()), 3)), rtol=1e-6)
+    # reproducible: the same generator state, the same stars
+    xp2, sc2 = before_xp.clone(), before_sc.clone()
+    drop_blocks(xp2, sc2, {"bp": 0.1, "parallax": 0.05}, stats, torch.Generator().manual_seed(0))
+    assert torch.equal(xp2, xp) and torch.equal(sc2, sc)
+
+
+def _normalised_inputs(stats, n, rng):
+    xp_raw = rng.uniform(0.02, 0.98, (n, 2 * NB))
+    sc_raw = np.column_stack([rng.uniform(lo, hi, n) for lo, hi in zip(stats["scalars"]["min"], stats["scalars"]["max"])])
+    sc_raw = 0.5 * (sc_raw + np.asarray(stats["scalars"]["mean"]))  # well inside
+    xp = (xp_raw - 0.5) / 0.25
+    sc = (sc_raw - np.asarray(stats["scalars"]["mean"])) / np.asarray(stats["scalars"]["std"])
+    return xp, sc
+
+
+def test_thresholds_flag_the_chosen_share_of_validation_stars_and_catch_outliers():
+    rng = np.random.default_rng(0)
+    stats = fake_stats()
+    n = 4000
+    xp, sc = _normalised_inputs(stats, n, rng)
+    xp[:200, 5] += rng.exponential(0.3, 200)  # some validation stars a little beyond the training range
+    epistemic = rng.lognormal(-2, 0.3, (n, 5))
+    thr = fit_thresholds(stats, xp, sc, np.zeros(n, int), epistemic, rate=0.01, trained_missing=["bp"])
+    assert TrustThresholds.from_dict(thr.to_dict()) == thr
+    mean = np.tile([5000.0, 3.0, -0.2, 0.1, -0.2], (n, 1))
+    reason, withheld = assess(stats, thr, LABELS, xp, sc, np.zeros(n, int), mean, epistemic, np.ones(n))
+    assert not withheld.any()
+    for bit in (OOD_INPUT_RANGE, OOD_DISAGREEMENT):
+        assert ((reason & bit) != 0).mean() <= 0.011
+    # out-of-distribution stars: each test catches its own kind
+    m = 6
+    xo, so = _normalised_inputs(stats, m, rng)
+    so[0, 1] = (3.5 - 1.0) / 0.3  # BP-RP 3.5: redder than any training star
+    eo = np.full((m, 5), 0.1)
+    eo[1, 0] = 5.0  # members disagree on Teff
+    mo = np.tile([5000.0, 3.0, -0.2, 0.1, -0.2], (m, 1))
+    mo[2, 2] = -3.5  # [M/H] below the training range
+    mo[3, 0] = -140000.0  # impossible: withheld
+    qo = np.zeros(m, int)
+    qo[4] = Q_NO_PARALLAX  # the model was not trained without a parallax
+    qo[5] = Q_NO_BP  # ... but was without BP
+    tl = np.array([1, 1, 1, 1, 1, 0], dtype=float)
+    r, w = assess(stats, thr, LABELS, xo, so, qo, mo, eo, tl)
+    assert r[0] & OOD_INPUT_RANGE and r[1] & OOD_DISAGREEMENT and r[2] & OOD_LABEL_RANGE
+    assert r[3] & OOD_ENVELOPE and w[3].tolist() == [True, False, False, False, False]
+    assert r[4] & OOD_MISSING_INPUT and not r[5] & OOD_MISSING_INPUT and r[5] & OOD_MAP
+    # a model without thresholds still runs the threshold-free tests
+    r2, _ = assess(stats, None, LABELS, xo, so, qo, mo, eo, None)
+    assert r2[2] & OOD_LABEL_RANGE and r2[4] & OOD_MISSING_INPUT and not r2[0] & OOD_INPUT_RANGE
+
+
+def test_emulator_recovers_a_quadratic_model_and_reacts_to_doubled_lines():
+    from stellar.emulator import SpectrumEmulator, design, line_window
+
+    rng = np.random.default_rng(5)
+    wave = np.linspace(846.0, 870.0, 800)
+    depth = lambda centre, w: np.exp(-0.5 * ((wave - centre) / w) ** 2)  # noqa: E731
+    lines = depth(854.4, 0.08) + 0.8 * depth(866.45, 0.08) + 0.3 * depth(850.0, 0.06)
+    n, L = 3000, 3
+    z = rng.normal(size=(n, L))
+
+    def spectra(z, shift=0.0):
+        strength = 0.5 + 0.1 * z[:, :1] + 0.03 * z[:, 1:2] ** 2
+        base = 1 - strength * lines[None, :]
+        if shift:
+            moved = np.interp(wave - shift, wave, lines)
+            base = 1 - strength * 0.5 * (lines[None, :] + moved[None, :])
+        return base + 0.002 * z[:, 2:3]
+
+    err = np.full((n, wave.size), 0.01)
+    flux = spectra(z) + err * rng.normal(size=err.shape)
+    window = line_window(wave, [(854.443, 0.93), (866.451, 0.63), (850.035, 0.12), (869.1, -1.35)])
+    assert window.sum() > 100 and not window[np.abs(wave - 860) < 3].any()
+    emu = SpectrumEmulator.fit(z, flux, err, np.zeros_like(flux, dtype=np.uint8), window)
+    assert emu.theta.shape == (design(z[:1]).shape[1], wave.size)
+    assert float(np.abs(emu.model(z[:50]) - spectra(z[:50])).max()) < 0.005
+    assert float(emu.scatter.max()) < 0.005  # nothing the quadratic misses
+    zt = rng.normal(size=(200, L))
+    chi2, line = emu.statistics(zt, spectra(zt) + 0.01 * rng.normal(size=(200, wave.size)), err[:200],
+                                np.zeros((200, wave.size), np.uint8))
+    assert 0.9 < np.median(chi2) < 1.1 and 0.85 < np.median(line) < 1.15
+    # a double-lined binary: the same star with half the light shifted by 60 km/s (0.17 nm)
+    chi2_b, line_b = emu.statistics(zt, spectra(zt, shift=0.17) + 0.01 * rng.normal(size=(200, wave.size)),
+                                    err[:200], np.zeros((200, wave.size), np.uint8))
+    assert np.median(line_b) > 5 * np.median(line) and np.median(line_b) > np.median(chi2_b)
+    from safetensors.numpy import load, save
+
+    emu.theta = np.asfortranarray(emu.theta)  # a transposed layout must survive the bytes too
+    round_trip = SpectrumEmulator.from_tensors(load(save(emu.to_tensors())))
+    np.testing.assert_array_equal(round_trip.theta, emu.theta)
+    assert np.array_equal(round_trip.window, emu.window)
