@@ -269,7 +269,8 @@ class Ensemble:
         trained = [b for b, r in self.cfg.input_dropout.items() if r > 0]
         chi2, line = self.consistency(pred["mean"], data)
         self.trust = fit_thresholds(self.stats, data["xp"].numpy(), data["scalars"].numpy(), data["quality"].numpy(),
-                                    pred["epistemic_norm"], rate, trained, chi2, line)
+                                    pred["epistemic_norm"], rate, trained, chi2, line, data["snr"].numpy(),
+                                    CALIBRATION_SNR_EDGES)
         return self.trust
 
     def physical_labels(self, data: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:

@@ -212,6 +212,11 @@ class TrustThresholds:
     trained_missing: list[str] = field(default_factory=list)  # blocks the model learned to do without
     spectrum_chi2: float = np.inf  # flag when the emulator's reduced chi-square exceeds this
     line_chi2: float = np.inf  # ... over the strong-line windows
+    # The chi-squares grow with S/N (label errors leave residuals that noise hides at low S/N), so their
+    # thresholds are fitted per S/N bin too; a bin with too few validation stars takes the overall one.
+    snr_edges: list[float] = field(default_factory=list)
+    spectrum_chi2_by_snr: list[float] = field(default_factory=list)
+    line_chi2_by_snr: list[float] = field(default_factory=list)
     n_validation: int = 0
 
     _INF_FIELDS = ("disagreement", "spectrum_chi2", "line_chi2")
@@ -220,6 +225,8 @@ class TrustThresholds:
         d = asdict(self)
         for k in self._INF_FIELDS:  # JSON has no infinity: null means "test off"
             d[k] = None if not np.isfinite(getattr(self, k)) else float(getattr(self, k))
+        for k in ("spectrum_chi2_by_snr", "line_chi2_by_snr"):
+            d[k] = [None if not np.isfinite(v) else float(v) for v in d[k]]
         return d
 
     @classmethod
@@ -229,7 +236,16 @@ class TrustThresholds:
         d = dict(d)
         for k in cls._INF_FIELDS:
             d[k] = np.inf if d.get(k) is None else float(d[k])
+        for k in ("spectrum_chi2_by_snr", "line_chi2_by_snr"):
+            d[k] = [np.inf if v is None else float(v) for v in d.get(k, [])]
         return cls(**d)
+
+    def chi2_limits(self, snr: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per star the spectrum_chi2 and line_chi2 thresholds of its S/N bin."""
+        if snr is None or not self.spectrum_chi2_by_snr:
+            return np.full(n, self.spectrum_chi2), np.full(n, self.line_chi2)
+        b = np.searchsorted(np.asarray(self.snr_edges), np.nan_to_num(np.asarray(snr, float)), side="right")
+        return np.asarray(self.spectrum_chi2_by_snr)[b], np.asarray(self.line_chi2_by_snr)[b]
 
 
 def _quantile_threshold(values: np.ndarray, rate: float) -> float:
@@ -248,7 +264,8 @@ def disagreement_statistic(epistemic: np.ndarray, ref: np.ndarray) -> np.ndarray
 
 def fit_thresholds(stats: dict, xp: np.ndarray, scalars: np.ndarray, quality: np.ndarray, epistemic: np.ndarray,
                    rate: float, trained_missing: list[str] | None = None, spectrum_chi2: np.ndarray | None = None,
-                   line_chi2: np.ndarray | None = None) -> TrustThresholds:
+                   line_chi2: np.ndarray | None = None, snr: np.ndarray | None = None,
+                   snr_edges: tuple[float, ...] = (15.0, 25.0, 50.0), min_per_bin: int = 50) -> TrustThresholds:
     """Thresholds that flag ``rate`` of the validation stars per test.
 
     Args:
@@ -259,10 +276,20 @@ def fit_thresholds(stats: dict, xp: np.ndarray, scalars: np.ndarray, quality: np
         rate: the false-flag rate per test.
         trained_missing: input blocks the model was trained to do without.
         spectrum_chi2, line_chi2: the emulator's statistics of the validation stars (None: tests off).
+        snr: their S/N, for per-bin chi-square thresholds (``snr_edges``; bins with fewer than
+            ``min_per_bin`` stars take the overall threshold).
     """
     ref = np.median(epistemic, axis=0) if len(epistemic) else np.ones(epistemic.shape[1])
     excess = input_excess(stats, xp, scalars, quality)
+    by_snr: dict[str, list[float]] = {"spectrum_chi2_by_snr": [], "line_chi2_by_snr": []}
+    if snr is not None and spectrum_chi2 is not None and line_chi2 is not None:
+        b = np.searchsorted(np.asarray(snr_edges), np.nan_to_num(np.asarray(snr, float)), side="right")
+        for key, values in (("spectrum_chi2_by_snr", spectrum_chi2), ("line_chi2_by_snr", line_chi2)):
+            overall = _quantile_threshold(values, rate)
+            by_snr[key] = [_quantile_threshold(values[b == i], rate) if (b == i).sum() >= min_per_bin else overall
+                           for i in range(len(snr_edges) + 1)]
     return TrustThresholds(
+        snr_edges=list(snr_edges) if by_snr["spectrum_chi2_by_snr"] else [], **by_snr,
         false_flag_rate=rate, input_excess=max(0.0, _quantile_threshold(excess, rate)),
         disagreement_ref=[float(r) for r in ref],
         disagreement=_quantile_threshold(disagreement_statistic(epistemic, ref), rate),
@@ -274,7 +301,7 @@ def fit_thresholds(stats: dict, xp: np.ndarray, scalars: np.ndarray, quality: np
 def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.ndarray, scalars: np.ndarray,
            quality: np.ndarray, mean: np.ndarray, epistemic: np.ndarray,
            train_like: np.ndarray | None, reads: set[str] = frozenset(BLOCKS), spectrum_chi2: np.ndarray | None = None,
-           line_chi2: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+           line_chi2: np.ndarray | None = None, snr: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``ood_reason`` bits of a batch, and which label values must be withheld (outside the envelope).
 
     Args:
@@ -289,6 +316,7 @@ def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.n
         train_like: (N,) the map's verdict, None or NaN where unknown.
         reads: the input blocks the model reads (:func:`blocks_read`).
         spectrum_chi2, line_chi2: the emulator's statistics at the predicted labels (None: not run).
+        snr: (N,) S/N, for the chi-square thresholds per S/N bin.
 
     Returns:
         (ood_reason int32 (N,), withheld bool (N, L)).
@@ -316,8 +344,9 @@ def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.n
         if thr.disagreement_ref:
             d = disagreement_statistic(epistemic, np.asarray(thr.disagreement_ref))
             reason |= np.where(d > thr.disagreement, OOD_DISAGREEMENT, 0).astype(np.int32)
-        for values, limit, bit in ((spectrum_chi2, thr.spectrum_chi2, OOD_SPECTRUM), (line_chi2, thr.line_chi2, OOD_LINES)):
-            if values is not None and np.isfinite(limit):
+        lim_spec, lim_line = thr.chi2_limits(snr, n)
+        for values, limit, bit in ((spectrum_chi2, lim_spec, OOD_SPECTRUM), (line_chi2, lim_line, OOD_LINES)):
+            if values is not None:
                 reason |= np.where(np.nan_to_num(values, nan=0.0) > limit, bit, 0).astype(np.int32)
     return reason, withheld
 
