@@ -93,16 +93,27 @@ def ar1_cholesky(rho: float, n: int) -> np.ndarray:
     return power * scale[None, :]
 
 
+# Libraries that bring their own BLAS or OpenMP runtime (scipy ships a second OpenBLAS, scikit-learn an
+# OpenMP). threadpoolctl limits only the runtimes loaded when the limit is set, so these are imported
+# first: a library loaded later inside the block would run with the environment's thread count.
+PRELOAD = ("scipy.linalg", "sklearn.decomposition")
+
+
 def one_blas_thread() -> AbstractContextManager:
     """Context manager: BLAS and OpenMP pools limited to one thread while it is open.
 
     The thread policy of every reproducible numeric step (module docstring).
     One thread, because that is what a Spark task gets anyway (PySpark sets
     ``OMP_NUM_THREADS`` to ``spark.task.cpus``), and the in-process path must
-    round like the executors do.
+    round like the executors do. The runtimes of :data:`PRELOAD` are loaded
+    first, so that the limit reaches them too.
     """
+    import importlib
+
     from threadpoolctl import threadpool_limits
 
+    for name in PRELOAD:
+        importlib.import_module(name)
     return threadpool_limits(limits=1)
 
 
