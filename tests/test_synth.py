@@ -235,3 +235,22 @@ def test_second_instrument_writes_fits_spectra_and_lithium(tmp_path, hr15n_instr
     with fits.open(path / "labels" / "allStar-synth.fits") as hdul:
         cols = hdul[1].columns.names
         assert "A_LI" in cols and "A_LI_ERR" in cols
+
+
+def test_one_thread_policy_reaches_runtimes_loaded_inside_it():
+    """threadpoolctl limits only the runtimes loaded when the limit is set: in a fresh process whose
+    first scipy/scikit-learn import happens inside the policy (as in a resumed pipeline's select),
+    every BLAS and OpenMP runtime must still run one thread."""
+    code = ("import sys, threadpoolctl\n"
+            "assert 'scipy.linalg' not in sys.modules\n"
+            "from stellar.numerics import one_blas_thread\n"
+            "with one_blas_thread():\n"
+            "    import sklearn.decomposition, scipy.linalg\n"
+            "    info = threadpoolctl.threadpool_info()\n"
+            "print(len(info), sorted({i['num_threads'] for i in info}), sorted({i['prefix'] for i in info}))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS_", "OMP_", "MKL_"))}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OPENBLAS_NUM_THREADS": "2"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n, threads, prefixes = out.stdout.strip().split(" ", 2)
+    assert int(n) >= 2 and threads == "[1]" and "libscipy_openblas" in prefixes, out.stdout
