@@ -75,6 +75,26 @@ class MlflowConfig(StrictModel):
     model_name: str = "stellar-hybrid"
 
 
+class RealismConfig(StrictModel):
+    """What real survey data has beyond photon noise and the defects every variant gets.
+
+    All off by default (the demo survey). ``synth.realism: hard`` loads ``conf/realism/hard.yaml``,
+    the benchmark variant that no threshold or model setting is tuned on."""
+
+    # Multiplies the dust layer's A_V (2 puts A0 up to ~3 mag along the disc); the 862 nm DIB,
+    # reddened XP and photometry follow it.
+    extinction_scale: float = Field(1.0, ge=0.0, le=5.0)
+    # Gaussian sigma, in instrument pixels, of the kernel that correlates the pixel noise (resampling
+    # of epoch spectra); the published errors, like Gaia's, say nothing of it. 0: white noise.
+    noise_correlation_px: float = Field(0.0, ge=0.0, le=5.0)
+    # Standard deviation of the radial velocity left in the "rest-frame" spectrum.
+    rv_residual_kms: float = Field(0.0, ge=0.0, le=20.0)
+    # RMS of a smooth multiplicative continuum error (normalisation residuals), three low-order terms.
+    continuum_wiggle: float = Field(0.0, ge=0.0, le=0.1)
+    # Share of in-distribution dwarfs and subgiants that rotate fast (vbroad 15-60 km/s).
+    fast_rotator_fraction: float = Field(0.0, ge=0.0, le=1.0)
+
+
 class SynthConfig(StrictModel):
     """The synthetic survey: population, defects and file layout."""
 
@@ -96,7 +116,16 @@ class SynthConfig(StrictModel):
     grvs_limit: float = Field(14.1, gt=6.0, le=17.0)
     # ISA-L gzip level 0-3 (standard gzip output; level 1 matches zlib -1 in size, 3x faster).
     gzip_level: int = Field(1, ge=0, le=3)
+    # Extra realism: a preset name under conf/realism/ (default, hard), a YAML path, or the fields inline.
+    realism: RealismConfig = Field(default_factory=RealismConfig)
     output_dir: str = "{work_dir}/synth"
+
+    @field_validator("realism", mode="before")
+    @classmethod
+    def _realism_preset(cls, v):
+        if isinstance(v, str):
+            return load_preset("realism", v, RealismConfig, label="synth.realism")
+        return v
 
 
 DEFAULT_ASTROMETRY_COLUMNS = [

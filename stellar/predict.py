@@ -134,7 +134,7 @@ class BatchPredictor:
         return float(np.nanmax(dev)) if dev.size else 0.0
 
     def predict_arrays(self, arrays: dict[str, np.ndarray], snr: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Labels, calibrated uncertainties (per S/N bin where ``snr`` is given), the members' spread and
+        """Labels, calibrated uncertainties (as a function of S/N where ``snr`` is given), the members' spread and
         the normalised inputs the trust tests read."""
         data = features_to_tensors(self.ens.stats, arrays)
         if not self.decided and len(arrays["spectrum"]):
@@ -172,11 +172,12 @@ class BatchPredictor:
             mean[ok], sigma[ok] = out["mean"], out["sigma"]
             quality = pc.fill_null(cols["quality"], 0).to_numpy(zero_copy_only=False)[ok]
             tl = pc.fill_null(train_like.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)[ok]
+            msc = pc.fill_null(score.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)[ok]
             if out.get("spectrum_chi2") is not None:
                 chi2[ok], line[ok] = out["spectrum_chi2"], out["line_chi2"]
             reason[ok], withheld[ok] = assess(self.ens.stats, self.ens.trust, self.labels, out["xp_norm"],
                                               out["scalars_norm"], quality, out["mean"], out["epistemic_norm"], tl,
-                                              self.reads, out.get("spectrum_chi2"), out.get("line_chi2"), snr)
+                                              self.reads, out.get("spectrum_chi2"), out.get("line_chi2"), snr, msc)
         outside = ((mean < self.lo) | (mean > self.hi)) & ok[:, None]
         bits = (outside * (1 << np.arange(n_lab))).sum(axis=1).astype(np.int32)
         for j, lab in enumerate(self.labels):

@@ -58,13 +58,44 @@ def git_commit() -> str:
 
 def train_digest(cfg: StellarConfig, instrument: str, features_version: str | None) -> str:
     """What determines the trained ensemble: train settings, the resolved architecture, instrument,
-    features version and code version (a registered version with this tag need not be retrained)."""
+    features and selection versions (the map test's threshold is fitted on the selection scores) and
+    code version (a registered version with this tag need not be retrained)."""
     from stellar import __version__
 
     payload = {"train": cfg.train.model_dump(exclude={"alias", "register_model"}),
                "model": model_config(cfg).model_dump(), "instrument": instrument,
-               "features": features_version, "v": __version__}
+               "features": features_version, "selection": selection_table(cfg, features_version)[1],
+               "v": __version__}
     return settings_hash(payload)
+
+
+def selection_table(cfg: StellarConfig, features_version: str | None) -> tuple[Path | None, str | None]:
+    """The committed selection table made from these features, if there is one: (its folder, version).
+    A selection of other features is not used (the map test then falls back to train_like)."""
+    store = TableStore(cfg.select.output_dir)
+    man = store.current_manifest()
+    if man is None or features_version is None or man.get("summary", {}).get("features_version") != features_version:
+        return None, None
+    version = store.current_version()
+    return store.root / version / "selection", version
+
+
+def map_scores(selection: Path | None, source_id: np.ndarray) -> np.ndarray | None:
+    """The selection-map score of each of ``source_id`` (NaN where it has none); None without a selection."""
+    if selection is None:
+        return None
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    ids = pa.array(np.asarray(source_id, dtype=np.int64))
+    t = pads.dataset(selection, format="parquet", partitioning="hive").to_table(
+        columns=["source_id", "score"], filter=pc.field("source_id").isin(ids))
+    pos = pc.fill_null(pc.index_in(ids, t["source_id"]), -1).to_numpy(zero_copy_only=False)
+    score = t["score"].to_numpy(zero_copy_only=False).astype(np.float64)
+    out = np.full(len(ids), np.nan)
+    out[pos >= 0] = score[pos[pos >= 0]]
+    return out
 
 
 def registered_with_digest(cfg: StellarConfig, digest: str) -> int | None:
@@ -106,7 +137,9 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper=None, log_
     members = sorted(mapper(work, list(range(cfg.train.members))), key=lambda m: m.index)
     dropped = outlier_members([m.best_val_loss for m in members], cfg.train.outlier_mad) if len(members) > 2 else []
     kept = [m for m in members if m.index not in dropped]
+    selection, selection_version = selection_table(cfg, store.current_version())
     meta = {"features_root": features_root, "features_version": store.current_version(),
+            "selection_version": selection_version,
             "config_digest": cfg.digest(), "git_commit": git_commit(), "instrument": instrument.name,
             "train_digest": train_digest(cfg, instrument.name, store.current_version()),
             "members": [m.index for m in kept], "dropped": dropped, "seeds": seeds,
@@ -117,15 +150,17 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper=None, log_
     if not val or not test:
         raise TrainError("the validation or test split is empty: too few usable labelled stars")
     raw_cal = evaluate_uncalibrated(ens, test)
-    ens.calibrate(val)
     ens.fit_emulator(emulator_sample(features_root, labels, stats),
                      line_window(stats["wavelength"], [(ln.wavelength, ln.strength) for ln in instrument.lines
                                                          if ln.kind != "dib"]))
-    trust = ens.fit_trust(val, cfg.train.ood_false_flag_rate)
+    val_scores = map_scores(selection, val["source_id"].numpy())
+    trust = ens.fit_trust(val, cfg.train.ood_false_flag_rate, val_scores)
+    # uncertainties calibrated on the validation stars the trust tests keep: the stars users keep
+    ens.calibrate(val, keep=ens.flag(val, val_scores) == 0)
     metrics = evaluate(ens, test)
     summary = {"members": len(members), "kept": len(kept), "dropped": dropped,
                "calibration": dict(zip(labels, ens.calibration.round(4).tolist())),
-               "snr_calibration": {"edges": ens.snr_edges.tolist(), "factors": ens.snr_factors.round(4).tolist()},
+               "snr_calibration": ens.snr_calibration(),
                "trust": trust.to_dict(),
                "z_std_uncalibrated": raw_cal, "metrics": metrics,
                "member_seconds": [round(m.seconds, 2) for m in members],

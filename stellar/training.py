@@ -31,7 +31,7 @@ from stellar.emulator import SpectrumEmulator
 from stellar.inference_core import INPUTS, forward_members
 from stellar.loader import FeatureDataset
 from stellar.model import HybridNet, ModelConfig, gaussian_nll
-from stellar.trust import TrustThresholds, drop_blocks, fit_thresholds, label_bounds
+from stellar.trust import TrustThresholds, assess, blocks_read, drop_blocks, fit_thresholds, label_bounds
 
 SNR_BINS = ((15.0, 25.0), (25.0, 50.0), (50.0, np.inf))
 
@@ -135,9 +135,13 @@ def outlier_members(losses: list[float], n_mad: float = 3.0) -> list[int]:
     return [i for i, v in enumerate(x) if v > limit]
 
 
-# S/N bin edges of the calibration: one factor per label below 15, 15-25, 25-50 and above 50
-CALIBRATION_SNR_EDGES = (15.0, 25.0, 50.0)
-MIN_STARS_PER_CALIBRATION_BIN = 30  # fewer validation stars in a bin: the bin takes the global factor
+# The calibration factor is a smooth function of S/N, log c = a + b log(S/N / pivot), per label: two
+# numbers fitted on all validation stars (bins of ~100 stars each would leave the factors noisy, and a
+# step at a bin edge is not physical). log(S/N / pivot) is clipped to the validation stars' 2-98 %
+# range, so the factor never extrapolates beyond the S/N the fit saw.
+CALIBRATION_PIVOT_SNR = 30.0
+CALIBRATION_SLOPES = np.round(np.arange(-1.5, 1.5001, 0.01), 2)  # the slope b is chosen on this grid
+MIN_CALIBRATION_STARS = 30  # fewer validation stars with a label: one factor, no slope
 
 
 def _calibration_factor(r: np.ndarray, s: np.ndarray, e: np.ndarray) -> float:
@@ -152,13 +156,30 @@ def _calibration_factor(r: np.ndarray, s: np.ndarray, e: np.ndarray) -> float:
     return float(np.sqrt(lo * hi))
 
 
+def fit_snr_calibration(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.ndarray) -> tuple[float, float]:
+    """(a, b) of c(t) = exp(a + b t) for residuals ``r``, predicted sigmas ``s``, label errors ``e`` and
+    clipped log-S/N ``t``: for each slope on :data:`CALIBRATION_SLOPES`, the ``a`` that makes the
+    z-scores' mean square exactly 1, and of those the (a, b) of the highest Gaussian likelihood.
+    Deterministic (a grid and bisections, no optimiser state)."""
+    best = (-np.inf, 0.0, 0.0)
+    for b in CALIBRATION_SLOPES:
+        g = np.exp(b * t)
+        a = np.log(_calibration_factor(r, s * g, e))
+        var = (np.exp(a) * g * s) ** 2 + e**2
+        loglike = -0.5 * float(np.sum(np.log(var) + r**2 / var))
+        if loglike > best[0] + 1e-9:
+            best = (loglike, float(a), float(b))
+    return best[1], best[2]
+
+
 class Ensemble:
     """Members + normalisation + calibration + trust thresholds: everything needed to predict,
     loadable without pickle.
 
-    The uncertainty calibration is a factor per label and S/N bin (``CALIBRATION_SNR_EDGES``):
-    one factor per label cannot fit both ends (at high S/N the raw spread is too large, at low
-    S/N about right). ``calibration`` keeps the all-S/N factor, used where no S/N is given.
+    The uncertainty calibration is a factor per label that varies smoothly with S/N
+    (:func:`fit_snr_calibration`): one factor per label cannot fit both ends (at high S/N the raw
+    spread is too large, at low S/N about right). ``calibration`` keeps the all-S/N factor, used
+    where no S/N is given.
     """
 
     def __init__(self, cfg: ModelConfig, labels: list[str], stats: dict, weights: list[bytes],
@@ -170,9 +191,12 @@ class Ensemble:
         self.stats = stats
         self.weights = list(weights)
         self.calibration = np.ones(len(labels)) if calibration is None else np.asarray(calibration, dtype=float)
-        self.snr_edges = np.asarray((snr_calibration or {}).get("edges", []), dtype=float)
-        self.snr_factors = np.asarray((snr_calibration or {}).get("factors", [self.calibration.tolist()]),
-                                      dtype=float).reshape(-1, len(labels))
+        sc = snr_calibration or {}
+        # log c = a + b clip(log(S/N / pivot), t_lo, t_hi) per label; without it, the all-S/N factor
+        self.snr_coef = np.asarray(sc.get("coef", np.c_[np.log(self.calibration), np.zeros(len(labels))]),
+                                   dtype=float).reshape(len(labels), 2)
+        self.snr_pivot = float(sc.get("pivot", CALIBRATION_PIVOT_SNR))
+        self.snr_t_range = tuple(float(v) for v in sc.get("t_range", (0.0, 0.0)))
         self.trust = trust
         self.emulator = emulator
         self.meta = dict(meta or {})
@@ -202,11 +226,22 @@ class Ensemble:
         snr = data["snr"].numpy() if "snr" in data else None
         return self.combine(means, variances, calibrated, snr)
 
+    def snr_term(self, snr: np.ndarray) -> np.ndarray:
+        """The clipped log(S/N / pivot) the calibration is a function of (unknown S/N: the pivot)."""
+        snr = np.asarray(snr, dtype=np.float64)
+        t = np.log(np.where(np.isfinite(snr) & (snr > 0), snr, self.snr_pivot) / self.snr_pivot)
+        return np.clip(t, *self.snr_t_range)
+
     def factors(self, snr: np.ndarray | None, n: int) -> np.ndarray:
-        """(N, L) calibration factors: per S/N bin where the S/N is known, else the all-S/N factor."""
-        if snr is None or self.snr_factors.shape[0] == 1:
-            return np.broadcast_to(self.calibration if snr is None else self.snr_factors[0], (n, len(self.labels)))
-        return self.snr_factors[np.searchsorted(self.snr_edges, np.nan_to_num(np.asarray(snr, float)), side="right")]
+        """(N, L) calibration factors at each star's S/N; the all-S/N factor where no S/N is given."""
+        if snr is None:
+            return np.broadcast_to(self.calibration, (n, len(self.labels)))
+        t = self.snr_term(snr)
+        return np.exp(self.snr_coef[:, 0][None, :] + t[:, None] * self.snr_coef[:, 1][None, :])
+
+    def snr_calibration(self) -> dict:
+        return {"kind": "loglinear", "pivot": self.snr_pivot, "t_range": list(self.snr_t_range),
+                "coef": self.snr_coef.tolist()}
 
     def combine(self, means: np.ndarray, variances: np.ndarray, calibrated: bool = True,
                 snr: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -225,26 +260,35 @@ class Ensemble:
                 "sigma_aleatoric": np.sqrt(aleatoric) * self.label_std,
                 "sigma_epistemic": np.sqrt(epistemic) * self.label_std, "epistemic_norm": np.sqrt(epistemic)}
 
-    def calibrate(self, data: dict[str, torch.Tensor]) -> np.ndarray:
-        """Per-label factors making the validation z-scores' spread 1 (label noise included), over all
-        stars and in each S/N bin with enough stars; returns the all-S/N factors."""
+    def calibrate(self, data: dict[str, torch.Tensor], keep: np.ndarray | None = None) -> np.ndarray:
+        """Per-label calibration on held-out stars: the all-S/N factor making the z-scores' mean square
+        1 (label noise included), and the smooth S/N dependence (:func:`fit_snr_calibration`).
+
+        ``keep``: the stars to fit on (default all) -- the trainer passes those the trust tests do not
+        flag, because the published uncertainties are meant for the stars users keep. Returns the
+        all-S/N factors."""
         pred = self.predict(data, calibrated=False)
         truth, err = self.physical_labels(data)
+        keep = np.ones(len(truth), bool) if keep is None else np.asarray(keep, bool)
         snr = data["snr"].numpy().astype(np.float64)
-        bins = np.searchsorted(CALIBRATION_SNR_EDGES, snr, side="right")
-        overall, per_bin = [], np.ones((len(CALIBRATION_SNR_EDGES) + 1, len(self.labels)))
+        t_all = np.log(np.where(np.isfinite(snr) & (snr > 0), snr, CALIBRATION_PIVOT_SNR) / CALIBRATION_PIVOT_SNR)
+        lo, hi = (np.quantile(t_all[keep], [0.02, 0.98]) if keep.sum() >= MIN_CALIBRATION_STARS else (0.0, 0.0))
+        t = np.clip(t_all, lo, hi)
+        overall, coef = [], np.zeros((len(self.labels), 2))
         for j in range(len(self.labels)):
-            ok = np.isfinite(truth[:, j])
+            ok = keep & np.isfinite(truth[:, j])
             s, e = pred["sigma"][:, j], np.nan_to_num(err[:, j])
-            r = truth[:, j] - pred["mean"][:, j]
+            r = pred["mean"][:, j] - truth[:, j]
+            if ok.sum() == 0:
+                overall.append(1.0)
+                continue
             overall.append(_calibration_factor(r[ok], s[ok], e[ok]))
-            for b in range(per_bin.shape[0]):
-                sel = ok & (bins == b)
-                per_bin[b, j] = _calibration_factor(r[sel], s[sel], e[sel]) \
-                    if sel.sum() >= MIN_STARS_PER_CALIBRATION_BIN else overall[-1]
+            coef[j] = fit_snr_calibration(r[ok], s[ok], e[ok], t[ok]) if ok.sum() >= MIN_CALIBRATION_STARS \
+                else (np.log(overall[-1]), 0.0)
         self.calibration = np.asarray(overall)
-        self.snr_edges = np.asarray(CALIBRATION_SNR_EDGES, dtype=float)
-        self.snr_factors = per_bin
+        self.snr_coef = coef
+        self.snr_pivot = CALIBRATION_PIVOT_SNR
+        self.snr_t_range = (float(lo), float(hi))
         return self.calibration
 
     def fit_emulator(self, data: dict[str, torch.Tensor], window: np.ndarray) -> SpectrumEmulator:
@@ -262,16 +306,29 @@ class Ensemble:
         arr = lambda v: v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)  # noqa: E731
         return self.emulator.statistics(z, arr(data["spectrum"]), arr(data["spectrum_error"]), arr(data["spectrum_mask"]))
 
-    def fit_trust(self, data: dict[str, torch.Tensor], rate: float) -> TrustThresholds:
-        """The out-of-distribution tests' thresholds from held-out (validation) stars: each flags
-        ``rate`` of them."""
+    def fit_trust(self, data: dict[str, torch.Tensor], rate: float,
+                  map_score: np.ndarray | None = None) -> TrustThresholds:
+        """The out-of-distribution tests' thresholds from held-out (validation) stars: together they
+        flag ``rate`` of them. ``map_score``: those stars' selection-map scores (None: no map test
+        threshold; predict then uses train_like)."""
         pred = self.predict(data)
         trained = [b for b, r in self.cfg.input_dropout.items() if r > 0]
         chi2, line = self.consistency(pred["mean"], data)
-        self.trust = fit_thresholds(self.stats, data["xp"].numpy(), data["scalars"].numpy(), data["quality"].numpy(),
-                                    pred["epistemic_norm"], rate, trained, chi2, line, data["snr"].numpy(),
-                                    CALIBRATION_SNR_EDGES)
+        self.trust = fit_thresholds(self.stats, self.labels, data["xp"].numpy(), data["scalars"].numpy(),
+                                    data["quality"].numpy(), pred["mean"], pred["epistemic_norm"], rate, trained,
+                                    blocks_read(self.cfg.use_xp, self.cfg.use_scalars), chi2, line,
+                                    data["snr"].numpy(), map_score)
         return self.trust
+
+    def flag(self, data: dict[str, torch.Tensor], map_score: np.ndarray | None = None) -> np.ndarray:
+        """``ood_reason`` of each star of ``data`` under this ensemble's thresholds."""
+        pred = self.predict(data)
+        chi2, line = self.consistency(pred["mean"], data)
+        reason, _ = assess(self.stats, self.trust, self.labels, data["xp"].numpy(), data["scalars"].numpy(),
+                           data["quality"].numpy(), pred["mean"], pred["epistemic_norm"], None,
+                           blocks_read(self.cfg.use_xp, self.cfg.use_scalars), chi2, line, data["snr"].numpy(),
+                           map_score)
+        return reason
 
     def physical_labels(self, data: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         y = data["labels"].numpy().astype(np.float64) * self.label_std + self.label_mean
@@ -285,7 +342,7 @@ class Ensemble:
         files["ensemble.json"] = json.dumps({
             "model": self.cfg.model_dump(), "labels": self.labels, "n_members": len(self.weights),
             "calibration": self.calibration.tolist(),
-            "snr_calibration": {"edges": self.snr_edges.tolist(), "factors": self.snr_factors.tolist()},
+            "snr_calibration": self.snr_calibration(),
             "trust": self.trust.to_dict() if self.trust else None, "meta": self.meta},
             indent=1, default=str).encode()
         files["stats.json"] = json.dumps(self.stats).encode()

@@ -16,10 +16,11 @@ the others. Three layers stand between the network and the catalogue:
    its level on held-out stars, input blocks the model cannot do without,
    and (guard) a label outside the physical envelope, which is then withheld.
    ``ood`` is true when any bit is set.
-3. **Thresholds from the validation split.** Each test with a free threshold
-   gets the one that flags ``false_flag_rate`` of the validation stars (in
-   distribution by construction) at train time; the thresholds travel with
-   the model (``ensemble.json``). Injected test stars never set them.
+3. **Thresholds from the validation split.** At train time the tests with a
+   free threshold each flag the same share of the validation stars (in
+   distribution by construction), chosen so that all tests together flag
+   ``train.ood_false_flag_rate`` of them; the thresholds travel with the model
+   (``ensemble.json``). Injected test stars never set them.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ OOD_ENVELOPE = 1 << 8
 
 # name: (bit, meaning) -- the documented bitmask (README, column descriptions, export headers)
 OOD_BITS: dict[str, tuple[int, str]] = {
-    "map": (OOD_MAP, "train-unlike on the selection map (train_like false)"),
+    "map": (OOD_MAP, "on the selection map, fewer training stars among the neighbours than the "
+                     "validation-calibrated level (selection_score; train_like where the model has none)"),
     "input_range": (OOD_INPUT_RANGE, "an XP coefficient, colour, magnitude or parallax feature lies beyond the "
                                      "training stars' range by more than the validation-calibrated margin"),
     "label_range": (OOD_LABEL_RANGE, "a predicted label lies outside the training labels' range (extrapolation)"),
@@ -61,9 +63,9 @@ OOD_BITS: dict[str, tuple[int, str]] = {
     "missing_input": (OOD_MISSING_INPUT, "an input block the model reads (XP, BP, RP, parallax, photometry) is "
                                          "missing, and the model was not trained to do without it"),
     "spectrum": (OOD_SPECTRUM, "the spectrum emulated at the predicted labels does not reproduce the observed one "
-                               "(spectrum_chi2 above the validation-calibrated level)"),
+                               "(spectrum_chi2 above the validation-calibrated level for its S/N)"),
     "lines": (OOD_LINES, "residuals around the strongest lines (Ca II triplet): doubled, shifted or too-weak lines "
-                         "(line_chi2 above the validation-calibrated level)"),
+                         "(line_chi2 above the validation-calibrated level for its S/N)"),
     "envelope": (OOD_ENVELOPE, "a label fell outside the physical envelope and was withheld (null)"),
 }
 
@@ -201,32 +203,41 @@ def input_excess(stats: dict, xp: np.ndarray, scalars: np.ndarray, quality: np.n
     return out
 
 
+CHI2_PIVOT_SNR = 30.0
+
+
 @dataclass
 class TrustThresholds:
-    """What the tests need beyond the normalisation statistics; fitted on the validation split."""
+    """What the tests need beyond the normalisation statistics; fitted on the validation split.
 
-    false_flag_rate: float = 0.01  # per test, on the validation split
+    ``false_flag_rate`` is the share of validation stars that all tests together flag; each test with a
+    free threshold flags the same share ``per_test_rate`` of them, chosen so that the union comes to
+    ``false_flag_rate`` (the threshold-free tests count towards it too).
+    """
+
+    false_flag_rate: float = 0.03  # all tests together, on the validation split
+    per_test_rate: float = 0.0
     input_excess: float = 0.0  # flag when input_excess() exceeds this
     disagreement_ref: list[float] = field(default_factory=list)  # per label: validation median epistemic std
     disagreement: float = np.inf  # flag when max_label(epistemic / ref) exceeds this
     trained_missing: list[str] = field(default_factory=list)  # blocks the model learned to do without
-    spectrum_chi2: float = np.inf  # flag when the emulator's reduced chi-square exceeds this
+    # The selection map: flag a star whose selection score is below this (-inf: use train_like).
+    map_score: float = -np.inf
+    # The chi-squares grow with S/N (label errors leave residuals that noise hides at low S/N): the test is
+    # on log chi2 minus a robust straight-line trend in log(S/N / pivot), fitted on all validation stars.
+    chi2_t_range: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    spectrum_trend: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    line_trend: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    spectrum_chi2: float = np.inf  # flag when log chi2 - trend exceeds this
     line_chi2: float = np.inf  # ... over the strong-line windows
-    # The chi-squares grow with S/N (label errors leave residuals that noise hides at low S/N), so their
-    # thresholds are fitted per S/N bin too; a bin with too few validation stars takes the overall one.
-    snr_edges: list[float] = field(default_factory=list)
-    spectrum_chi2_by_snr: list[float] = field(default_factory=list)
-    line_chi2_by_snr: list[float] = field(default_factory=list)
     n_validation: int = 0
 
-    _INF_FIELDS = ("disagreement", "spectrum_chi2", "line_chi2")
+    _INF_FIELDS = ("disagreement", "spectrum_chi2", "line_chi2", "map_score")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         for k in self._INF_FIELDS:  # JSON has no infinity: null means "test off"
             d[k] = None if not np.isfinite(getattr(self, k)) else float(getattr(self, k))
-        for k in ("spectrum_chi2_by_snr", "line_chi2_by_snr"):
-            d[k] = [None if not np.isfinite(v) else float(v) for v in d[k]]
         return d
 
     @classmethod
@@ -234,18 +245,40 @@ class TrustThresholds:
         if not d:
             return None
         d = dict(d)
+        if "spectrum_trend" not in d:  # a model of 0.2.0 or before: per-bin chi2 thresholds, not kept
+            d["spectrum_chi2"] = d["line_chi2"] = None
         for k in cls._INF_FIELDS:
-            d[k] = np.inf if d.get(k) is None else float(d[k])
-        for k in ("spectrum_chi2_by_snr", "line_chi2_by_snr"):
-            d[k] = [np.inf if v is None else float(v) for v in d.get(k, [])]
-        return cls(**d)
+            d[k] = (-np.inf if k == "map_score" else np.inf) if d.get(k) is None else float(d[k])
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
-    def chi2_limits(self, snr: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per star the spectrum_chi2 and line_chi2 thresholds of its S/N bin."""
-        if snr is None or not self.spectrum_chi2_by_snr:
-            return np.full(n, self.spectrum_chi2), np.full(n, self.line_chi2)
-        b = np.searchsorted(np.asarray(self.snr_edges), np.nan_to_num(np.asarray(snr, float)), side="right")
-        return np.asarray(self.spectrum_chi2_by_snr)[b], np.asarray(self.line_chi2_by_snr)[b]
+    def chi2_excess(self, chi2: np.ndarray, snr: np.ndarray | None, trend: list[float]) -> np.ndarray:
+        """log chi2 minus its S/N trend (unknown S/N: the pivot's)."""
+        return np.log(np.maximum(np.asarray(chi2, dtype=np.float64), 1e-12)) - _trend(trend, snr, self.chi2_t_range,
+                                                                                      len(chi2))
+
+
+def _snr_t(snr: np.ndarray | None, n: int) -> np.ndarray:
+    if snr is None:
+        return np.zeros(n)
+    snr = np.asarray(snr, dtype=np.float64)
+    return np.log(np.where(np.isfinite(snr) & (snr > 0), snr, CHI2_PIVOT_SNR) / CHI2_PIVOT_SNR)
+
+
+def _trend(coef: list[float], snr: np.ndarray | None, t_range: list[float], n: int) -> np.ndarray:
+    return coef[0] + coef[1] * np.clip(_snr_t(snr, n), t_range[0], t_range[1])
+
+
+def _robust_line(t: np.ndarray, y: np.ndarray) -> list[float]:
+    """Theil-Sen straight line (median of pairwise slopes): outliers, which these tests exist to find,
+    do not pull the trend."""
+    from scipy.stats import theilslopes
+
+    ok = np.isfinite(t) & np.isfinite(y)
+    if ok.sum() < 3:
+        return [float(np.median(y[ok])) if ok.any() else 0.0, 0.0]
+    res = theilslopes(y[ok], t[ok])
+    return [float(res.intercept), float(res.slope)]
 
 
 def _quantile_threshold(values: np.ndarray, rate: float) -> float:
@@ -262,46 +295,80 @@ def disagreement_statistic(epistemic: np.ndarray, ref: np.ndarray) -> np.ndarray
     return (np.asarray(epistemic, dtype=np.float64) / np.maximum(np.asarray(ref, dtype=np.float64), 1e-9)).max(axis=1)
 
 
-def fit_thresholds(stats: dict, xp: np.ndarray, scalars: np.ndarray, quality: np.ndarray, epistemic: np.ndarray,
-                   rate: float, trained_missing: list[str] | None = None, spectrum_chi2: np.ndarray | None = None,
+def fit_thresholds(stats: dict, labels: list[str], xp: np.ndarray, scalars: np.ndarray, quality: np.ndarray,
+                   mean: np.ndarray, epistemic: np.ndarray, rate: float, trained_missing: list[str] | None = None,
+                   reads: set[str] = frozenset(BLOCKS), spectrum_chi2: np.ndarray | None = None,
                    line_chi2: np.ndarray | None = None, snr: np.ndarray | None = None,
-                   snr_edges: tuple[float, ...] = (15.0, 25.0, 50.0), min_per_bin: int = 50) -> TrustThresholds:
-    """Thresholds that flag ``rate`` of the validation stars per test.
+                   map_score: np.ndarray | None = None) -> TrustThresholds:
+    """Thresholds under which all tests together flag ``rate`` of the validation stars.
 
     Args:
         stats: the features' normalisation statistics (training split).
+        labels: label names, in the columns' order of ``mean``.
         xp, scalars: the validation stars' normalised inputs.
         quality: their quality bits.
+        mean: (N, L) their physical predicted labels (for the threshold-free tests).
         epistemic: (N, L) the ensemble members' spread of the normalised means.
-        rate: the false-flag rate per test.
+        rate: the false-flag rate of all tests together.
         trained_missing: input blocks the model was trained to do without.
+        reads: the input blocks the model reads (:func:`blocks_read`).
         spectrum_chi2, line_chi2: the emulator's statistics of the validation stars (None: tests off).
-        snr: their S/N, for per-bin chi-square thresholds (``snr_edges``; bins with fewer than
-            ``min_per_bin`` stars take the overall threshold).
+        snr: their S/N (the chi-square tests are on the excess over a trend in S/N).
+        map_score: their selection-map scores (None or all NaN: the map test keeps train_like).
     """
+    n = len(xp)
     ref = np.median(epistemic, axis=0) if len(epistemic) else np.ones(epistemic.shape[1])
+    base = TrustThresholds(false_flag_rate=rate, disagreement_ref=[float(r) for r in ref],
+                           trained_missing=list(trained_missing or []), n_validation=int(n))
+    t = _snr_t(snr, n)
+    if n >= 10:
+        base.chi2_t_range = [float(v) for v in np.quantile(t, [0.02, 0.98])]
+    tc = np.clip(t, *base.chi2_t_range)
     excess = input_excess(stats, xp, scalars, quality)
-    by_snr: dict[str, list[float]] = {"spectrum_chi2_by_snr": [], "line_chi2_by_snr": []}
-    if snr is not None and spectrum_chi2 is not None and line_chi2 is not None:
-        b = np.searchsorted(np.asarray(snr_edges), np.nan_to_num(np.asarray(snr, float)), side="right")
-        for key, values in (("spectrum_chi2_by_snr", spectrum_chi2), ("line_chi2_by_snr", line_chi2)):
-            overall = _quantile_threshold(values, rate)
-            by_snr[key] = [_quantile_threshold(values[b == i], rate) if (b == i).sum() >= min_per_bin else overall
-                           for i in range(len(snr_edges) + 1)]
-    return TrustThresholds(
-        snr_edges=list(snr_edges) if by_snr["spectrum_chi2_by_snr"] else [], **by_snr,
-        false_flag_rate=rate, input_excess=max(0.0, _quantile_threshold(excess, rate)),
-        disagreement_ref=[float(r) for r in ref],
-        disagreement=_quantile_threshold(disagreement_statistic(epistemic, ref), rate),
-        trained_missing=list(trained_missing or []), n_validation=int(len(xp)),
-        spectrum_chi2=np.inf if spectrum_chi2 is None else _quantile_threshold(spectrum_chi2, rate),
-        line_chi2=np.inf if line_chi2 is None else _quantile_threshold(line_chi2, rate))
+    disagree = disagreement_statistic(epistemic, ref)
+    spec_res = line_res = None
+    if spectrum_chi2 is not None and line_chi2 is not None:
+        base.spectrum_trend = _robust_line(tc, np.log(np.maximum(spectrum_chi2, 1e-12)))
+        base.line_trend = _robust_line(tc, np.log(np.maximum(line_chi2, 1e-12)))
+        spec_res = base.chi2_excess(spectrum_chi2, snr, base.spectrum_trend)
+        line_res = base.chi2_excess(line_chi2, snr, base.line_trend)
+    neg_score = None
+    if map_score is not None and np.isfinite(np.asarray(map_score, dtype=np.float64)).any():
+        neg_score = -np.asarray(map_score, dtype=np.float64)
+
+    def at(r: float) -> TrustThresholds:
+        thr = TrustThresholds(**{**asdict(base), "per_test_rate": float(r)})
+        thr.input_excess = max(0.0, _quantile_threshold(excess, r))
+        thr.disagreement = _quantile_threshold(disagree, r)
+        if spec_res is not None:
+            thr.spectrum_chi2 = _quantile_threshold(spec_res, r)
+            thr.line_chi2 = _quantile_threshold(line_res, r)
+        if neg_score is not None:
+            thr.map_score = -_quantile_threshold(neg_score, r)
+        return thr
+
+    def flagged(thr: TrustThresholds) -> float:
+        reason, _ = assess(stats, thr, labels, xp, scalars, quality, mean, epistemic, None, reads,
+                           spectrum_chi2, line_chi2, snr, map_score)
+        return float((reason != 0).mean()) if n else 0.0
+
+    lo, hi = 0.0, float(rate)
+    if n == 0 or flagged(at(hi)) <= rate:
+        return at(hi)
+    for _ in range(30):  # the largest per-test rate whose union stays within ``rate`` (monotone in r)
+        mid = 0.5 * (lo + hi)
+        if flagged(at(mid)) <= rate:
+            lo = mid
+        else:
+            hi = mid
+    return at(lo)
 
 
 def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.ndarray, scalars: np.ndarray,
            quality: np.ndarray, mean: np.ndarray, epistemic: np.ndarray,
            train_like: np.ndarray | None, reads: set[str] = frozenset(BLOCKS), spectrum_chi2: np.ndarray | None = None,
-           line_chi2: np.ndarray | None = None, snr: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+           line_chi2: np.ndarray | None = None, snr: np.ndarray | None = None,
+           map_score: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``ood_reason`` bits of a batch, and which label values must be withheld (outside the envelope).
 
     Args:
@@ -313,19 +380,25 @@ def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.n
         quality: quality bits (N,).
         mean: (N, L) physical predicted labels.
         epistemic: (N, L) members' spread of the normalised means.
-        train_like: (N,) the map's verdict, None or NaN where unknown.
+        train_like: (N,) the map's verdict, None or NaN where unknown; the map test where the model
+            has no map-score threshold or a star no score.
         reads: the input blocks the model reads (:func:`blocks_read`).
         spectrum_chi2, line_chi2: the emulator's statistics at the predicted labels (None: not run).
-        snr: (N,) S/N, for the chi-square thresholds per S/N bin.
+        snr: (N,) S/N, for the chi-square tests' S/N trend.
+        map_score: (N,) selection-map scores (NaN where unknown).
 
     Returns:
         (ood_reason int32 (N,), withheld bool (N, L)).
     """
     n = len(mean)
     reason = np.zeros(n, dtype=np.int32)
+    map_flag = np.zeros(n, dtype=bool)
     if train_like is not None:
-        tl = np.asarray(train_like, dtype=np.float64)
-        reason |= np.where(tl == 0.0, OOD_MAP, 0).astype(np.int32)
+        map_flag |= np.asarray(train_like, dtype=np.float64) == 0.0
+    if thr is not None and np.isfinite(thr.map_score) and map_score is not None:
+        sc = np.asarray(map_score, dtype=np.float64)
+        map_flag = np.where(np.isfinite(sc), sc < thr.map_score, map_flag)
+    reason |= np.where(map_flag, OOD_MAP, 0).astype(np.int32)
     idx = [stats["label_names"].index(k) for k in labels]
     lab_lo = np.asarray(stats["labels"]["min"], dtype=np.float64)[idx]
     lab_hi = np.asarray(stats["labels"]["max"], dtype=np.float64)[idx]
@@ -344,10 +417,11 @@ def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.n
         if thr.disagreement_ref:
             d = disagreement_statistic(epistemic, np.asarray(thr.disagreement_ref))
             reason |= np.where(d > thr.disagreement, OOD_DISAGREEMENT, 0).astype(np.int32)
-        lim_spec, lim_line = thr.chi2_limits(snr, n)
-        for values, limit, bit in ((spectrum_chi2, lim_spec, OOD_SPECTRUM), (line_chi2, lim_line, OOD_LINES)):
-            if values is not None:
-                reason |= np.where(np.nan_to_num(values, nan=0.0) > limit, bit, 0).astype(np.int32)
+        for values, trend, limit, bit in ((spectrum_chi2, thr.spectrum_trend, thr.spectrum_chi2, OOD_SPECTRUM),
+                                          (line_chi2, thr.line_trend, thr.line_chi2, OOD_LINES)):
+            if values is not None and np.isfinite(limit):
+                res = thr.chi2_excess(values, snr, trend)
+                reason |= np.where(np.nan_to_num(res, nan=-np.inf) > limit, bit, 0).astype(np.int32)
     return reason, withheld
 
 

@@ -9,8 +9,8 @@ import torch
 from stellar.features import Q_NO_BP, Q_NO_PARALLAX, Q_NO_XP, SCALAR_NAMES
 from stellar.inference_core import StackedEnsemble, forward_members
 from stellar.model import HybridNet, ModelConfig
-from stellar.trust import (OOD_DISAGREEMENT, OOD_ENVELOPE, OOD_INPUT_RANGE, OOD_LABEL_RANGE, OOD_MAP,
-                           OOD_MISSING_INPUT, PHYSICAL_ENVELOPE, TrustThresholds, assess, bound_outputs,
+from stellar.trust import (OOD_DISAGREEMENT, OOD_ENVELOPE, OOD_INPUT_RANGE, OOD_LABEL_RANGE, OOD_LINES, OOD_MAP,
+                           OOD_MISSING_INPUT, OOD_SPECTRUM, PHYSICAL_ENVELOPE, TrustThresholds, assess, bound_outputs,
                            drop_blocks, fit_thresholds, label_bounds, missing_features)
 
 LABELS = ["teff", "logg", "m_h", "alpha_m", "fe_h"]
@@ -157,13 +157,24 @@ def test_thresholds_flag_the_chosen_share_of_validation_stars_and_catch_outliers
     xp, sc = _normalised_inputs(stats, n, rng)
     xp[:200, 5] += rng.exponential(0.3, 200)  # some validation stars a little beyond the training range
     epistemic = rng.lognormal(-2, 0.3, (n, 5))
-    thr = fit_thresholds(stats, xp, sc, np.zeros(n, int), epistemic, rate=0.01, trained_missing=["bp"])
-    assert TrustThresholds.from_dict(thr.to_dict()) == thr
     mean = np.tile([5000.0, 3.0, -0.2, 0.1, -0.2], (n, 1))
-    reason, withheld = assess(stats, thr, LABELS, xp, sc, np.zeros(n, int), mean, epistemic, np.ones(n))
+    snr = rng.uniform(15, 300, n)
+    chi2 = np.exp(0.3 * np.log(snr / 30) + rng.normal(0, 0.1, n))  # grows with S/N, as a real emulator's
+    line = np.exp(rng.normal(0, 0.2, n))
+    score = rng.uniform(0.3, 2.0, n)
+    thr = fit_thresholds(stats, LABELS, xp, sc, np.zeros(n, int), mean, epistemic, rate=0.03,
+                         trained_missing=["bp"], spectrum_chi2=chi2, line_chi2=line, snr=snr, map_score=score)
+    assert TrustThresholds.from_dict(thr.to_dict()) == thr
+    assert abs(thr.spectrum_trend[1] - 0.3) < 0.03  # the S/N trend is taken out before the threshold
+    reason, withheld = assess(stats, thr, LABELS, xp, sc, np.zeros(n, int), mean, epistemic, np.ones(n),
+                              spectrum_chi2=chi2, line_chi2=line, snr=snr, map_score=score)
     assert not withheld.any()
-    for bit in (OOD_INPUT_RANGE, OOD_DISAGREEMENT):
-        assert ((reason & bit) != 0).mean() <= 0.011
+    assert 0.02 <= (reason != 0).mean() <= 0.03  # all tests together flag the chosen share
+    for bit in (OOD_INPUT_RANGE, OOD_DISAGREEMENT, OOD_SPECTRUM, OOD_LINES, OOD_MAP):
+        assert 0.002 <= ((reason & bit) != 0).mean() <= thr.per_test_rate + 1e-3
+    # each chi-square test flags alike at low and high S/N: the trend is out
+    spec = (reason & OOD_SPECTRUM) != 0
+    assert abs(spec[snr < 60].mean() - spec[snr > 150].mean()) < 0.01
     # out-of-distribution stars: each test catches its own kind
     m = 6
     xo, so = _normalised_inputs(stats, m, rng)
@@ -180,7 +191,11 @@ def test_thresholds_flag_the_chosen_share_of_validation_stars_and_catch_outliers
     r, w = assess(stats, thr, LABELS, xo, so, qo, mo, eo, tl)
     assert r[0] & OOD_INPUT_RANGE and r[1] & OOD_DISAGREEMENT and r[2] & OOD_LABEL_RANGE
     assert r[3] & OOD_ENVELOPE and w[3].tolist() == [True, False, False, False, False]
-    assert r[4] & OOD_MISSING_INPUT and not r[5] & OOD_MISSING_INPUT and r[5] & OOD_MAP
+    assert r[4] & OOD_MISSING_INPUT and not r[5] & OOD_MISSING_INPUT and r[5] & OOD_MAP  # no score: train_like
+    # with scores, the map test is the calibrated score threshold, not the selection's train_like
+    so_score = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    r3, _ = assess(stats, thr, LABELS, xo, so, qo, mo, eo, 1.0 - tl, map_score=so_score)
+    assert (r3 & OOD_MAP != 0).tolist() == [False] * 5 + [True]
     # a model without thresholds still runs the threshold-free tests
     r2, _ = assess(stats, None, LABELS, xo, so, qo, mo, eo, None)
     assert r2[2] & OOD_LABEL_RANGE and r2[4] & OOD_MISSING_INPUT and not r2[0] & OOD_INPUT_RANGE
@@ -226,3 +241,25 @@ def test_emulator_recovers_a_quadratic_model_and_reacts_to_doubled_lines():
     round_trip = SpectrumEmulator.from_tensors(load(save(emu.to_tensors())))
     np.testing.assert_array_equal(round_trip.theta, emu.theta)
     assert np.array_equal(round_trip.window, emu.window)
+
+
+def test_uncertainty_calibration_follows_snr_smoothly():
+    """Raw sigmas 1.5x too large at S/N 200 and right at S/N 15: the fitted factor follows, with
+    no step and no extrapolation beyond the S/N the fit saw."""
+    from stellar.training import fit_snr_calibration
+
+    rng = np.random.default_rng(3)
+    n = 600
+    snr = np.exp(rng.uniform(np.log(15), np.log(200), n))
+    t = np.log(snr / 30.0)
+    true_factor = np.exp(-0.21 * np.log(snr / 15.0))  # 1.0 at 15 -> 0.58 at 200
+    s = rng.uniform(0.05, 0.1, n)
+    e = np.full(n, 0.01)
+    r = rng.normal(0, np.sqrt((true_factor * s) ** 2 + e**2))
+    a, b = fit_snr_calibration(r, s, e, t)
+    fitted = np.exp(a + b * t)
+    assert abs(b + 0.21) < 0.08
+    for lo, hi in ((15, 25), (25, 50), (50, 200)):
+        sel = (snr >= lo) & (snr < hi)
+        z = r[sel] / np.sqrt((fitted[sel] * s[sel]) ** 2 + e[sel] ** 2)
+        assert 0.88 <= z.std() <= 1.12, (lo, hi, z.std())

@@ -102,8 +102,10 @@ def absolute_g(teff: np.ndarray, logg: np.ndarray, mass: np.ndarray) -> np.ndarr
 
 
 def draw_population(rng: np.random.Generator, n: int, ood_fraction: float, grvs_limit: float,
-                    snr_at_limit: float, gal_b_deg: np.ndarray) -> dict[str, np.ndarray]:
-    """All per-star truth quantities for ``n`` stars at the given Galactic latitudes."""
+                    snr_at_limit: float, gal_b_deg: np.ndarray, extinction_scale: float = 1.0) -> dict[str, np.ndarray]:
+    """All per-star truth quantities for ``n`` stars at the given Galactic latitudes.
+
+    ``extinction_scale`` multiplies the dust layer's extinction per kpc (realism.extinction_scale)."""
     kind = np.zeros(n, dtype=np.int8)
     is_ood = rng.random(n) < ood_fraction
     kind[is_ood] = rng.choice([OOD_HOT, OOD_EMP, OOD_SB2], size=is_ood.sum())
@@ -147,7 +149,7 @@ def draw_population(rng: np.random.Generator, n: int, ood_fraction: float, grvs_
         a_g = 0.83 * a_v
         g_mag = grvs + g_grvs0 + 0.25 * a_v
         dist_pc = 10 ** ((g_mag - mg - a_g + 5.0) / 5.0)
-        a_v = 0.7 * 0.12 / sinb * (1 - np.exp(-dist_pc / 1000.0 * sinb / 0.12)) * rng.uniform(0.8, 1.2, n)
+        a_v = extinction_scale * 0.7 * 0.12 / sinb * (1 - np.exp(-dist_pc / 1000.0 * sinb / 0.12)) * rng.uniform(0.8, 1.2, n)
     a_v = np.clip(a_v, 0.0, 6.0)
     e_bp_rp = 0.42 * a_v
     bp_rp = bp_rp0 + e_bp_rp

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stellar import __version__
-from stellar.config import SynthConfig
+from stellar.config import RealismConfig, SynthConfig
 from stellar.healpix import NPIX_L8, level8_range_name, lonlat_of_pixels
 from stellar.instruments import Instrument
 from stellar.io.ecsv_writer import write_ecsv_gz
@@ -128,18 +128,53 @@ def _positions(rng: np.random.Generator, task: FileTask):
     return source_id, ra[order], dec[order]
 
 
-def _observe_spectra(rng: np.random.Generator, model: SpectrumModel, pop: dict, idx: np.ndarray):
-    """Noisy spectra, errors and defect masks for the stars ``idx`` (one batch)."""
+def _noise_kernel(sigma_px: float) -> np.ndarray:
+    """Unit-variance Gaussian smoothing kernel: white noise convolved with it keeps its variance
+    and gains a neighbour correlation of exp(-1 / (4 sigma^2))."""
+    half = max(1, int(np.ceil(3 * sigma_px)))
+    x = np.arange(-half, half + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma_px) ** 2)
+    return k / np.sqrt((k * k).sum())
+
+
+def _correlated_normal(rng: np.random.Generator, shape: tuple[int, int], sigma_px: float) -> np.ndarray:
+    """Standard normal noise correlated along pixels: a fixed-order sum of shifted white-noise
+    arrays (elementwise, so the same bits on any BLAS or thread count)."""
+    if sigma_px <= 0:
+        return rng.standard_normal(shape)
+    k = _noise_kernel(sigma_px)
+    half = (k.size - 1) // 2
+    w = rng.standard_normal((shape[0], shape[1] + 2 * half))
+    out = np.zeros(shape)
+    for j in range(k.size):  # ~7 taps, each one vector operation over the whole batch
+        out += k[j] * w[:, j : j + shape[1]]
+    return out
+
+
+def _continuum_wiggle(rng: np.random.Generator, n: int, n_pixels: int, rms: float) -> np.ndarray:
+    """(n, n_pixels) multiplicative continuum errors: three low-order cosine terms, ``rms`` overall."""
+    x = np.linspace(0.0, np.pi, n_pixels)
+    c = rng.normal(0.0, rms * np.sqrt(2.0 / 3.0), (n, 3))  # each cosine has mean square 1/2
+    return 1.0 + c[:, 0:1] * np.cos(x) + c[:, 1:2] * np.cos(2 * x) + c[:, 2:3] * np.cos(3 * x)
+
+
+def _observe_spectra(rng: np.random.Generator, model: SpectrumModel, pop: dict, idx: np.ndarray,
+                     realism: RealismConfig | None = None):
+    """Noisy spectra and errors for the stars ``idx`` (one batch), with the realism terms that are on."""
+    r = realism or RealismConfig()
     params = {k: pop[k][idx] for k in ("teff", "logg", "m_h", "alpha_m", "fe_h", "a_li", "vbroad", "a_v")}
-    flux = model.spectra(params)
+    rv = rng.normal(0.0, r.rv_residual_kms, idx.size) if r.rv_residual_kms > 0 else None
+    flux = model.spectra(params, rv)
     sb2 = np.flatnonzero(pop["ood_kind"][idx] == OOD_SB2)
     if sb2.size:
         prim = {k: v[sb2] for k, v in params.items()}
         sec = dict(prim, teff=pop["teff2"][idx][sb2], logg=pop["logg2"][idx][sb2])
         flux[sb2] = model.binary_spectra(prim, sec, pop["light_ratio"][idx][sb2], pop["sb2_dv"][idx][sb2])
+    if r.continuum_wiggle > 0:
+        flux = flux * _continuum_wiggle(rng, idx.size, flux.shape[1], r.continuum_wiggle)
     snr = pop["snr"][idx][:, None]
     err = np.sqrt(np.clip(flux, 0.05, None)) / snr * rng.uniform(0.9, 1.1, flux.shape)
-    obs = flux + err * rng.standard_normal(flux.shape)
+    obs = flux + err * _correlated_normal(rng, flux.shape, r.noise_correlation_px)
     return obs.astype(np.float32), err.astype(np.float32)
 
 
@@ -289,15 +324,19 @@ def generate_file(task: FileTask, cfg: SynthConfig, instrument: Instrument, out_
     source_id, ra, dec = _positions(rng, task)
     n = source_id.size
     l_deg, b_deg = galactic(ra, dec)
-    pop = draw_population(rng, n, cfg.ood_fraction, cfg.grvs_limit, instrument.snr_at_limit, b_deg)
+    pop = draw_population(rng, n, cfg.ood_fraction, cfg.grvs_limit, instrument.snr_at_limit, b_deg,
+                          cfg.realism.extinction_scale)
     n_transits = np.clip(rng.poisson(22, n), 5, 60).astype(np.int32)
+    if cfg.realism.fast_rotator_fraction > 0:  # rotation: fast-spinning dwarfs inside the distribution
+        fast = (pop["ood_kind"] == OOD_NONE) & (pop["stage"] < 2) & (rng.random(n) < cfg.realism.fast_rotator_fraction)
+        pop["vbroad"] = np.where(fast, rng.uniform(15.0, 60.0, n), pop["vbroad"])
 
     model = SpectrumModel(instrument)
     flux = np.empty((n, instrument.n_pixels), dtype=np.float32)
     err = np.empty_like(flux)
     for lo in range(0, n, SPECTRUM_BATCH):
         idx = np.arange(lo, min(n, lo + SPECTRUM_BATCH))
-        flux[idx], err[idx] = _observe_spectra(rng, model, pop, idx)
+        flux[idx], err[idx] = _observe_spectra(rng, model, pop, idx, cfg.realism)
     n_nan, spike = _inject_defects(rng, cfg, flux, err)
 
     xp = XpModel()
