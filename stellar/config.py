@@ -261,7 +261,7 @@ class TrainConfig(StrictModel):
     register_model: bool = True
     alias: str = "challenger"
     # Share of held-out (validation) stars each out-of-distribution test may flag; sets its threshold.
-    ood_false_flag_rate: float = Field(0.01, gt=0, lt=0.5)
+    ood_false_flag_rate: float = Field(0.03, gt=0, lt=0.5)
 
 
 _ALIAS = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$|^[0-9]{1,9}$"
