@@ -260,7 +260,8 @@ class TrainConfig(StrictModel):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     register_model: bool = True
     alias: str = "challenger"
-    # Share of held-out (validation) stars each out-of-distribution test may flag; sets its threshold.
+    # Share of held-out (validation) stars that all out-of-distribution tests together may flag; each test
+    # with a free threshold takes an equal share of it (stellar.trust.fit_thresholds).
     ood_false_flag_rate: float = Field(0.03, gt=0, lt=0.5)
 
 
