@@ -279,11 +279,17 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
         data["selection"] = {"training": int(tr.sum()), "observed_train_like": int((~tr & sl).sum()),
                              "observed_train_unlike": int((~tr & ~sl).sum())}
 
-    # saliency
-    figures_sal, sal = _saliency(cfg, model, preds[like]["source_id"].to_numpy()[:512], out, labels)
+    # saliency and the residual spectra of flagged stars: where the network looks, and where the
+    # spectra of stars it should not be trusted on leave the emulated ones
+    ens = _ensemble(cfg, model)
+    figures_sal, sal = _saliency(cfg, ens, preds[like]["source_id"].to_numpy()[:512], out, labels)
     if figures_sal:
         figures.append(figures_sal)
         data["saliency"] = sal
+    figures_res, res = _residuals(cfg, ens, preds[ok], out, labels)
+    if figures_res:
+        figures.append(figures_res)
+        data["residual_spectra"] = res
 
     data["counts"] = stage_counts(cfg)
     data["seconds"] = round(time.perf_counter() - t0, 2)
@@ -300,27 +306,123 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
     return {"path": str(out / "index.html"), "figures": names, **data}
 
 
-def _saliency(cfg: StellarConfig, model: dict, ids: np.ndarray, out: Path, labels: list[str]):
-    """Mean gradient of each label's ensemble mean with respect to the flux, over train-like stars."""
-    import torch
-
-    from stellar.inference_core import StackedEnsemble, features_to_tensors
+def _ensemble(cfg: StellarConfig, model: dict):
+    """The predictions' registered ensemble, or None where it cannot be loaded (figures then skipped)."""
     from stellar.trainer import load_registered
 
-    if not len(ids):
-        return None, None
     try:
-        ens, _ = load_registered(cfg, str(model["version"]))
-    except StellarError:
-        return None, None
-    if not ens.cfg.use_spectrum:
-        return None, None
+        return load_registered(cfg, str(model["version"]))[0]
+    except (StellarError, KeyError):
+        return None
+
+
+def _features_of(cfg: StellarConfig, ids: np.ndarray, columns: list[str]):
     import pyarrow as pa
     import pyarrow.dataset as ds
 
     path = TableStore(cfg.preprocess.output_dir).table_path("features")
-    t = ds.dataset(path, format="parquet", partitioning="hive").to_table(
-        columns=["spectrum", "spectrum_mask", "xp", "scalars"], filter=pc.field("source_id").isin(pa.array(ids)))
+    return ds.dataset(path, format="parquet", partitioning="hive").to_table(
+        columns=["source_id", *columns], filter=pc.field("source_id").isin(pa.array(np.asarray(ids, np.int64))))
+
+
+def _lines(cfg: StellarConfig, wave: np.ndarray) -> list[tuple[str, float]]:
+    from stellar.instruments import load_instrument
+
+    try:
+        return [(ln.species, ln.wavelength) for ln in load_instrument(cfg.instrument, cfg.conf_dir).lines
+                if wave[0] <= ln.wavelength <= wave[-1] and ln.kind != "dib"]
+    except StellarError:
+        return []
+
+
+RESIDUAL_STARS_PER_REASON = 2
+
+
+def _residuals(cfg: StellarConfig, ens, preds, out: Path, labels: list[str]):
+    """Observed spectra against the emulator at the predicted labels, for the most discrepant stars of
+    each consistency reason (spectrum, lines), the lowest-scoring map-flagged star and a typical
+    unflagged one; and, over all flagged stars shown, the share of the squared residual that falls in
+    the strong-line windows (to set beside the saliency's share there)."""
+    from stellar.trust import OOD_BITS
+
+    if ens is None or ens.emulator is None or "spectrum_chi2" not in preds or not len(preds):
+        return None, None
+    reason = preds["ood_reason"].fillna(0).to_numpy(np.int64)
+    chi2 = preds["spectrum_chi2"].to_numpy(dtype=float)
+    sid = preds["source_id"].to_numpy(np.int64)
+    has = np.isfinite(chi2) & preds[labels].notna().all(axis=1).to_numpy()
+    picks: list[tuple[int, str]] = []
+    for name in ("spectrum", "lines", "map"):
+        bit = OOD_BITS[name][0]
+        cand = np.flatnonzero(has & ((reason & bit) != 0))
+        key = -chi2[cand] if name != "map" else preds["selection_score"].to_numpy(dtype=float)[cand]
+        order = cand[np.lexsort((sid[cand], np.nan_to_num(key, nan=np.inf)))]
+        picks += [(int(i), name) for i in order[:RESIDUAL_STARS_PER_REASON] if int(i) not in {p for p, _ in picks}]
+    clean = np.flatnonzero(has & (reason == 0))
+    if clean.size:
+        picks.append((int(clean[np.argsort(chi2[clean], kind="stable")[clean.size // 2]]), "unflagged (median chi2)"))
+    if not picks:
+        return None, None
+    feats = _features_of(cfg, sid[[i for i, _ in picks]], ["spectrum", "spectrum_error", "spectrum_mask"])
+    n = feats.num_rows
+    arr = {k: feats[k].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, -1).astype(np.float64)
+           for k in ("spectrum", "spectrum_error", "spectrum_mask")}
+    row = {int(v): j for j, v in enumerate(feats["source_id"].to_numpy())}
+    wave = np.asarray(ens.stats["wavelength"])
+    lines = _lines(cfg, wave)
+    window = ens.emulator.window
+    plt = _plt()
+    fig, axes = plt.subplots(len(picks), 1, figsize=(10, 1.9 * len(picks)), sharex=True, squeeze=False)
+    stars, flagged_r2 = [], []
+    for ax, (i, why) in zip(axes[:, 0], picks):
+        j = row.get(int(sid[i]))
+        if j is None:
+            continue
+        z = (preds.iloc[i][labels].to_numpy(dtype=float) - ens.label_mean) / ens.label_std
+        model_flux = ens.emulator.model(z[None, :])[0]
+        f = np.where(arr["spectrum_mask"][j] == 0, arr["spectrum"][j], np.nan)
+        resid = f - model_flux
+        ax.plot(wave, f, lw=0.6, c="k", label="observed")
+        ax.plot(wave, model_flux, lw=0.6, c="C1", label="emulated at the predicted labels")
+        ax.plot(wave, resid + 0.35, lw=0.6, c="C3", label="observed - emulated, + 0.35")
+        for name, w in lines:
+            if name == "Ca II":
+                ax.axvline(w, color="C0", lw=0.5, zorder=0)
+        ax.set_ylim(0.2, 1.15)
+        ax.set_ylabel("flux", fontsize=7)
+        title = (f"{sid[i]}: {why}; Teff {preds.iloc[i]['teff']:.0f} K, log g {preds.iloc[i]['logg']:.2f}, "
+                 f"[M/H] {preds.iloc[i]['m_h']:.2f}; spectrum_chi2 {chi2[i]:.2f}, line_chi2 "
+                 f"{preds.iloc[i]['line_chi2']:.2f}")
+        ax.set_title(title, fontsize=7, loc="left")
+        smooth = np.convolve(np.nan_to_num(resid) ** 2, np.ones(5) / 5, mode="same")
+        stars.append({"source_id": int(sid[i]), "shown_for": why, "spectrum_chi2": float(chi2[i]),
+                      "ood_reason": int(reason[i]), "peak_residual_nm": float(wave[int(np.argmax(smooth))])})
+        if why != "unflagged (median chi2)":
+            flagged_r2.append(np.nan_to_num(resid) ** 2)
+    axes[0, 0].legend(fontsize=6, loc="lower left", ncol=3)
+    axes[-1, 0].set_xlabel("wavelength (nm); blue: Ca II triplet")
+    fig.tight_layout()
+    name = _save(fig, out / "residual_spectra.png")
+    res = {"stars": stars, "window_pixel_share": float(window.mean())}
+    if flagged_r2:
+        r2 = np.sum(flagged_r2, axis=0)
+        res["flagged_residual_share_in_line_windows"] = float(r2[window].sum() / max(r2.sum(), 1e-30))
+    return (name, "Residual spectra of flagged stars",
+            "Observed spectra against the consistency emulator evaluated at each star's predicted labels, for the "
+            "most discrepant stars flagged by the spectrum and line tests, the lowest map scores, and a typical "
+            "unflagged star. Doubled, shifted or missing lines show where a star differs from the training set; "
+            "compare the share of residual in the line windows with the saliency's (report.json)."), res
+
+
+def _saliency(cfg: StellarConfig, ens, ids: np.ndarray, out: Path, labels: list[str]):
+    """Mean gradient of each label's ensemble mean with respect to the flux, over train-like stars."""
+    import torch
+
+    from stellar.inference_core import StackedEnsemble, features_to_tensors
+
+    if not len(ids) or ens is None or not ens.cfg.use_spectrum:
+        return None, None
+    t = _features_of(cfg, ids, ["spectrum", "spectrum_mask", "xp", "scalars"]).drop(["source_id"])
     n = t.num_rows
     arrays = {k: t[k].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, -1) for k in t.column_names}
     data = features_to_tensors(ens.stats, arrays)
@@ -332,13 +434,7 @@ def _saliency(cfg: StellarConfig, model: dict, ids: np.ndarray, out: Path, label
         (g,) = torch.autograd.grad(mean[..., j].mean(), spec)
         grads.append((g * n * ens.label_std[j]).mean(dim=0).numpy())  # physical units per unit flux
     wave = np.asarray(ens.stats["wavelength"])
-    from stellar.instruments import load_instrument
-
-    try:
-        lines = [(ln.species, ln.wavelength) for ln in load_instrument(cfg.instrument, cfg.conf_dir).lines
-                 if wave[0] <= ln.wavelength <= wave[-1] and ln.kind != "dib"]
-    except StellarError:
-        lines = []
+    lines = _lines(cfg, wave)
     plt = _plt()
     fig, axes = plt.subplots(len(labels), 1, figsize=(10, 1.6 * len(labels)), sharex=True, squeeze=False)
     for j, lab in enumerate(labels):
@@ -354,6 +450,10 @@ def _saliency(cfg: StellarConfig, model: dict, ids: np.ndarray, out: Path, label
     sal = {"n_stars": n, "wavelength": [float(wave[0]), float(wave[-1])],
            "peak_wavelength": {lab: float(wave[int(np.argmax(np.abs(grads[j])))]) for j, lab in enumerate(labels)},
            "ca_triplet": ca}
+    if ens.emulator is not None:  # share of |saliency| in the strong-line windows, beside the residuals'
+        tot = np.sum([np.abs(g) for g in grads], axis=0)
+        sal["share_in_line_windows"] = float(tot[ens.emulator.window].sum() / max(tot.sum(), 1e-30))
+        sal["window_pixel_share"] = float(ens.emulator.window.mean())
     return (name, "Saliency", "Mean derivative of each predicted label with respect to the flux of each pixel, over "
             "train-like stars: where in the spectrum the network looks (Ca II triplet in red)."), sal
 

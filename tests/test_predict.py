@@ -267,7 +267,7 @@ def test_report_figures_load_and_match_the_data(registry, capsys):
     page = (tmp / "report" / "index.html").read_text()
     images = re.findall(r'<img src="([^"]+)"', page)
     assert set(images) == {"kiel.png", "alpha_mh.png", "alpha_hist.png", "residuals_snr.png", "calibration.png",
-                           "selection_map.png", "saliency.png"}
+                           "selection_map.png", "saliency.png", "residual_spectra.png"}
     for name in images:  # every figure is a PNG beside the page
         assert (tmp / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((tmp / "report" / "report.json").read_text())
@@ -310,6 +310,26 @@ def test_report_figures_load_and_match_the_data(registry, capsys):
         assert np.all(np.diff(cal["observed"]) >= 0)
     sal = data["saliency"]
     assert all(sal["wavelength"][0] <= w <= sal["wavelength"][1] for w in sal["peak_wavelength"].values())
+    # residual spectra: the most discrepant star of each consistency test, recomputed from the table
+    from stellar.trust import OOD_BITS
+
+    rs = data["residual_spectra"]
+    flags = read_table(tmp / "predictions", "predictions", ["source_id", "ood_reason", "spectrum_chi2", "problem",
+                                                            "teff", "logg", "m_h", "alpha_m", "fe_h"]).to_pandas()
+    flags = flags[flags.problem.isna() & flags.spectrum_chi2.notna()
+                  & flags[["teff", "logg", "m_h", "alpha_m", "fe_h"]].notna().all(1)]
+    shown: dict = {}
+    for star in rs["stars"]:  # the first (most discrepant) star shown for each reason
+        shown.setdefault(star["shown_for"], star)
+    hit = flags[(flags.ood_reason & OOD_BITS["spectrum"][0]) != 0]
+    assert len(hit) and shown["spectrum"]["spectrum_chi2"] == pytest.approx(float(hit.spectrum_chi2.max()), rel=1e-5)
+    assert all(s["ood_reason"] & OOD_BITS[s["shown_for"]][0] for s in rs["stars"] if s["shown_for"] in OOD_BITS)
+    ref = shown["unflagged (median chi2)"]
+    assert ref["ood_reason"] == 0 and all(s["spectrum_chi2"] > ref["spectrum_chi2"]
+                                          for s in rs["stars"] if s["shown_for"] in ("spectrum", "lines"))
+    # the flagged stars differ from their emulated spectra mostly at the strong lines, where the saliency is too
+    assert rs["flagged_residual_share_in_line_windows"] > rs["window_pixel_share"]
+    assert sal["share_in_line_windows"] > sal["window_pixel_share"]
     arts = MlflowClient(cfg.mlflow.tracking_uri).list_artifacts(data["model"]["run_id"], "report")
     assert {"report/index.html", "report/kiel.png"} <= {a.path for a in arts}
     # the page as a browser shows it: every figure loads, at the PNG's own size
@@ -320,7 +340,7 @@ def test_report_figures_load_and_match_the_data(registry, capsys):
     # the same tables and model: the report is not rebuilt; --force (or logging elsewhere) rebuilds it
     built = {n: (tmp / "report" / n).stat().st_mtime_ns for n in images}
     assert main(["report", *base]) == 0
-    assert "is up to date (7 figures" in capsys.readouterr().out
+    assert "is up to date (8 figures" in capsys.readouterr().out
     assert {n: (tmp / "report" / n).stat().st_mtime_ns for n in images} == built
     assert main(["report", "--force", "--no-mlflow", *base]) == 0
     out = capsys.readouterr().out
