@@ -357,7 +357,8 @@ def _residuals(cfg: StellarConfig, ens, preds, out: Path, labels: list[str]):
         cand = np.flatnonzero(has & ((reason & bit) != 0))
         key = -chi2[cand] if name != "map" else preds["selection_score"].to_numpy(dtype=float)[cand]
         order = cand[np.lexsort((sid[cand], np.nan_to_num(key, nan=np.inf)))]
-        picks += [(int(i), name) for i in order[:RESIDUAL_STARS_PER_REASON] if int(i) not in {p for p, _ in picks}]
+        shown = {p for p, _ in picks}  # a star flagged for several reasons is shown once
+        picks += [(int(i), name) for i in [i for i in order if int(i) not in shown][:RESIDUAL_STARS_PER_REASON]]
     clean = np.flatnonzero(has & (reason == 0))
     if clean.size:
         picks.append((int(clean[np.argsort(chi2[clean], kind="stable")[clean.size // 2]]), "unflagged (median chi2)"))

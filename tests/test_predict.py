@@ -433,3 +433,22 @@ def test_trust_flags_on_a_small_survey(registry, tmp_path):
     assert ((reason != 0) == ood).all()
     known = sum(bit for bit, _ in OOD_BITS.values())
     assert (reason & ~known == 0).all()
+    # among the unflagged in-distribution stars: few catastrophic errors, honest uncertainties in every
+    # S/N bin, and stars without BP not far worse than the rest
+    labels = ["teff", "logg", "m_h", "alpha_m", "fe_h"]
+    tr = pq.read_table(tmp / "synth" / "truth", columns=["source_id", "has_bp", *labels]).to_pandas()
+    g = p[p.problem.isna()].merge(tr, on="source_id", suffixes=("", "_true")).merge(truth, on="source_id")
+    ind = g[~g.is_ood]
+    keep = ind[~ind.ood.astype(bool)]
+    cat = ((keep.teff - keep.teff_true).abs() > 1000) | ((keep.logg - keep.logg_true).abs() > 1) \
+        | ((keep.m_h - keep.m_h_true).abs() > 0.5)
+    z_std = {}
+    for lab in labels:
+        z = (keep[lab] - keep[f"{lab}_true"]) / keep[f"{lab}_err"]
+        z_std[lab] = [float(z[(keep.snr >= lo) & (keep.snr < hi)].std()) for lo, hi in ((15, 25), (25, 50), (50, 1e9))]
+    rmse = lambda d, lab: float(np.sqrt(np.mean((d[lab] - d[f"{lab}_true"]) ** 2)))  # noqa: E731
+    no_bp = {lab: rmse(ind[~ind.has_bp], lab) / rmse(ind[ind.has_bp], lab) for lab in labels}
+    print(f"catastrophic unflagged {int(cat.sum())} of {len(keep)}; z-spread per S/N bin {z_std}; no-BP ratio {no_bp}")
+    assert cat.mean() <= 0.01, int(cat.sum())
+    assert all(0.6 <= v <= 1.5 for row in z_std.values() for v in row), z_std
+    assert (~ind.has_bp).sum() >= 15 and max(no_bp.values()) <= 3.0, no_bp
