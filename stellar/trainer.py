@@ -150,11 +150,11 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper=None, log_
     if not val or not test:
         raise TrainError("the validation or test split is empty: too few usable labelled stars")
     raw_cal = evaluate_uncalibrated(ens, test)
-    ens.fit_emulator(emulator_sample(features_root, labels, stats),
-                     line_window(stats["wavelength"], [(ln.wavelength, ln.strength) for ln in instrument.lines
-                                                         if ln.kind != "dib"]))
+    fit_set = emulator_sample(features_root, labels, stats)
+    ens.fit_emulator(fit_set, line_window(stats["wavelength"], [(ln.wavelength, ln.strength)
+                                                                for ln in instrument.lines if ln.kind != "dib"]))
     val_scores = map_scores(selection, val["source_id"].numpy())
-    trust = ens.fit_trust(val, cfg.train.ood_false_flag_rate, val_scores)
+    trust = ens.fit_trust(val, cfg.train.ood_false_flag_rate, val_scores, chi2_pool_sample(fit_set))
     # uncertainties calibrated on the validation stars the trust tests keep: the stars users keep
     ens.calibrate(val, keep=ens.flag(val, val_scores) == 0)
     metrics = evaluate(ens, test)
@@ -182,6 +182,19 @@ def emulator_sample(features_root: str, labels: list[str], stats: dict) -> dict:
         keep = torch.from_numpy(split_hash(train["source_id"].numpy(), 23) < MAX_FIT_STARS / n)
         train = {k: v[keep] for k, v in train.items()}
     return train
+
+
+CHI2_POOL_STARS = 5000
+
+
+def chi2_pool_sample(train: dict) -> dict:
+    """Up to CHI2_POOL_STARS hash-chosen training stars whose consistency statistics join the
+    validation stars' in the chi-square thresholds (stellar.trust.fit_thresholds)."""
+    n = len(train["source_id"])
+    if n <= CHI2_POOL_STARS:
+        return train
+    keep = torch.from_numpy(split_hash(train["source_id"].numpy(), 29) < CHI2_POOL_STARS / n)
+    return {k: v[keep] for k, v in train.items()}
 
 
 def evaluate_uncalibrated(ens: Ensemble, test) -> dict:

@@ -306,18 +306,23 @@ class Ensemble:
         arr = lambda v: v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)  # noqa: E731
         return self.emulator.statistics(z, arr(data["spectrum"]), arr(data["spectrum_error"]), arr(data["spectrum_mask"]))
 
-    def fit_trust(self, data: dict[str, torch.Tensor], rate: float,
-                  map_score: np.ndarray | None = None) -> TrustThresholds:
+    def fit_trust(self, data: dict[str, torch.Tensor], rate: float, map_score: np.ndarray | None = None,
+                  chi2_pool: dict[str, torch.Tensor] | None = None) -> TrustThresholds:
         """The out-of-distribution tests' thresholds from held-out (validation) stars: together they
         flag ``rate`` of them. ``map_score``: those stars' selection-map scores (None: no map test
-        threshold; predict then uses train_like)."""
+        threshold; predict then uses train_like). ``chi2_pool``: more stars (a training sample) whose
+        consistency statistics join the validation stars' in the chi-square trends and thresholds."""
         pred = self.predict(data)
         trained = [b for b, r in self.cfg.input_dropout.items() if r > 0]
         chi2, line = self.consistency(pred["mean"], data)
+        pool = None
+        if chi2_pool is not None and chi2 is not None and len(chi2_pool.get("source_id", [])):
+            pc2, pl2 = self.consistency(self.predict(chi2_pool)["mean"], chi2_pool)
+            pool = {"spectrum_chi2": pc2, "line_chi2": pl2, "snr": chi2_pool["snr"].numpy()}
         self.trust = fit_thresholds(self.stats, self.labels, data["xp"].numpy(), data["scalars"].numpy(),
                                     data["quality"].numpy(), pred["mean"], pred["epistemic_norm"], rate, trained,
                                     blocks_read(self.cfg.use_xp, self.cfg.use_scalars), chi2, line,
-                                    data["snr"].numpy(), map_score)
+                                    data["snr"].numpy(), map_score, pool)
         return self.trust
 
     def flag(self, data: dict[str, torch.Tensor], map_score: np.ndarray | None = None) -> np.ndarray:

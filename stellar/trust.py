@@ -223,13 +223,16 @@ class TrustThresholds:
     trained_missing: list[str] = field(default_factory=list)  # blocks the model learned to do without
     # The selection map: flag a star whose selection score is below this (-inf: use train_like).
     map_score: float = -np.inf
-    # The chi-squares grow with S/N (label errors leave residuals that noise hides at low S/N): the test is
-    # on log chi2 minus a robust straight-line trend in log(S/N / pivot), fitted on all validation stars.
+    # The chi-squares grow with S/N, and so does their spread (label and emulator errors leave residuals
+    # that noise hides at low S/N): the test is on the standardised excess (log chi2 - m(t)) / s(t),
+    # t = log(S/N / pivot) clipped to the fit's range, m quadratic and log s linear in t, both fitted to
+    # the medians and MADs of S/N bins (:func:`chi2_trend`).
     chi2_t_range: list[float] = field(default_factory=lambda: [0.0, 0.0])
-    spectrum_trend: list[float] = field(default_factory=lambda: [0.0, 0.0])
-    line_trend: list[float] = field(default_factory=lambda: [0.0, 0.0])
-    spectrum_chi2: float = np.inf  # flag when log chi2 - trend exceeds this
+    spectrum_trend: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0, 0.0])
+    line_trend: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0, 0.0])
+    spectrum_chi2: float = np.inf  # flag when the standardised excess exceeds this
     line_chi2: float = np.inf  # ... over the strong-line windows
+    n_chi2_fit: int = 0  # stars the chi-square trends and thresholds were fitted on
     n_validation: int = 0
 
     _INF_FIELDS = ("disagreement", "spectrum_chi2", "line_chi2", "map_score")
@@ -245,17 +248,21 @@ class TrustThresholds:
         if not d:
             return None
         d = dict(d)
-        if "spectrum_trend" not in d:  # a model of 0.2.0 or before: per-bin chi2 thresholds, not kept
+        if len(d.get("spectrum_trend") or []) != 5:  # a model of 0.2.0 or before: its chi2 thresholds are not kept
             d["spectrum_chi2"] = d["line_chi2"] = None
+            d.pop("spectrum_trend", None)
+            d.pop("line_trend", None)
         for k in cls._INF_FIELDS:
             d[k] = (-np.inf if k == "map_score" else np.inf) if d.get(k) is None else float(d[k])
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def chi2_excess(self, chi2: np.ndarray, snr: np.ndarray | None, trend: list[float]) -> np.ndarray:
-        """log chi2 minus its S/N trend (unknown S/N: the pivot's)."""
-        return np.log(np.maximum(np.asarray(chi2, dtype=np.float64), 1e-12)) - _trend(trend, snr, self.chi2_t_range,
-                                                                                      len(chi2))
+        """The standardised excess of log chi2 over its S/N trend (unknown S/N: the pivot's)."""
+        t = np.clip(_snr_t(snr, len(chi2)), self.chi2_t_range[0], self.chi2_t_range[1])
+        a, b, c, d, e = trend
+        y = np.log(np.maximum(np.asarray(chi2, dtype=np.float64), 1e-12))
+        return (y - (a + b * t + c * t * t)) / np.exp(d + e * t)
 
 
 def _snr_t(snr: np.ndarray | None, n: int) -> np.ndarray:
@@ -265,20 +272,33 @@ def _snr_t(snr: np.ndarray | None, n: int) -> np.ndarray:
     return np.log(np.where(np.isfinite(snr) & (snr > 0), snr, CHI2_PIVOT_SNR) / CHI2_PIVOT_SNR)
 
 
-def _trend(coef: list[float], snr: np.ndarray | None, t_range: list[float], n: int) -> np.ndarray:
-    return coef[0] + coef[1] * np.clip(_snr_t(snr, n), t_range[0], t_range[1])
+CHI2_TREND_BINS = 8
 
 
-def _robust_line(t: np.ndarray, y: np.ndarray) -> list[float]:
-    """Theil-Sen straight line (median of pairwise slopes): outliers, which these tests exist to find,
-    do not pull the trend."""
-    from scipy.stats import theilslopes
-
+def chi2_trend(t: np.ndarray, y: np.ndarray) -> list[float]:
+    """[a, b, c, d, e]: median log chi2 ``a + b t + c t^2`` and robust spread ``exp(d + e t)``, fitted to
+    the medians and MADs of :data:`CHI2_TREND_BINS` equal-count bins of ``t`` (medians: the outliers
+    these tests exist to find do not pull the trend)."""
     ok = np.isfinite(t) & np.isfinite(y)
-    if ok.sum() < 3:
-        return [float(np.median(y[ok])) if ok.any() else 0.0, 0.0]
-    res = theilslopes(y[ok], t[ok])
-    return [float(res.intercept), float(res.slope)]
+    t, y = t[ok], y[ok]
+    if t.size < 4 * CHI2_TREND_BINS:
+        med = float(np.median(y)) if t.size else 0.0
+        mad = float(1.4826 * np.median(np.abs(y - med))) if t.size else 1.0
+        return [med, 0.0, 0.0, float(np.log(max(mad, 1e-3))), 0.0]
+    order = np.argsort(t, kind="stable")
+    centres, meds, scales = [], [], []
+    for chunk in np.array_split(order, CHI2_TREND_BINS):
+        yc = y[chunk]
+        med = np.median(yc)
+        centres.append(np.median(t[chunk]))
+        meds.append(med)
+        scales.append(max(1.4826 * np.median(np.abs(yc - med)), 1e-3))
+    centres = np.asarray(centres)
+    if np.ptp(centres) < 1e-6:  # one S/N for all: no trend
+        return [float(np.median(meds)), 0.0, 0.0, float(np.log(np.median(scales))), 0.0]
+    c, b, a = np.polyfit(centres, meds, 2)
+    e, d = np.polyfit(centres, np.log(scales), 1)
+    return [float(a), float(b), float(c), float(d), float(e)]
 
 
 def _quantile_threshold(values: np.ndarray, rate: float) -> float:
@@ -299,7 +319,7 @@ def fit_thresholds(stats: dict, labels: list[str], xp: np.ndarray, scalars: np.n
                    mean: np.ndarray, epistemic: np.ndarray, rate: float, trained_missing: list[str] | None = None,
                    reads: set[str] = frozenset(BLOCKS), spectrum_chi2: np.ndarray | None = None,
                    line_chi2: np.ndarray | None = None, snr: np.ndarray | None = None,
-                   map_score: np.ndarray | None = None) -> TrustThresholds:
+                   map_score: np.ndarray | None = None, chi2_pool: dict | None = None) -> TrustThresholds:
     """Thresholds under which all tests together flag ``rate`` of the validation stars.
 
     Args:
@@ -315,23 +335,33 @@ def fit_thresholds(stats: dict, labels: list[str], xp: np.ndarray, scalars: np.n
         spectrum_chi2, line_chi2: the emulator's statistics of the validation stars (None: tests off).
         snr: their S/N (the chi-square tests are on the excess over a trend in S/N).
         map_score: their selection-map scores (None or all NaN: the map test keeps train_like).
+        chi2_pool: more stars' ``spectrum_chi2``, ``line_chi2`` and ``snr`` (the trainer passes a
+            hash-chosen sample of training stars), fitted with the validation stars' for the chi-square
+            trends and thresholds: a tail quantile of a few hundred stars is a handful of values, and
+            the emulator's 21 numbers per pixel hardly fit any one star.
     """
     n = len(xp)
     ref = np.median(epistemic, axis=0) if len(epistemic) else np.ones(epistemic.shape[1])
     base = TrustThresholds(false_flag_rate=rate, disagreement_ref=[float(r) for r in ref],
                            trained_missing=list(trained_missing or []), n_validation=int(n))
-    t = _snr_t(snr, n)
-    if n >= 10:
-        base.chi2_t_range = [float(v) for v in np.quantile(t, [0.02, 0.98])]
-    tc = np.clip(t, *base.chi2_t_range)
     excess = input_excess(stats, xp, scalars, quality)
     disagree = disagreement_statistic(epistemic, ref)
     spec_res = line_res = None
     if spectrum_chi2 is not None and line_chi2 is not None:
-        base.spectrum_trend = _robust_line(tc, np.log(np.maximum(spectrum_chi2, 1e-12)))
-        base.line_trend = _robust_line(tc, np.log(np.maximum(line_chi2, 1e-12)))
-        spec_res = base.chi2_excess(spectrum_chi2, snr, base.spectrum_trend)
-        line_res = base.chi2_excess(line_chi2, snr, base.line_trend)
+        pool = chi2_pool or {}
+        all_snr = np.concatenate([np.asarray(snr if snr is not None else np.full(n, np.nan), np.float64),
+                                  np.asarray(pool.get("snr", []), np.float64)])
+        all_spec = np.concatenate([np.asarray(spectrum_chi2, np.float64), np.asarray(pool.get("spectrum_chi2", []))])
+        all_line = np.concatenate([np.asarray(line_chi2, np.float64), np.asarray(pool.get("line_chi2", []))])
+        t = _snr_t(all_snr, len(all_snr))
+        if len(t) >= 10:
+            base.chi2_t_range = [float(v) for v in np.quantile(t, [0.02, 0.98])]
+        tc = np.clip(t, *base.chi2_t_range)
+        base.spectrum_trend = chi2_trend(tc, np.log(np.maximum(all_spec, 1e-12)))
+        base.line_trend = chi2_trend(tc, np.log(np.maximum(all_line, 1e-12)))
+        base.n_chi2_fit = int(len(all_snr))
+        spec_res = base.chi2_excess(all_spec, all_snr, base.spectrum_trend)
+        line_res = base.chi2_excess(all_line, all_snr, base.line_trend)
     neg_score = None
     if map_score is not None and np.isfinite(np.asarray(map_score, dtype=np.float64)).any():
         neg_score = -np.asarray(map_score, dtype=np.float64)
