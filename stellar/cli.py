@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (synth.seed)")
     p.add_argument("--output", help="output folder (synth.output_dir)")
     p.add_argument("--instrument", help="instrument preset name or YAML path")
+    p.add_argument("--realism", help="realism preset (conf/realism/: default, hard) or YAML path (synth.realism)")
     p.add_argument("--no-spark", action="store_true", help="generate in this process instead of Spark tasks")
 
     p = sub.add_parser("ingest", help="Gaia archive files and label catalogues -> partitioned Parquet tables "
@@ -126,7 +127,7 @@ def _load(args: argparse.Namespace) -> StellarConfig:
     output_key = {"ingest": "ingest.output_dir", "preprocess": "preprocess.output_dir"}.get(args.command,
                                                                                              "synth.output_dir")
     for flag, key in (("stars", "synth.n_stars"), ("seed", "synth.seed"), ("output", output_key),
-                      ("instrument", "instrument"), ("gaia_root", "ingest.gaia_root"),
+                      ("instrument", "instrument"), ("realism", "synth.realism"), ("gaia_root", "ingest.gaia_root"),
                       ("model", "train.model"), ("members", "train.members"),
                       ("predict_model", "predict.model"), ("device", "predict.device"),
                       ("challenger", "promote.challenger"), ("champion", "promote.champion")):

@@ -254,3 +254,22 @@ def test_one_thread_policy_reaches_runtimes_loaded_inside_it():
     assert out.returncode == 0, out.stderr[-2000:]
     n, threads, prefixes = out.stdout.strip().split(" ", 2)
     assert int(n) >= 2 and threads == "[1]" and "libscipy_openblas" in prefixes, out.stdout
+
+
+def test_realism_terms_do_what_the_hard_preset_says():
+    """The hard preset's noise is correlated as documented and keeps unit variance, the continuum
+    error has the stated rms, and the presets load by name."""
+    from stellar.config import load_config
+    from stellar.synth.survey import _continuum_wiggle, _correlated_normal
+
+    rng = np.random.default_rng(0)
+    x = _correlated_normal(rng, (400, 2401), 1.0)
+    lag1 = np.mean(x[:, 1:] * x[:, :-1]) / np.mean(x * x)
+    assert abs(x.std() - 1.0) < 0.01 and abs(lag1 - np.exp(-0.25)) < 0.01
+    assert np.array_equal(_correlated_normal(np.random.default_rng(1), (3, 50), 0.0),
+                          np.random.default_rng(1).standard_normal((3, 50)))  # off: the white-noise draws
+    w = _continuum_wiggle(rng, 2000, 2401, 0.005)
+    assert abs(np.sqrt(np.mean((w - 1) ** 2)) - 0.005) < 0.0005
+    hard = load_config(None, ["synth.realism=hard"]).synth.realism
+    assert hard.extinction_scale == 1.5 and hard.noise_correlation_px == 1.0 and hard.fast_rotator_fraction == 0.05
+    assert load_config(None, []).synth.realism == load_config(None, ["synth.realism=default"]).synth.realism
