@@ -54,6 +54,12 @@ class ModelConfig(StrictModel):
     batch_size: int = Field(128, gt=0)
     max_epochs: int = Field(150, gt=0)  # a bound; early stopping ends training
     patience: int = Field(12, gt=0)
+    # Label balancing (stellar.balance): each training star's loss weight is (local label density /
+    # median density) ** -label_balance, capped at label_balance_cap and normalised to mean 1. A
+    # magnitude-limited label set is dense near solar metallicity; unweighted, the network's optimum
+    # at low S/N is pulled toward that peak (metal-poor stars come out too metal-rich). 0 = off.
+    label_balance: float = Field(0.0, ge=0, le=1)
+    label_balance_cap: float = Field(5.0, ge=1, le=100)
 
     def model_post_init(self, _ctx) -> None:
         if not (self.use_spectrum or self.use_xp or self.use_scalars):
@@ -179,13 +185,17 @@ class HybridNet(nn.Module):
 
 
 def gaussian_nll(mean: torch.Tensor, log_var: torch.Tensor, target: torch.Tensor,
-                 target_err: torch.Tensor | None = None) -> torch.Tensor:
+                 target_err: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean Gaussian NLL over present labels; the label survey's own error adds to the variance,
-    so the network learns the star's intrinsic scatter, not the training labels' noise."""
+    so the network learns the star's intrinsic scatter, not the training labels' noise.
+    ``weight`` (B,): per-star weights of a weighted mean (label balancing, stellar.balance)."""
     present = torch.isfinite(target)
     var = log_var.exp()
     if target_err is not None:
         var = var + torch.nan_to_num(target_err, nan=0.0) ** 2
     diff = torch.where(present, target - mean, torch.zeros_like(mean))
     nll = 0.5 * (diff**2 / var + torch.log(var))
-    return (nll * present).sum() / present.sum().clamp(min=1)
+    w = present.to(nll.dtype)
+    if weight is not None:
+        w = w * weight.to(nll.dtype)[:, None]
+    return (nll * w).sum() / w.sum().clamp(min=1e-12)

@@ -26,6 +26,7 @@ from safetensors.torch import save as st_save
 from safetensors.numpy import load as np_load
 from safetensors.numpy import save as np_save
 
+from stellar.balance import label_density_weights, weight_lookup
 from stellar.devices import make_deterministic, pick_device
 from stellar.emulator import SpectrumEmulator
 from stellar.inference_core import INPUTS, forward_members
@@ -55,6 +56,24 @@ def load_split(features_root: str, split: str, labels: list[str], stats: dict) -
     if not batches:
         return {}
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def split_labels(features_root: str, split: str, labels: list[str], stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(source_id (N,), normalised labels (N, L)) of one split, read without the array columns."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from stellar.tables import TableStore
+
+    path = TableStore(features_root).table_path("features")
+    t = pads.dataset(path, format="parquet", partitioning="hive").to_table(
+        columns=["source_id", *labels], filter=pc.field("split") == split)
+    order = [list(stats["label_names"]).index(k) for k in labels]
+    mean = np.asarray(stats["labels"]["mean"], dtype=np.float64)[order]
+    std = np.asarray(stats["labels"]["std"], dtype=np.float64)[order]
+    y = np.stack([t.column(k).to_numpy(zero_copy_only=False).astype(np.float64) for k in labels], axis=1) \
+        if labels else np.zeros((t.num_rows, 0))
+    return t.column("source_id").to_numpy(zero_copy_only=False), (y - mean) / std
 
 
 def _dims(stats: dict) -> tuple[int, int, int]:
@@ -95,6 +114,10 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
     train = FeatureDataset(features_root, split="train", batch_size=cfg.batch_size, shuffle=True, seed=seed,
                            labels=labels, stats=stats)
     val = load_split(features_root, "validation", labels, stats)
+    weight_of = None
+    if cfg.label_balance > 0:  # stellar.balance: flatten the label density the loss sees
+        ids, y = split_labels(features_root, "train", labels, stats)
+        weight_of = weight_lookup(ids, label_density_weights(y, cfg.label_balance, cfg.label_balance_cap))
     best, best_state, best_epoch, bad = np.inf, None, -1, 0
     history = []
     for epoch in range(cfg.max_epochs):
@@ -104,9 +127,10 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
         for b in train:
             if dropout:  # blank whole input blocks as preprocess blanks missing ones (stellar.trust.drop_blocks)
                 drop_blocks(b["xp"], b["scalars"], dropout, stats, gen)
+            w = torch.from_numpy(weight_of(b["source_id"].numpy())).to(dev) if weight_of else None
             b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
             mean, log_var = net(*(b[k] for k in INPUTS))
-            loss = gaussian_nll(mean, log_var, b["labels"], b["label_err"])
+            loss = gaussian_nll(mean, log_var, b["labels"], b["label_err"], w)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -172,14 +196,70 @@ def fit_snr_calibration(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.ndarr
     return best[1], best[2]
 
 
+# The factor also depends on the star's predicted labels: log c = a + b t + g . [u, u^2], with u the
+# predicted normalised labels clipped to the fit stars' 2-98 % range (the square lets a factor differ
+# between the two ends of a label, dwarfs and giants, without a compromise through the middle). A label survey's stars are not
+# the catalogue's mix (APOGEE-like label sets are mostly giants, a magnitude-limited catalogue is
+# 40 % dwarfs), and the raw sigmas are too large for some kinds of star and right for others; a
+# factor conditional on the kind of star transfers to another mix, a marginal one does not.
+# g has a Gaussian prior N(0, CALIBRATION_LABEL_PRIOR^2) so that few stars cannot push it far.
+CALIBRATION_LABEL_PRIOR = 0.3
+# Which predicted labels say what kind of star it is (its place in the Kiel diagram); the abundance
+# labels are left out: their tails are where the biases live, and a factor fitted there on a few
+# hundred stars follows those few stars.
+CALIBRATION_COVARIATES = ("teff", "logg")
+MIN_LABEL_CALIBRATION_STARS = 200  # fewer: the S/N-only factor
+
+
+def label_terms(mu_norm: np.ndarray, label_range: np.ndarray) -> np.ndarray:
+    """(N, L) normalised predicted labels -> the calibration's (N, 2L) covariates [u, u^2], u clipped
+    to ``label_range`` (L, 2) so the factor never extrapolates."""
+    u = np.clip(np.asarray(mu_norm, dtype=np.float64), label_range[:, 0], label_range[:, 1])
+    return np.concatenate([u, u**2], axis=1)
+
+
+def fit_label_calibration(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.ndarray, u: np.ndarray,
+                          prior: float = CALIBRATION_LABEL_PRIOR) -> tuple[float, float, np.ndarray]:
+    """(a, b, g) of c = exp(a + b t + g . u) by maximum (penalised) Gaussian likelihood of the residuals,
+    started from the S/N-only fit; ``a`` is then set so the z-scores' mean square is exactly 1.
+
+    Args:
+        r, s, e: residuals, raw predicted sigmas, label errors (N,).
+        t: clipped log(S/N / pivot) (N,).
+        u: (N, K) covariates of the predicted labels (:func:`label_terms`).
+    """
+    from scipy.optimize import minimize
+
+    a0, b0 = fit_snr_calibration(r, s, e, t)
+    X = np.column_stack([np.ones(len(r)), t, u])
+    s2, e2, r2 = s**2, e**2, r**2
+    pen = np.r_[0.0, 0.0, np.full(u.shape[1], 1.0 / prior**2)]
+
+    def nll(beta):
+        c2 = np.exp(2.0 * (X @ beta))
+        var = c2 * s2 + e2
+        f = 0.5 * np.sum(np.log(var) + r2 / var) + 0.5 * np.sum(pen * beta**2)
+        # d var / d beta = 2 c2 s2 X
+        dvar = (0.5 * (1.0 / var - r2 / var**2) * 2.0 * c2 * s2)
+        return f, X.T @ dvar + pen * beta
+
+    beta0 = np.r_[a0, b0, np.zeros(u.shape[1])]
+    res = minimize(nll, beta0, jac=True, method="L-BFGS-B", options={"maxiter": 500, "gtol": 1e-8})
+    beta = res.x if np.all(np.isfinite(res.x)) and res.fun <= nll(beta0)[0] else beta0
+    g = np.exp(X[:, 1:] @ beta[1:])
+    a = np.log(_calibration_factor(r, s * g, e))
+    return float(a), float(beta[1]), np.asarray(beta[2:], dtype=float)
+
+
 class Ensemble:
     """Members + normalisation + calibration + trust thresholds: everything needed to predict,
     loadable without pickle.
 
-    The uncertainty calibration is a factor per label that varies smoothly with S/N
-    (:func:`fit_snr_calibration`): one factor per label cannot fit both ends (at high S/N the raw
-    spread is too large, at low S/N about right). ``calibration`` keeps the all-S/N factor, used
-    where no S/N is given.
+    The uncertainty calibration is a factor per label that varies smoothly with S/N and with the
+    star's predicted labels (:func:`fit_label_calibration`): one factor per label cannot fit both
+    S/N ends (at high S/N the raw spread is too large, at low S/N about right), nor dwarfs and giants
+    when the label set and the catalogue mix them differently. ``calibration`` keeps the all-S/N
+    factor, used where no S/N is given.
     """
 
     def __init__(self, cfg: ModelConfig, labels: list[str], stats: dict, weights: list[bytes],
@@ -197,6 +277,11 @@ class Ensemble:
                                    dtype=float).reshape(len(labels), 2)
         self.snr_pivot = float(sc.get("pivot", CALIBRATION_PIVOT_SNR))
         self.snr_t_range = tuple(float(v) for v in sc.get("t_range", (0.0, 0.0)))
+        # the predicted-label terms (fit_label_calibration); absent in models trained before them
+        self.label_coef = np.asarray(sc.get("label_coef", np.zeros((len(labels), 2 * len(labels)))),
+                                     dtype=float).reshape(len(labels), 2 * len(labels))
+        self.label_range = np.asarray(sc.get("label_range", np.zeros((len(labels), 2))),
+                                      dtype=float).reshape(len(labels), 2)
         self.trust = trust
         self.emulator = emulator
         self.meta = dict(meta or {})
@@ -232,16 +317,21 @@ class Ensemble:
         t = np.log(np.where(np.isfinite(snr) & (snr > 0), snr, self.snr_pivot) / self.snr_pivot)
         return np.clip(t, *self.snr_t_range)
 
-    def factors(self, snr: np.ndarray | None, n: int) -> np.ndarray:
-        """(N, L) calibration factors at each star's S/N; the all-S/N factor where no S/N is given."""
+    def factors(self, snr: np.ndarray | None, n: int, mu_norm: np.ndarray | None = None) -> np.ndarray:
+        """(N, L) calibration factors at each star's S/N and (``mu_norm``, (N, L) normalised) predicted
+        labels; the all-S/N factor where no S/N is given."""
         if snr is None:
             return np.broadcast_to(self.calibration, (n, len(self.labels)))
         t = self.snr_term(snr)
-        return np.exp(self.snr_coef[:, 0][None, :] + t[:, None] * self.snr_coef[:, 1][None, :])
+        log_c = self.snr_coef[:, 0][None, :] + t[:, None] * self.snr_coef[:, 1][None, :]
+        if mu_norm is not None and np.any(self.label_coef):
+            log_c = log_c + label_terms(mu_norm, self.label_range) @ self.label_coef.T
+        return np.exp(log_c)
 
     def snr_calibration(self) -> dict:
-        return {"kind": "loglinear", "pivot": self.snr_pivot, "t_range": list(self.snr_t_range),
-                "coef": self.snr_coef.tolist()}
+        return {"kind": "loglinear_labels", "pivot": self.snr_pivot, "t_range": list(self.snr_t_range),
+                "coef": self.snr_coef.tolist(), "label_coef": self.label_coef.tolist(),
+                "label_range": self.label_range.tolist()}
 
     def combine(self, means: np.ndarray, variances: np.ndarray, calibrated: bool = True,
                 snr: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -254,11 +344,13 @@ class Ensemble:
         aleatoric = variances.mean(axis=0)
         epistemic = means.var(axis=0)
         sigma = np.sqrt(aleatoric + epistemic)
+        sigma_norm = sigma
         if calibrated:
-            sigma = sigma * self.factors(snr, mu.shape[0])
+            sigma = sigma * self.factors(snr, mu.shape[0], mu)
         return {"mean": mu * self.label_std + self.label_mean, "sigma": sigma * self.label_std,
                 "sigma_aleatoric": np.sqrt(aleatoric) * self.label_std,
-                "sigma_epistemic": np.sqrt(epistemic) * self.label_std, "epistemic_norm": np.sqrt(epistemic)}
+                "sigma_epistemic": np.sqrt(epistemic) * self.label_std, "epistemic_norm": np.sqrt(epistemic),
+                "sigma_norm": sigma_norm}
 
     def calibrate(self, data: dict[str, torch.Tensor], keep: np.ndarray | None = None) -> np.ndarray:
         """Per-label calibration on held-out stars: the all-S/N factor making the z-scores' mean square
@@ -274,8 +366,15 @@ class Ensemble:
         t_all = np.log(np.where(np.isfinite(snr) & (snr > 0), snr, CALIBRATION_PIVOT_SNR) / CALIBRATION_PIVOT_SNR)
         lo, hi = (np.quantile(t_all[keep], [0.02, 0.98]) if keep.sum() >= MIN_CALIBRATION_STARS else (0.0, 0.0))
         t = np.clip(t_all, lo, hi)
-        overall, coef = [], np.zeros((len(self.labels), 2))
-        for j in range(len(self.labels)):
+        L = len(self.labels)
+        overall, coef = [], np.zeros((L, 2))
+        u_all = (np.asarray(pred["mean"], dtype=np.float64) - self.label_mean) / self.label_std
+        label_range = (np.quantile(u_all[keep], [0.02, 0.98], axis=0).T if keep.sum() >= MIN_CALIBRATION_STARS
+                       else np.zeros((L, 2)))
+        u = label_terms(u_all, label_range)
+        cov = np.array([k in CALIBRATION_COVARIATES for k in self.labels] * 2)
+        label_coef = np.zeros((L, 2 * L))
+        for j in range(L):
             ok = keep & np.isfinite(truth[:, j])
             s, e = pred["sigma"][:, j], np.nan_to_num(err[:, j])
             r = pred["mean"][:, j] - truth[:, j]
@@ -283,12 +382,18 @@ class Ensemble:
                 overall.append(1.0)
                 continue
             overall.append(_calibration_factor(r[ok], s[ok], e[ok]))
-            coef[j] = fit_snr_calibration(r[ok], s[ok], e[ok], t[ok]) if ok.sum() >= MIN_CALIBRATION_STARS \
-                else (np.log(overall[-1]), 0.0)
+            if ok.sum() >= MIN_LABEL_CALIBRATION_STARS:
+                a, b, g = fit_label_calibration(r[ok], s[ok], e[ok], t[ok], u[ok][:, cov])
+                coef[j], label_coef[j, cov] = (a, b), g
+            elif ok.sum() >= MIN_CALIBRATION_STARS:
+                coef[j] = fit_snr_calibration(r[ok], s[ok], e[ok], t[ok])
+            else:
+                coef[j] = (np.log(overall[-1]), 0.0)
         self.calibration = np.asarray(overall)
         self.snr_coef = coef
         self.snr_pivot = CALIBRATION_PIVOT_SNR
         self.snr_t_range = (float(lo), float(hi))
+        self.label_coef, self.label_range = label_coef, np.asarray(label_range, dtype=float)
         return self.calibration
 
     def fit_emulator(self, data: dict[str, torch.Tensor], window: np.ndarray) -> SpectrumEmulator:
@@ -322,7 +427,7 @@ class Ensemble:
         self.trust = fit_thresholds(self.stats, self.labels, data["xp"].numpy(), data["scalars"].numpy(),
                                     data["quality"].numpy(), pred["mean"], pred["epistemic_norm"], rate, trained,
                                     blocks_read(self.cfg.use_xp, self.cfg.use_scalars), chi2, line,
-                                    data["snr"].numpy(), map_score, pool)
+                                    data["snr"].numpy(), map_score, pool, pred["sigma_norm"])
         return self.trust
 
     def flag(self, data: dict[str, torch.Tensor], map_score: np.ndarray | None = None) -> np.ndarray:
@@ -332,7 +437,7 @@ class Ensemble:
         reason, _ = assess(self.stats, self.trust, self.labels, data["xp"].numpy(), data["scalars"].numpy(),
                            data["quality"].numpy(), pred["mean"], pred["epistemic_norm"], None,
                            blocks_read(self.cfg.use_xp, self.cfg.use_scalars), chi2, line, data["snr"].numpy(),
-                           map_score)
+                           map_score, pred["sigma_norm"])
         return reason
 
     def physical_labels(self, data: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:

@@ -49,6 +49,7 @@ OOD_DISAGREEMENT = 1 << 3
 OOD_MISSING_INPUT = 1 << 4
 OOD_SPECTRUM = 1 << 5
 OOD_LINES = 1 << 6
+OOD_UNCERTAINTY = 1 << 7
 OOD_ENVELOPE = 1 << 8
 
 # name: (bit, meaning) -- the documented bitmask (README, column descriptions, export headers)
@@ -66,6 +67,9 @@ OOD_BITS: dict[str, tuple[int, str]] = {
                                "(spectrum_chi2 above the validation-calibrated level for its S/N)"),
     "lines": (OOD_LINES, "residuals around the strongest lines (Ca II triplet): doubled, shifted or too-weak lines "
                          "(line_chi2 above the validation-calibrated level for its S/N)"),
+    "uncertainty": (OOD_UNCERTAINTY, "the network's own uncertainty of a label is far above its level on held-out "
+                                     "stars of the same S/N (the validation-calibrated level): the inputs do not "
+                                     "pin the star down the way they pin down training-like stars"),
     "envelope": (OOD_ENVELOPE, "a label fell outside the physical envelope and was withheld (null)"),
 }
 
@@ -233,9 +237,17 @@ class TrustThresholds:
     spectrum_chi2: float = np.inf  # flag when the standardised excess exceeds this
     line_chi2: float = np.inf  # ... over the strong-line windows
     n_chi2_fit: int = 0  # stars the chi-square trends and thresholds were fitted on
+    # The network's own (uncalibrated, normalised) uncertainty per label grows as S/N falls: the test is
+    # on the largest standardised excess of log sigma over its S/N trend (one chi2_trend per label,
+    # fitted on the validation stars, t clipped to sigma_t_range). A star whose inputs leave the network
+    # unsure far beyond what held-out stars of that S/N leave it (a very metal-poor star whose weak
+    # lines it has never seen so weak) is unlike the training set even where each input is in range.
+    sigma_t_range: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    sigma_trend: list[list[float]] = field(default_factory=list)
+    uncertainty: float = np.inf  # flag when the largest standardised excess exceeds this
     n_validation: int = 0
 
-    _INF_FIELDS = ("disagreement", "spectrum_chi2", "line_chi2", "map_score")
+    _INF_FIELDS = ("disagreement", "spectrum_chi2", "line_chi2", "map_score", "uncertainty")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -263,6 +275,17 @@ class TrustThresholds:
         a, b, c, d, e = trend
         y = np.log(np.maximum(np.asarray(chi2, dtype=np.float64), 1e-12))
         return (y - (a + b * t + c * t * t)) / np.exp(d + e * t)
+
+
+    def uncertainty_excess(self, sigma_norm: np.ndarray, snr: np.ndarray | None) -> np.ndarray:
+        """Per star: the largest standardised excess of a label's log sigma over its S/N trend."""
+        sig = np.asarray(sigma_norm, dtype=np.float64)
+        t = np.clip(_snr_t(snr, len(sig)), self.sigma_t_range[0], self.sigma_t_range[1])
+        out = np.full(len(sig), -np.inf)
+        for j, (a, b, c, d, e) in enumerate(self.sigma_trend[: sig.shape[1]]):
+            y = np.log(np.maximum(sig[:, j], 1e-12))
+            out = np.maximum(out, (y - (a + b * t + c * t * t)) / np.exp(d + e * t))
+        return out
 
 
 def _snr_t(snr: np.ndarray | None, n: int) -> np.ndarray:
@@ -319,7 +342,8 @@ def fit_thresholds(stats: dict, labels: list[str], xp: np.ndarray, scalars: np.n
                    mean: np.ndarray, epistemic: np.ndarray, rate: float, trained_missing: list[str] | None = None,
                    reads: set[str] = frozenset(BLOCKS), spectrum_chi2: np.ndarray | None = None,
                    line_chi2: np.ndarray | None = None, snr: np.ndarray | None = None,
-                   map_score: np.ndarray | None = None, chi2_pool: dict | None = None) -> TrustThresholds:
+                   map_score: np.ndarray | None = None, chi2_pool: dict | None = None,
+                   sigma_norm: np.ndarray | None = None) -> TrustThresholds:
     """Thresholds under which all tests together flag ``rate`` of the validation stars.
 
     Args:
@@ -339,6 +363,8 @@ def fit_thresholds(stats: dict, labels: list[str], xp: np.ndarray, scalars: np.n
             hash-chosen sample of training stars), fitted with the validation stars' for the chi-square
             trends and thresholds: a tail quantile of a few hundred stars is a handful of values, and
             the emulator's 21 numbers per pixel hardly fit any one star.
+        sigma_norm: (N, L) the network's uncalibrated uncertainties, normalised units (None: the
+            uncertainty test is off).
     """
     n = len(xp)
     ref = np.median(epistemic, axis=0) if len(epistemic) else np.ones(epistemic.shape[1])
@@ -362,6 +388,14 @@ def fit_thresholds(stats: dict, labels: list[str], xp: np.ndarray, scalars: np.n
         base.n_chi2_fit = int(len(all_snr))
         spec_res = base.chi2_excess(all_spec, all_snr, base.spectrum_trend)
         line_res = base.chi2_excess(all_line, all_snr, base.line_trend)
+    unc = None
+    if sigma_norm is not None and len(sigma_norm):
+        t = _snr_t(snr, n)
+        base.sigma_t_range = [float(v) for v in np.quantile(t, [0.02, 0.98])] if n >= 10 else [0.0, 0.0]
+        tc = np.clip(t, *base.sigma_t_range)
+        sig = np.asarray(sigma_norm, dtype=np.float64)
+        base.sigma_trend = [chi2_trend(tc, np.log(np.maximum(sig[:, j], 1e-12))) for j in range(sig.shape[1])]
+        unc = base.uncertainty_excess(sig, snr)
     neg_score = None
     if map_score is not None and np.isfinite(np.asarray(map_score, dtype=np.float64)).any():
         neg_score = -np.asarray(map_score, dtype=np.float64)
@@ -375,11 +409,13 @@ def fit_thresholds(stats: dict, labels: list[str], xp: np.ndarray, scalars: np.n
             thr.line_chi2 = _quantile_threshold(line_res, r)
         if neg_score is not None:
             thr.map_score = -_quantile_threshold(neg_score, r)
+        if unc is not None:
+            thr.uncertainty = _quantile_threshold(unc, r)
         return thr
 
     def flagged(thr: TrustThresholds) -> float:
         reason, _ = assess(stats, thr, labels, xp, scalars, quality, mean, epistemic, None, reads,
-                           spectrum_chi2, line_chi2, snr, map_score)
+                           spectrum_chi2, line_chi2, snr, map_score, sigma_norm)
         return float((reason != 0).mean()) if n else 0.0
 
     lo, hi = 0.0, float(rate)
@@ -398,7 +434,8 @@ def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.n
            quality: np.ndarray, mean: np.ndarray, epistemic: np.ndarray,
            train_like: np.ndarray | None, reads: set[str] = frozenset(BLOCKS), spectrum_chi2: np.ndarray | None = None,
            line_chi2: np.ndarray | None = None, snr: np.ndarray | None = None,
-           map_score: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+           map_score: np.ndarray | None = None,
+           sigma_norm: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``ood_reason`` bits of a batch, and which label values must be withheld (outside the envelope).
 
     Args:
@@ -416,6 +453,7 @@ def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.n
         spectrum_chi2, line_chi2: the emulator's statistics at the predicted labels (None: not run).
         snr: (N,) S/N, for the chi-square tests' S/N trend.
         map_score: (N,) selection-map scores (NaN where unknown).
+        sigma_norm: (N, L) the network's uncalibrated uncertainties, normalised (None: not tested).
 
     Returns:
         (ood_reason int32 (N,), withheld bool (N, L)).
@@ -452,6 +490,9 @@ def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.n
             if values is not None and np.isfinite(limit):
                 res = thr.chi2_excess(values, snr, trend)
                 reason |= np.where(np.nan_to_num(res, nan=-np.inf) > limit, bit, 0).astype(np.int32)
+        if sigma_norm is not None and thr.sigma_trend and np.isfinite(thr.uncertainty):
+            res = thr.uncertainty_excess(sigma_norm, snr)
+            reason |= np.where(np.nan_to_num(res, nan=-np.inf) > thr.uncertainty, OOD_UNCERTAINTY, 0).astype(np.int32)
     return reason, withheld
 
 

@@ -40,6 +40,32 @@ def test_nll_ignores_missing_labels_and_adds_label_noise():
     assert float(with_err) < float(nll)
 
 
+def test_weighted_nll_is_a_weighted_mean():
+    mean, log_var = torch.zeros(2, 1), torch.zeros(2, 1)
+    target = torch.tensor([[1.0], [3.0]])
+    w = torch.tensor([3.0, 1.0])
+    assert float(gaussian_nll(mean, log_var, target, weight=w)) == pytest.approx((3 * 0.5 + 1 * 4.5) / 4)
+    assert float(gaussian_nll(mean, log_var, target, weight=torch.ones(2))) == \
+        pytest.approx(float(gaussian_nll(mean, log_var, target)))
+
+
+def test_label_balance_weights_favour_the_sparse_tail():
+    from stellar.balance import label_density_weights, weight_lookup
+
+    rng = np.random.default_rng(3)
+    y = np.concatenate([rng.normal(0.0, 0.3, (3000, 3)), rng.normal(-2.5, 0.3, (60, 3))])
+    y[::50, 2] = np.nan  # a missing label counts as the mean, not as an error
+    w = label_density_weights(y, power=0.5, cap=5.0)
+    assert w.shape == (3060,) and np.isfinite(w).all()
+    assert w.mean() == pytest.approx(1.0)
+    assert w[3000:].mean() > 2.5 * w[:3000].mean()  # the tail weighs more per star
+    assert w.max() / w.min() <= 25.0 + 1e-9  # clipped to [1/cap, cap] before the mean is set to 1
+    assert np.array_equal(label_density_weights(y, 0.5, 5.0), w)  # deterministic
+    assert np.all(label_density_weights(y, 0.0, 5.0) == 1.0)
+    of = weight_lookup(np.array([30, 10, 20]), np.array([3.0, 1.0, 2.0]))
+    assert of(np.array([10, 20, 30, 40])).tolist() == [1.0, 2.0, 3.0, 1.0]
+
+
 def test_outlier_rule():
     assert outlier_members([1.0, 1.02, 0.98, 1.01, 3.0]) == [4]
     assert outlier_members([1.0, 1.0, 1.0]) == []

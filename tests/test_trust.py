@@ -244,6 +244,43 @@ def test_emulator_recovers_a_quadratic_model_and_reacts_to_doubled_lines():
     assert np.array_equal(round_trip.window, emu.window)
 
 
+def test_uncertainty_calibration_follows_the_kind_of_star():
+    """Raw sigmas 2x too large for 'dwarfs' (u ~ 1) and right for 'giants': fitted on a 25 % dwarf
+    sample, the factor is right for each kind, so it holds on a 60 % dwarf catalogue; with no such
+    effect the label terms stay near zero (the prior)."""
+    from stellar.training import fit_label_calibration, label_terms
+
+    def sample(n, dwarf_share, effect, rng):
+        dwarf = rng.random(n) < dwarf_share
+        u = np.where(dwarf, rng.normal(1.0, 0.2, n), rng.normal(-0.5, 0.3, n))[:, None]
+        u = label_terms(u, np.array([[-1.5, 1.5]]))
+        t = rng.uniform(-0.7, 1.9, n)
+        s = rng.uniform(0.05, 0.1, n)
+        e = np.full(n, 0.01)
+        true = np.where(dwarf, 1.0 / effect, 1.0)
+        r = rng.normal(0, np.sqrt((true * s) ** 2 + e**2))
+        return dwarf, u, t, s, e, r
+
+    rng = np.random.default_rng(5)
+    dwarf, u, t, s, e, r = sample(500, 0.25, 2.0, rng)
+    a, b, g = fit_label_calibration(r, s, e, t, u)
+    dwarf2, u2, t2, s2, e2, r2 = sample(4000, 0.6, 2.0, rng)
+    c = np.exp(a + b * t2 + u2 @ g)
+    z = r2 / np.sqrt((c * s2) ** 2 + e2**2)
+    for kind in (dwarf2, ~dwarf2):
+        assert 0.85 <= z[kind].std() <= 1.15, z[kind].std()
+    assert 0.9 <= z.std() <= 1.1
+    # the S/N-only factor leaves the dwarfs' errors far too large
+    from stellar.training import fit_snr_calibration
+
+    a1, b1 = fit_snr_calibration(r, s, e, t)
+    z1 = r2 / np.sqrt((np.exp(a1 + b1 * t2) * s2) ** 2 + e2**2)
+    assert z1[dwarf2].std() < 0.75, z1[dwarf2].std()
+    _, u, t, s, e, r = sample(500, 0.25, 1.0, rng)
+    _, _, g0 = fit_label_calibration(r, s, e, t, u)
+    assert np.all(np.abs(g0) < 0.15), g0
+
+
 def test_uncertainty_calibration_follows_snr_smoothly():
     """Raw sigmas 1.5x too large at S/N 200 and right at S/N 15: the fitted factor follows, with
     no step and no extrapolation beyond the S/N the fit saw."""
