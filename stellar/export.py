@@ -18,6 +18,19 @@ import pyarrow.dataset as ds
 from stellar.errors import StellarError
 from stellar.tables import TableStore
 
+# Column descriptions written into FITS (TCOMMn and COMMENT cards) and VOTable (DESCRIPTION) headers.
+DESCRIPTIONS = {
+    "ood": "true: unlike the training set by at least one test (ood_reason says which)",
+    "ood_reason": "bitmask of the out-of-distribution tests that flag the star (bits in the header comments)",
+    "train_like": "the selection map's verdict: among training stars on the t-SNE map",
+    "selection_score": "share of training stars among the map neighbours, relative to the fit set's",
+    "spectrum_chi2": "reduced chi2 of the spectrum against the emulator at the predicted labels",
+    "line_chi2": "reduced chi2 over the strongest lines' windows (Ca II triplet for RVS)",
+    "out_of_range": "bit i: label i outside the training labels' range",
+    "quality": "input quality bits (missing blocks, masked pixels)",
+    "problem": "why the row got no prediction (empty: it did)",
+}
+
 UNITS = {"teff": "K", "logg": "dex", "m_h": "dex", "alpha_m": "dex", "fe_h": "dex", "a_li": "dex"}
 FORMATS = {"fits": "fits", "votable": "votable", "csv": "csv"}
 DEFAULT_MAX_ROWS = 5_000_000
@@ -115,7 +128,13 @@ def _astropy(table: pa.Table, manifest: dict, fmt: str, path: Path) -> None:
         base = name[:-4] if name.endswith("_err") else name
         if base in UNITS:
             t[name].unit = UNITS[base]
+    from stellar.trust import OOD_BITS
+
+    for name, text in DESCRIPTIONS.items():
+        if name in t.colnames:
+            t[name].description = text
     model = manifest.get("model", {})
+    t.meta["comments"] = ["ood_reason bits:"] + [f"{bit} {name}: {text}" for name, (bit, text) in OOD_BITS.items()]
     t.meta.update({"ORIGIN": "stellar", "MODEL": model.get("name", ""), "MODELVER": model.get("version", -1),
                    "RUNID": model.get("run_id", ""), "FEATVER": manifest["summary"].get("features_version", "")})
     if fmt == "fits":

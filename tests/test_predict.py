@@ -191,6 +191,12 @@ def test_export_fits_votable_csv(registry, tmp_path):
     csv = Table.read(tmp_path / "all.csv", format="ascii.csv")
     assert len(fits) == len(vot) == len(csv) == s["rows"]
     assert str(fits["teff"].unit) == "K" and str(vot["logg_err"].unit) == "dex"
+    # the ood_reason bits are documented in the headers themselves
+    from stellar.trust import OOD_BITS
+
+    comments = " ".join(fits.meta.get("comments", []))
+    assert all(f"{bit} {name}:" in comments for name, (bit, _) in OOD_BITS.items()), comments[:300]
+    assert "bitmask" in vot["ood_reason"].description
     assert fits.meta["MODELVER"] == 1 and np.allclose(np.sort(fits["teff"]), np.sort(csv["teff"]), rtol=1e-6)
     assert main(["export", str(tmp_path / "like.fits"), "--where", "train_like", *base]) == 0
     assert len(Table.read(tmp_path / "like.fits")) == s["train_like"]
