@@ -10,7 +10,7 @@ from stellar.features import Q_NO_BP, Q_NO_PARALLAX, Q_NO_XP, SCALAR_NAMES
 from stellar.inference_core import StackedEnsemble, forward_members
 from stellar.model import HybridNet, ModelConfig
 from stellar.trust import (OOD_DISAGREEMENT, OOD_ENVELOPE, OOD_INPUT_RANGE, OOD_LABEL_RANGE, OOD_LINES, OOD_MAP,
-                           OOD_MISSING_INPUT, OOD_SPECTRUM, PHYSICAL_ENVELOPE, TrustThresholds, assess, bound_outputs,
+                           OOD_MISSING_INPUT, OOD_SPECTRUM, OOD_UNCERTAINTY, PHYSICAL_ENVELOPE, TrustThresholds, assess, bound_outputs,
                            drop_blocks, fit_thresholds, label_bounds, missing_features)
 
 LABELS = ["teff", "logg", "m_h", "alpha_m", "fe_h"]
@@ -163,19 +163,36 @@ def test_thresholds_flag_the_chosen_share_of_validation_stars_and_catch_outliers
     chi2 = np.exp(0.3 * np.log(snr / 30) + rng.normal(0, 0.08 * (snr / 30) ** 0.5, n))
     line = np.exp(rng.normal(0, 0.2, n))
     score = rng.uniform(0.3, 2.0, n)
+    # the network's own uncertainty falls with S/N (sigma ~ 1/S/N^0.7), with a log-normal spread
+    sigma = 0.3 * (snr[:, None] / 30) ** -0.7 * np.exp(rng.normal(0, 0.15, (n, 5)))
     thr = fit_thresholds(stats, LABELS, xp, sc, np.zeros(n, int), mean, epistemic, rate=0.03,
-                         trained_missing=["bp"], spectrum_chi2=chi2, line_chi2=line, snr=snr, map_score=score)
+                         trained_missing=["bp"], spectrum_chi2=chi2, line_chi2=line, snr=snr, map_score=score,
+                         sigma_norm=sigma)
     assert TrustThresholds.from_dict(thr.to_dict()) == thr
     assert abs(thr.spectrum_trend[1] - 0.3) < 0.05 and abs(thr.spectrum_trend[2]) < 0.05  # the S/N trend is out
     reason, withheld = assess(stats, thr, LABELS, xp, sc, np.zeros(n, int), mean, epistemic, np.ones(n),
-                              spectrum_chi2=chi2, line_chi2=line, snr=snr, map_score=score)
+                              spectrum_chi2=chi2, line_chi2=line, snr=snr, map_score=score, sigma_norm=sigma)
     assert not withheld.any()
     assert 0.02 <= (reason != 0).mean() <= 0.03  # all tests together flag the chosen share
-    for bit in (OOD_INPUT_RANGE, OOD_DISAGREEMENT, OOD_SPECTRUM, OOD_LINES, OOD_MAP):
+    assert abs(thr.sigma_trend[0][1] + 0.7) < 0.1  # the uncertainty's S/N trend is out
+    for bit in (OOD_INPUT_RANGE, OOD_DISAGREEMENT, OOD_SPECTRUM, OOD_LINES, OOD_MAP, OOD_UNCERTAINTY):
         assert 0.002 <= ((reason & bit) != 0).mean() <= thr.per_test_rate + 1e-3
     # each chi-square test flags alike at low and high S/N: the trend is out
     spec = (reason & OOD_SPECTRUM) != 0
     assert abs(spec[snr < 60].mean() - spec[snr > 150].mean()) < 0.01
+    unc = (reason & OOD_UNCERTAINTY) != 0
+    assert abs(unc[snr < 60].mean() - unc[snr > 150].mean()) < 0.01  # alike at every S/N
+    # a star as unsure at S/N 200 as a typical star at S/N 15 is flagged; that star at S/N 15 is not
+    typical_15 = 0.3 * (15 / 30) ** -0.7
+    probe = np.full((2, 5), 0.3 * (200 / 30) ** -0.7)
+    probe[0, 2] = typical_15
+    probe_snr = np.array([200.0, 200.0])
+    r_unc, _ = assess(stats, thr, LABELS, xp[:2], sc[:2], np.zeros(2, int), mean[:2], np.full((2, 5), 0.1), None,
+                      snr=probe_snr, sigma_norm=probe)
+    assert r_unc[0] & OOD_UNCERTAINTY and not r_unc[1] & OOD_UNCERTAINTY
+    r_low, _ = assess(stats, thr, LABELS, xp[:1], sc[:1], np.zeros(1, int), mean[:1], np.full((1, 5), 0.1), None,
+                      snr=np.array([15.0]), sigma_norm=np.full((1, 5), typical_15))
+    assert not r_low[0] & OOD_UNCERTAINTY
     # out-of-distribution stars: each test catches its own kind
     m = 6
     xo, so = _normalised_inputs(stats, m, rng)
