@@ -208,6 +208,10 @@ CALIBRATION_LABEL_PRIOR = 0.3
 # labels are left out: their tails are where the biases live, and a factor fitted there on a few
 # hundred stars follows those few stars.
 CALIBRATION_COVARIATES = ("teff", "logg")
+# The kind-of-star terms may move a factor at most this much (log) from the S/N-only one: a quadratic is
+# poorly held near the edges of the fit stars' range, and a factor of 0.2 there would publish errors 5x
+# too small for exactly the stars at the edge of the grid.
+CALIBRATION_LABEL_MAX_LOG = float(np.log(2.0))
 MIN_LABEL_CALIBRATION_STARS = 200  # fewer: the S/N-only factor
 
 
@@ -246,7 +250,7 @@ def fit_label_calibration(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.nda
     beta0 = np.r_[a0, b0, np.zeros(u.shape[1])]
     res = minimize(nll, beta0, jac=True, method="L-BFGS-B", options={"maxiter": 500, "gtol": 1e-8})
     beta = res.x if np.all(np.isfinite(res.x)) and res.fun <= nll(beta0)[0] else beta0
-    g = np.exp(X[:, 1:] @ beta[1:])
+    g = np.exp(beta[1] * t + np.clip(u @ beta[2:], -CALIBRATION_LABEL_MAX_LOG, CALIBRATION_LABEL_MAX_LOG))
     a = np.log(_calibration_factor(r, s * g, e))
     return float(a), float(beta[1]), np.asarray(beta[2:], dtype=float)
 
@@ -325,7 +329,8 @@ class Ensemble:
         t = self.snr_term(snr)
         log_c = self.snr_coef[:, 0][None, :] + t[:, None] * self.snr_coef[:, 1][None, :]
         if mu_norm is not None and np.any(self.label_coef):
-            log_c = log_c + label_terms(mu_norm, self.label_range) @ self.label_coef.T
+            log_c = log_c + np.clip(label_terms(mu_norm, self.label_range) @ self.label_coef.T,
+                                    -CALIBRATION_LABEL_MAX_LOG, CALIBRATION_LABEL_MAX_LOG)
         return np.exp(log_c)
 
     def snr_calibration(self) -> dict:
