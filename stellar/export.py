@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 from stellar.errors import StellarError
 from stellar.tables import TableStore
 
-# Column descriptions written into FITS (TCOMMn and COMMENT cards) and VOTable (DESCRIPTION) headers.
+# Column descriptions (VOTable DESCRIPTION; astropy keeps them in the table, FITS gets the ood_reason bits as COMMENT cards).
 DESCRIPTIONS = {
     "ood": "true: unlike the training set by at least one test (ood_reason says which)",
     "ood_reason": "bitmask of the out-of-distribution tests that flag the star (bits in the header comments)",
