@@ -31,6 +31,7 @@ from stellar.preprocess import load_stats
 from stellar.tables import TableStore, settings_hash
 from stellar.training import (COVERAGE_LEVELS, Ensemble, coverage_curve, evaluate, load_split, outlier_members,
                               train_member)
+from stellar.trust import TrustThresholds
 
 
 class TrainError(StellarError):
@@ -150,13 +151,7 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper=None, log_
     if not val or not test:
         raise TrainError("the validation or test split is empty: too few usable labelled stars")
     raw_cal = evaluate_uncalibrated(ens, test)
-    fit_set = emulator_sample(features_root, labels, stats)
-    ens.fit_emulator(fit_set, line_window(stats["wavelength"], [(ln.wavelength, ln.strength)
-                                                                for ln in instrument.lines if ln.kind != "dib"]))
-    val_scores = map_scores(selection, val["source_id"].numpy())
-    trust = ens.fit_trust(val, cfg.train.ood_false_flag_rate, val_scores, chi2_pool_sample(fit_set))
-    # uncertainties calibrated on the validation stars the trust tests keep: the stars users keep
-    ens.calibrate(val, keep=ens.flag(val, val_scores) == 0)
+    trust = fit_trust_and_calibration(cfg, ens, instrument, selection, val)
     metrics = evaluate(ens, test)
     summary = {"members": len(members), "kept": len(kept), "dropped": dropped,
                "calibration": dict(zip(labels, ens.calibration.round(4).tolist())),
@@ -171,6 +166,27 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper=None, log_
         summary.update(log_to_mlflow(cfg, ens, members, dropped, metrics, test))
     summary["ensemble"] = ens
     return summary
+
+
+def fit_trust_and_calibration(cfg: StellarConfig, ens: Ensemble, instrument: Instrument, selection: Path | None,
+                              val: dict | None = None, fit_emulator: bool = True) -> TrustThresholds:
+    """Everything fitted on held-out stars after the members are trained, in order: the spectrum
+    emulator (on the training stars), the trust thresholds (validation stars and a training-star pool
+    for the chi-squares), then the uncertainty calibration on the validation stars the trust tests
+    keep (the stars users keep). One function for the trainer and for re-assessing a finished run's
+    model with changed trust code (``benchmarks/trust.py --refit``), so both fit exactly alike.
+    ``fit_emulator`` False keeps the ensemble's own emulator."""
+    features_root = cfg.preprocess.output_dir
+    labels, stats = ens.labels, ens.stats
+    val = val if val is not None else load_split(features_root, "validation", labels, stats)
+    fit_set = emulator_sample(features_root, labels, stats)
+    if fit_emulator or ens.emulator is None:
+        ens.fit_emulator(fit_set, line_window(stats["wavelength"], [(ln.wavelength, ln.strength)
+                                                                    for ln in instrument.lines if ln.kind != "dib"]))
+    val_scores = map_scores(selection, val["source_id"].numpy())
+    trust = ens.fit_trust(val, cfg.train.ood_false_flag_rate, val_scores, chi2_pool_sample(fit_set))
+    ens.calibrate(val, keep=ens.flag(val, val_scores) == 0)
+    return trust
 
 
 def emulator_sample(features_root: str, labels: list[str], stats: dict) -> dict:
