@@ -452,8 +452,13 @@ def _saliency(cfg: StellarConfig, ens, ids: np.ndarray, out: Path, labels: list[
            "peak_wavelength": {lab: float(wave[int(np.argmax(np.abs(grads[j])))]) for j, lab in enumerate(labels)},
            "ca_triplet": ca}
     if ens.emulator is not None:  # share of |saliency| in the strong-line windows, beside the residuals'
-        tot = np.sum([np.abs(g) for g in grads], axis=0)
-        sal["share_in_line_windows"] = float(tot[ens.emulator.window].sum() / max(tot.sum(), 1e-30))
+        # each label's |saliency| normalised to unit sum before averaging: in physical units the Teff
+        # derivative (K per unit flux) would outweigh the abundances', whose information sits in the lines
+        tot = np.mean([np.abs(g) / max(float(np.abs(g).sum()), 1e-30) for g in grads], axis=0)
+        sal["share_in_line_windows"] = float(tot[ens.emulator.window].sum())
+        sal["share_in_line_windows_per_label"] = {
+            lab: float(np.abs(grads[j])[ens.emulator.window].sum() / max(float(np.abs(grads[j]).sum()), 1e-30))
+            for j, lab in enumerate(labels)}
         sal["window_pixel_share"] = float(ens.emulator.window.mean())
     return (name, "Saliency", "Mean derivative of each predicted label with respect to the flux of each pixel, over "
             "train-like stars: where in the spectrum the network looks (Ca II triplet in red)."), sal

@@ -335,7 +335,11 @@ def test_report_figures_load_and_match_the_data(registry, capsys):
                                           for s in rs["stars"] if s["shown_for"] in ("spectrum", "lines"))
     # the flagged stars differ from their emulated spectra mostly at the strong lines, where the saliency is too
     assert rs["flagged_residual_share_in_line_windows"] > rs["window_pixel_share"]
-    assert sal["share_in_line_windows"] > sal["window_pixel_share"]
+    # (each label's saliency weighted equally; measured on this fixture: 0.30 in 15 % of the pixels, and
+    # 0.25-0.45 for log g and the abundances, whose information is in the lines; Teff's is broad)
+    assert sal["share_in_line_windows"] > 1.5 * sal["window_pixel_share"]
+    assert all(sal["share_in_line_windows_per_label"][lab] > sal["window_pixel_share"]
+               for lab in ("logg", "m_h", "alpha_m", "fe_h")), sal
     arts = MlflowClient(cfg.mlflow.tracking_uri).list_artifacts(data["model"]["run_id"], "report")
     assert {"report/index.html", "report/kiel.png"} <= {a.path for a in arts}
     # the page as a browser shows it: every figure loads, at the PNG's own size
