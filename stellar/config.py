@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -262,7 +263,20 @@ class TrainConfig(StrictModel):
     alias: str = "challenger"
     # Share of held-out (validation) stars that all out-of-distribution tests together may flag; each test
     # with a free threshold takes an equal share of it (stellar.trust.fit_thresholds).
-    ood_false_flag_rate: float = Field(0.03, gt=0, lt=0.5)
+    ood_false_flag_rate: float = Field(0.025, gt=0, lt=0.5)
+    # The ``imprecise`` ood bit: a label whose calibrated 1-sigma uncertainty is above this (physical
+    # units) is flagged -- half a catastrophic error (|dTeff| 1000 K, |dlog g| 1, |d[M/H]| 0.5), so the
+    # star's own error bar gives a catastrophic error 5 % odds. A policy, not fitted; {} turns it off.
+    precision_limits: dict[str, float] = Field(default_factory=lambda: {"teff": 500.0, "logg": 0.5,
+                                                                          "m_h": 0.25, "fe_h": 0.25})
+
+    @field_validator("precision_limits")
+    @classmethod
+    def _positive_limits(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: x for k, x in v.items() if not (math.isfinite(x) and x > 0)}
+        if bad:
+            raise ValueError(f"precision_limits must be positive and finite, got {bad}")
+        return v
 
 
 _ALIAS = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$|^[0-9]{1,9}$"

@@ -178,7 +178,7 @@ class BatchPredictor:
             reason[ok], withheld[ok] = assess(self.ens.stats, self.ens.trust, self.labels, out["xp_norm"],
                                               out["scalars_norm"], quality, out["mean"], out["epistemic_norm"], tl,
                                               self.reads, out.get("spectrum_chi2"), out.get("line_chi2"), snr, msc,
-                                              out["sigma_norm"])
+                                              out["sigma_norm"], out["sigma"])
         outside = ((mean < self.lo) | (mean > self.hi)) & ok[:, None]
         bits = (outside * (1 << np.arange(n_lab))).sum(axis=1).astype(np.int32)
         for j, lab in enumerate(self.labels):

@@ -186,6 +186,7 @@ def fit_trust_and_calibration(cfg: StellarConfig, ens: Ensemble, instrument: Ins
     val_scores = map_scores(selection, val["source_id"].numpy())
     trust = ens.fit_trust(val, cfg.train.ood_false_flag_rate, val_scores, chi2_pool_sample(fit_set))
     ens.calibrate(val, keep=ens.flag(val, val_scores) == 0)
+    trust.precision_limit = {k: float(v) for k, v in cfg.train.precision_limits.items() if k in labels}
     return trust
 
 

@@ -15,7 +15,11 @@ the others. Three layers stand between the network and the catalogue:
    labels beyond the training labels' range, ensemble disagreement far above
    its level on held-out stars, input blocks the model cannot do without,
    and (guard) a label outside the physical envelope, which is then withheld.
-   ``ood`` is true when any bit is set.
+   One more bit is a precision test, not a likeness one: ``imprecise``, a
+   label whose calibrated uncertainty is above ``train.precision_limits``
+   (half of a catastrophic error: such a star's own error bar makes a
+   catastrophic error a 5 % event). ``ood`` is true when any bit is set --
+   the one flag a user filters on.
 3. **Thresholds from the validation split.** At train time the tests with a
    free threshold each flag the same share of the validation stars (in
    distribution by construction), chosen so that all tests together flag
@@ -51,6 +55,7 @@ OOD_SPECTRUM = 1 << 5
 OOD_LINES = 1 << 6
 OOD_UNCERTAINTY = 1 << 7
 OOD_ENVELOPE = 1 << 8
+OOD_IMPRECISE = 1 << 9
 
 # name: (bit, meaning) -- the documented bitmask (README, column descriptions, export headers)
 OOD_BITS: dict[str, tuple[int, str]] = {
@@ -71,6 +76,9 @@ OOD_BITS: dict[str, tuple[int, str]] = {
                                      "stars of the same S/N (the validation-calibrated level): the inputs do not "
                                      "pin the star down the way they pin down training-like stars"),
     "envelope": (OOD_ENVELOPE, "a label fell outside the physical envelope and was withheld (null)"),
+    "imprecise": (OOD_IMPRECISE, "a label's calibrated uncertainty is above its precision limit "
+                                 "(train.precision_limits, half a catastrophic error: Teff 500 K, log g 0.5, "
+                                 "[M/H] and [Fe/H] 0.25 dex by default)"),
 }
 
 # Which scalar features an absent input block leaves undefined (SCALAR_NAMES order).
@@ -245,6 +253,9 @@ class TrustThresholds:
     sigma_t_range: list[float] = field(default_factory=lambda: [0.0, 0.0])
     sigma_trend: list[list[float]] = field(default_factory=list)
     uncertainty: float = np.inf  # flag when the largest standardised excess exceeds this
+    # Precision limits (physical units) on the calibrated uncertainty, by label: a policy set from
+    # train.precision_limits, not fitted, and outside the false-flag budget (empty: test off).
+    precision_limit: dict[str, float] = field(default_factory=dict)
     n_validation: int = 0
 
     _INF_FIELDS = ("disagreement", "spectrum_chi2", "line_chi2", "map_score", "uncertainty")
@@ -435,7 +446,7 @@ def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.n
            train_like: np.ndarray | None, reads: set[str] = frozenset(BLOCKS), spectrum_chi2: np.ndarray | None = None,
            line_chi2: np.ndarray | None = None, snr: np.ndarray | None = None,
            map_score: np.ndarray | None = None,
-           sigma_norm: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+           sigma_norm: np.ndarray | None = None, sigma: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``ood_reason`` bits of a batch, and which label values must be withheld (outside the envelope).
 
     Args:
@@ -454,6 +465,8 @@ def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.n
         snr: (N,) S/N, for the chi-square tests' S/N trend.
         map_score: (N,) selection-map scores (NaN where unknown).
         sigma_norm: (N, L) the network's uncalibrated uncertainties, normalised (None: not tested).
+        sigma: (N, L) the published (calibrated, physical) uncertainties, for the precision test (None:
+            not tested -- so at train time, before calibration, the test stays out of the budget).
 
     Returns:
         (ood_reason int32 (N,), withheld bool (N, L)).
@@ -493,6 +506,13 @@ def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.n
         if sigma_norm is not None and thr.sigma_trend and np.isfinite(thr.uncertainty):
             res = thr.uncertainty_excess(sigma_norm, snr)
             reason |= np.where(np.nan_to_num(res, nan=-np.inf) > thr.uncertainty, OOD_UNCERTAINTY, 0).astype(np.int32)
+        if sigma is not None and thr.precision_limit:
+            s = np.asarray(sigma, dtype=np.float64)
+            over = np.zeros(n, dtype=bool)
+            for j, lab in enumerate(labels):
+                if lab in thr.precision_limit:
+                    over |= np.nan_to_num(s[:, j], nan=0.0) > thr.precision_limit[lab]
+            reason |= np.where(over, OOD_IMPRECISE, 0).astype(np.int32)
     return reason, withheld
 
 

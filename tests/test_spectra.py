@@ -91,3 +91,30 @@ def test_lithium_line_follows_a_li(hr15n_instrument):
     flux = model.spectra(params(4, teff=5800.0, logg=4.3, a_li=a_li))
     ew = equivalent_width(hr15n_instrument.wave, flux, 670.78, 0.04)
     assert np.all(np.diff(ew) > 0) and ew[-1] > 0.01 and ew[0] < 0.001
+
+
+def test_rotation_broadens_lines_at_a_conserved_equivalent_width(rvs_instrument):
+    """Rotation convolves the stellar flux: past VBROAD_LINE_KMS the Ca II lines get shallower and wider
+    while their equivalent widths stay put (in the opacity they grew 70 % from 5 to 25 km/s), and the
+    interstellar band, which is not on the star, keeps its depth."""
+    from stellar.synth.spectra import VBROAD_LINE_KMS, rotation_kms
+
+    model = SpectrumModel(rvs_instrument)
+    vb = np.array([VBROAD_LINE_KMS, 20.0, 40.0, 80.0])
+    p = params(4, teff=5000.0, logg=2.5, vbroad=vb, a_v=3.0)
+    flux = model.spectra(p)
+    wave = rvs_instrument.wave
+    # the whole spectrum's line absorption is conserved (a little leaks past the edges), and each
+    # Ca II line's, measured +-1.5 nm, up to neighbours' broadened wings spilling in
+    total = np.sum(1.0 - flux, axis=1)
+    np.testing.assert_allclose(total / total[0], 1.0, atol=0.015)
+    for c in CAT:
+        ew = equivalent_width(wave, flux, c, 1.5)
+        np.testing.assert_allclose(ew[:3] / ew[0], 1.0, atol=0.03)
+        depth = 1.0 - flux[:, np.abs(wave - c) < 0.05].min(axis=1)
+        assert np.all(np.diff(depth) < 0) and depth[-1] < 0.6 * depth[0], depth
+    dib = (1.0 - flux[:, np.abs(wave - 862.28) < 0.05].min(axis=1)) - (
+        1.0 - model.spectra(params(4, teff=5000.0, logg=2.5, vbroad=vb, a_v=0.0))[:, np.abs(wave - 862.28) < 0.05]
+        .min(axis=1))
+    assert dib[0] > 0.01 and np.allclose(dib, dib[0], rtol=0.1), dib
+    assert rotation_kms(np.array([5.0, VBROAD_LINE_KMS]))[1] == 0.0 and rotation_kms(np.array([26.0]))[0] == 24.0

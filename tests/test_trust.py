@@ -9,9 +9,10 @@ import torch
 from stellar.features import Q_NO_BP, Q_NO_PARALLAX, Q_NO_XP, SCALAR_NAMES
 from stellar.inference_core import StackedEnsemble, forward_members
 from stellar.model import HybridNet, ModelConfig
-from stellar.trust import (OOD_DISAGREEMENT, OOD_ENVELOPE, OOD_INPUT_RANGE, OOD_LABEL_RANGE, OOD_LINES, OOD_MAP,
-                           OOD_MISSING_INPUT, OOD_SPECTRUM, OOD_UNCERTAINTY, PHYSICAL_ENVELOPE, TrustThresholds, assess, bound_outputs,
-                           drop_blocks, fit_thresholds, label_bounds, missing_features)
+from stellar.trust import (OOD_DISAGREEMENT, OOD_ENVELOPE, OOD_IMPRECISE, OOD_INPUT_RANGE, OOD_LABEL_RANGE,
+                           OOD_LINES, OOD_MAP, OOD_MISSING_INPUT, OOD_SPECTRUM, OOD_UNCERTAINTY, PHYSICAL_ENVELOPE,
+                           TrustThresholds, assess, bound_outputs, drop_blocks, fit_thresholds, label_bounds,
+                           missing_features)
 
 LABELS = ["teff", "logg", "m_h", "alpha_m", "fe_h"]
 NB = 55
@@ -217,6 +218,18 @@ def test_thresholds_flag_the_chosen_share_of_validation_stars_and_catch_outliers
     # a model without thresholds still runs the threshold-free tests
     r2, _ = assess(stats, None, LABELS, xo, so, qo, mo, eo, None)
     assert r2[2] & OOD_LABEL_RANGE and r2[4] & OOD_MISSING_INPUT and not r2[0] & OOD_INPUT_RANGE
+    # the precision test: a label whose published (calibrated) uncertainty is above its limit, and only
+    # where the caller passes the published uncertainties (at train time, before calibration, it does not)
+    thr.precision_limit = {"teff": 500.0, "m_h": 0.25}
+    assert TrustThresholds.from_dict(thr.to_dict()).precision_limit == thr.precision_limit
+    published = np.tile([100.0, 0.9, 0.05, 0.9, 0.9], (3, 1))  # logg, alpha_m, fe_h: no limit set
+    published[1, 0], published[2, 2] = 501.0, 0.26
+    r4, _ = assess(stats, thr, LABELS, xp[:3], sc[:3], np.zeros(3, int), mean[:3], np.full((3, 5), 0.1), None,
+                   snr=snr[:3], sigma_norm=sigma[:3], sigma=published)
+    assert ((r4 & OOD_IMPRECISE) != 0).tolist() == [False, True, True]
+    r5, _ = assess(stats, thr, LABELS, xp[:3], sc[:3], np.zeros(3, int), mean[:3], np.full((3, 5), 0.1), None,
+                   snr=snr[:3], sigma_norm=sigma[:3])
+    assert not (r5 & OOD_IMPRECISE).any()
 
 
 def test_emulator_recovers_a_quadratic_model_and_reacts_to_doubled_lines():
