@@ -68,7 +68,11 @@ def random_ensemble(stats: dict, labels: list[str], members: int, features_root:
         ens.fit_emulator(emulator_sample(features_root, labels, stats),
                          line_window(stats["wavelength"], [(ln.wavelength, ln.strength) for ln in inst.lines
                                                              if ln.kind != "dib"]))
-        ens.fit_trust(load_split(features_root, "validation", labels, stats), 0.03)
+        from stellar.config import TrainConfig
+
+        train = TrainConfig()  # the trainer's defaults: budget and precision limits (the imprecise bit)
+        ens.fit_trust(load_split(features_root, "validation", labels, stats), train.ood_false_flag_rate)
+        ens.trust.precision_limit = {k: float(v) for k, v in train.precision_limits.items() if k in labels}
     return ens
 
 
