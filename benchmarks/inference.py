@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from stellar.config import load_config  # noqa: E402
+from stellar.config import TrainConfig, load_config  # noqa: E402
 from stellar.devices import pick_device  # noqa: E402
 from stellar.inference_core import StackedEnsemble, features_to_tensors, forward_members  # noqa: E402
 from stellar.instruments import load_instrument  # noqa: E402
@@ -46,6 +46,7 @@ from stellar.predict import ModelBundle, predict  # noqa: E402
 from stellar.preprocess import load_stats  # noqa: E402
 from stellar.tables import read_table  # noqa: E402
 from stellar.training import Ensemble, build_net  # noqa: E402
+from stellar.trust import precision_limits_for  # noqa: E402
 
 
 def random_ensemble(stats: dict, labels: list[str], members: int, features_root: str | None = None,
@@ -68,11 +69,9 @@ def random_ensemble(stats: dict, labels: list[str], members: int, features_root:
         ens.fit_emulator(emulator_sample(features_root, labels, stats),
                          line_window(stats["wavelength"], [(ln.wavelength, ln.strength) for ln in inst.lines
                                                              if ln.kind != "dib"]))
-        from stellar.config import TrainConfig
-
         train = TrainConfig()  # the trainer's defaults: budget and precision limits (the imprecise bit)
         ens.fit_trust(load_split(features_root, "validation", labels, stats), train.ood_false_flag_rate)
-        ens.trust.precision_limit = {k: float(v) for k, v in train.precision_limits.items() if k in labels}
+        ens.trust.precision_limit = precision_limits_for(train.precision_limits, labels)
     return ens
 
 

@@ -31,7 +31,7 @@ from stellar.preprocess import load_stats
 from stellar.tables import TableStore, settings_hash
 from stellar.training import (COVERAGE_LEVELS, Ensemble, coverage_curve, evaluate, load_split, outlier_members,
                               train_member)
-from stellar.trust import TrustThresholds
+from stellar.trust import TrustThresholds, precision_limits_for
 
 
 class TrainError(StellarError):
@@ -186,7 +186,7 @@ def fit_trust_and_calibration(cfg: StellarConfig, ens: Ensemble, instrument: Ins
     val_scores = map_scores(selection, val["source_id"].numpy())
     trust = ens.fit_trust(val, cfg.train.ood_false_flag_rate, val_scores, chi2_pool_sample(fit_set))
     ens.calibrate(val, keep=ens.flag(val, val_scores) == 0)
-    trust.precision_limit = {k: float(v) for k, v in cfg.train.precision_limits.items() if k in labels}
+    trust.precision_limit = precision_limits_for(cfg.train.precision_limits, labels)
     return trust
 
 

@@ -516,6 +516,12 @@ def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.n
     return reason, withheld
 
 
+def precision_limits_for(limits: dict[str, float], labels: list[str]) -> dict[str, float]:
+    """The configured precision limits (``train.precision_limits``) of the labels a model predicts,
+    as :attr:`TrustThresholds.precision_limit` keeps them."""
+    return {k: float(v) for k, v in limits.items() if k in labels}
+
+
 def describe_bits() -> str:
     """One line per ood_reason bit, for headers and --help."""
     return "; ".join(f"{bit} {name}: {text}" for name, (bit, text) in OOD_BITS.items())

@@ -212,8 +212,8 @@ class SpectrumModel:
         self.n_fft = sp_fft.next_fast_len(n_ext + int(np.ceil(6 * self.sigma_pix)), real=True)
         idx = np.arange(-self.pad, grid.n_pixels + self.pad)
         self.wave_ext = grid.start + self.step * idx
-        k = np.fft.rfftfreq(self.n_fft)
-        self.lsf_ft = np.exp(-2.0 * (np.pi * k * self.sigma_pix) ** 2)
+        self.freq = np.fft.rfftfreq(self.n_fft)  # cycles per pixel, for the LSF and rotation transforms
+        self.lsf_ft = np.exp(-2.0 * (np.pi * self.freq * self.sigma_pix) ** 2)
         # Weak lines far outside the padded grid cannot contribute.
         lo, hi = self.wave_ext[0] - WEAK_WINDOW_NM, self.wave_ext[-1] + WEAK_WINDOW_NM
         self.active = (self.lines.centre > lo) & (self.lines.centre < hi) | self.lines.full
@@ -263,7 +263,7 @@ class SpectrumModel:
         """The padded-grid flux (B, n_ext) convolved with each star's rotation profile (B,) (km/s)."""
         half_width = self.centre_wave * np.asarray(vsini_kms, dtype=np.float64) / C_KMS / self.step
         spec = sp_fft.rfft(1.0 - flux_ext, n=self.n_fft, axis=1, workers=1)
-        spec *= rotation_profile_ft(half_width, np.fft.rfftfreq(self.n_fft))
+        spec *= rotation_profile_ft(half_width, self.freq)
         return 1.0 - sp_fft.irfft(spec, n=self.n_fft, axis=1, workers=1)[:, : flux_ext.shape[1]]
 
     def intrinsic(self, params: dict[str, np.ndarray], rv_kms: np.ndarray | None = None) -> np.ndarray:
