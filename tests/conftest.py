@@ -14,6 +14,29 @@ ROOT = Path(__file__).resolve().parent.parent
 REAL = Path(os.environ.get("STELLAR_REAL_DATA", ROOT.parent / "shared" / "data" / "real"))
 
 
+# MLFLOW_TRACKING_URI as the test session found it (set by a user or CI, or absent).
+_SESSION_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI into this process's environment, and
+    ``load_config`` lets that variable win over the file (how cluster jobs are pointed at a shared
+    server): without this, a test that trains would point every later test's config at its store,
+    and the suite's result would depend on the order its files run in. Each test starts and ends
+    with the variable as the session found it."""
+    _restore_tracking_uri()
+    yield
+    _restore_tracking_uri()
+
+
+def _restore_tracking_uri() -> None:
+    if _SESSION_TRACKING_URI is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = _SESSION_TRACKING_URI
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     if not REAL.is_dir():
