@@ -46,7 +46,6 @@ from stellar.predict import ModelBundle, predict  # noqa: E402
 from stellar.preprocess import load_stats  # noqa: E402
 from stellar.tables import read_table  # noqa: E402
 from stellar.training import Ensemble, build_net  # noqa: E402
-from stellar.trust import precision_limits_for  # noqa: E402
 
 
 def random_ensemble(stats: dict, labels: list[str], members: int, features_root: str | None = None,
@@ -70,8 +69,9 @@ def random_ensemble(stats: dict, labels: list[str], members: int, features_root:
                          line_window(stats["wavelength"], [(ln.wavelength, ln.strength) for ln in inst.lines
                                                              if ln.kind != "dib"]))
         train = TrainConfig()  # the trainer's defaults: budget and precision limits (the imprecise bit)
-        ens.fit_trust(load_split(features_root, "validation", labels, stats), train.ood_false_flag_rate)
-        ens.trust.precision_limit = precision_limits_for(train.precision_limits, labels)
+        val = load_split(features_root, "validation", labels, stats)
+        ens.fit_trust(val, train.ood_false_flag_rate)
+        ens.fit_precision(val, ens.flag(val) == 0, train.catastrophic_errors, train.catastrophic_odds)
     return ens
 
 

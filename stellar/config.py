@@ -263,19 +263,21 @@ class TrainConfig(StrictModel):
     alias: str = "challenger"
     # Share of held-out (validation) stars that all out-of-distribution tests together may flag; each test
     # with a free threshold takes an equal share of it (stellar.trust.fit_thresholds).
-    ood_false_flag_rate: float = Field(0.025, gt=0, lt=0.5)
-    # The ``imprecise`` ood bit: a label whose calibrated 1-sigma uncertainty is above this (physical
-    # units) is flagged -- half a catastrophic error (|dTeff| 1000 K, |dlog g| 1, |d[M/H]| 0.5), so the
-    # star's own error bar gives a catastrophic error 5 % odds. A policy, not fitted; {} turns it off.
-    precision_limits: dict[str, float] = Field(default_factory=lambda: {"teff": 500.0, "logg": 0.5,
-                                                                          "m_h": 0.25, "fe_h": 0.25})
+    ood_false_flag_rate: float = Field(0.01, gt=0, lt=0.5)
+    # The ``imprecise`` ood bit: what a catastrophic error is (physical units, per label), and the odds
+    # of one that a published error bar may leave. A label's limit is its catastrophic error over the
+    # validation stars' |z| quantile at those odds (stellar.trust.fit_precision_limits), so the test
+    # follows the network's real error tails, not a Gaussian's. {} turns it off.
+    catastrophic_errors: dict[str, float] = Field(default_factory=lambda: {"teff": 1000.0, "logg": 1.0,
+                                                                             "m_h": 0.5, "fe_h": 0.5})
+    catastrophic_odds: float = Field(0.01, gt=0, lt=0.5)
 
-    @field_validator("precision_limits")
+    @field_validator("catastrophic_errors")
     @classmethod
     def _positive_limits(cls, v: dict[str, float]) -> dict[str, float]:
         bad = {k: x for k, x in v.items() if not (math.isfinite(x) and x > 0)}
         if bad:
-            raise ValueError(f"precision_limits must be positive and finite, got {bad}")
+            raise ValueError(f"catastrophic_errors must be positive and finite, got {bad}")
         return v
 
 

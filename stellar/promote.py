@@ -20,6 +20,7 @@ import time
 from stellar.config import StellarConfig
 from stellar.errors import StellarError
 from stellar.preprocess import load_stats
+from stellar.tracking import use_tracking_uri
 from stellar.training import Ensemble, evaluate, load_split
 
 HISTORY_TAG = "champion_history"
@@ -30,10 +31,9 @@ class PromoteError(StellarError):
 
 
 def _client(cfg: StellarConfig):
-    import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    use_tracking_uri(cfg.mlflow.tracking_uri)
     return MlflowClient()
 
 

@@ -31,7 +31,8 @@ from stellar.preprocess import load_stats
 from stellar.tables import TableStore, settings_hash
 from stellar.training import (COVERAGE_LEVELS, Ensemble, coverage_curve, evaluate, load_split, outlier_members,
                               train_member)
-from stellar.trust import TrustThresholds, precision_limits_for
+from stellar.tracking import use_tracking_uri
+from stellar.trust import TrustThresholds
 
 
 class TrainError(StellarError):
@@ -101,11 +102,10 @@ def map_scores(selection: Path | None, source_id: np.ndarray) -> np.ndarray | No
 
 def registered_with_digest(cfg: StellarConfig, digest: str) -> int | None:
     """The newest registered version trained with exactly these inputs, if any."""
-    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    use_tracking_uri(cfg.mlflow.tracking_uri)
     try:
         versions = MlflowClient().search_model_versions(f"name = '{cfg.mlflow.model_name}'")
     except MlflowException:
@@ -185,8 +185,9 @@ def fit_trust_and_calibration(cfg: StellarConfig, ens: Ensemble, instrument: Ins
                                                                     for ln in instrument.lines if ln.kind != "dib"]))
     val_scores = map_scores(selection, val["source_id"].numpy())
     trust = ens.fit_trust(val, cfg.train.ood_false_flag_rate, val_scores, chi2_pool_sample(fit_set))
-    ens.calibrate(val, keep=ens.flag(val, val_scores) == 0)
-    trust.precision_limit = precision_limits_for(cfg.train.precision_limits, labels)
+    keep = ens.flag(val, val_scores) == 0
+    ens.calibrate(val, keep=keep)
+    ens.fit_precision(val, keep, cfg.train.catastrophic_errors, cfg.train.catastrophic_odds)
     return trust
 
 
@@ -253,7 +254,7 @@ def log_to_mlflow(cfg: StellarConfig, ens: Ensemble, members, dropped, metrics: 
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    use_tracking_uri(cfg.mlflow.tracking_uri)
     exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is None:
         root = cfg.mlflow.artifact_root or None  # None: the tracking server's artifact store
@@ -315,7 +316,7 @@ def load_registered(cfg: StellarConfig, alias_or_version: str) -> tuple[Ensemble
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    use_tracking_uri(cfg.mlflow.tracking_uri)
     client = MlflowClient()
     name = cfg.mlflow.model_name
     try:

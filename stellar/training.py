@@ -32,7 +32,8 @@ from stellar.emulator import SpectrumEmulator
 from stellar.inference_core import INPUTS, forward_members
 from stellar.loader import FeatureDataset
 from stellar.model import HybridNet, ModelConfig, gaussian_nll
-from stellar.trust import TrustThresholds, assess, blocks_read, drop_blocks, fit_thresholds, label_bounds
+from stellar.trust import (TrustThresholds, assess, blocks_read, drop_blocks, fit_precision_limits, fit_thresholds,
+                           label_bounds)
 
 SNR_BINS = ((15.0, 25.0), (25.0, 50.0), (50.0, np.inf))
 
@@ -434,6 +435,21 @@ class Ensemble:
                                     blocks_read(self.cfg.use_xp, self.cfg.use_scalars), chi2, line,
                                     data["snr"].numpy(), map_score, pool, pred["sigma_norm"])
         return self.trust
+
+    def fit_precision(self, data: dict[str, torch.Tensor], keep: np.ndarray, catastrophic: dict[str, float],
+                      odds: float) -> dict[str, float]:
+        """The ``imprecise`` test's limits (:func:`stellar.trust.fit_precision_limits`) from the calibrated
+        predictions of the held-out stars ``keep`` selects (those the other tests keep: the published
+        uncertainties are meant for them). Run after :meth:`calibrate` and :meth:`fit_trust`."""
+        if self.trust is None:
+            raise RuntimeError("fit_trust first: the precision limits live in the trust thresholds")
+        pred = self.predict(data)
+        truth, err = self.physical_labels(data)
+        keep = np.asarray(keep, bool)
+        limits, q = fit_precision_limits((pred["mean"] - truth)[keep], pred["sigma"][keep], err[keep], self.labels,
+                                         catastrophic, odds)
+        self.trust.precision_limit, self.trust.precision_z, self.trust.catastrophic_odds = limits, q, float(odds)
+        return limits
 
     def flag(self, data: dict[str, torch.Tensor], map_score: np.ndarray | None = None) -> np.ndarray:
         """``ood_reason`` of each star of ``data`` under this ensemble's thresholds."""

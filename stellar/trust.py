@@ -16,10 +16,11 @@ the others. Three layers stand between the network and the catalogue:
    its level on held-out stars, input blocks the model cannot do without,
    and (guard) a label outside the physical envelope, which is then withheld.
    One more bit is a precision test, not a likeness one: ``imprecise``, a
-   label whose calibrated uncertainty is above ``train.precision_limits``
-   (half of a catastrophic error: such a star's own error bar makes a
-   catastrophic error a 5 % event). ``ood`` is true when any bit is set --
-   the one flag a user filters on.
+   label whose calibrated uncertainty is so large that, at the odds
+   held-out stars' own z-scores give (heavy tails included), a catastrophic
+   error (``train.catastrophic_errors``) is more likely than
+   ``train.catastrophic_odds`` (:func:`fit_precision_limits`). ``ood`` is
+   true when any bit is set -- the one flag a user filters on.
 3. **Thresholds from the validation split.** At train time the tests with a
    free threshold each flag the same share of the validation stars (in
    distribution by construction), chosen so that all tests together flag
@@ -76,9 +77,11 @@ OOD_BITS: dict[str, tuple[int, str]] = {
                                      "stars of the same S/N (the validation-calibrated level): the inputs do not "
                                      "pin the star down the way they pin down training-like stars"),
     "envelope": (OOD_ENVELOPE, "a label fell outside the physical envelope and was withheld (null)"),
-    "imprecise": (OOD_IMPRECISE, "a label's calibrated uncertainty is above its precision limit "
-                                 "(train.precision_limits, half a catastrophic error: Teff 500 K, log g 0.5, "
-                                 "[M/H] and [Fe/H] 0.25 dex by default)"),
+    "imprecise": (OOD_IMPRECISE, "a label's calibrated uncertainty is above its precision limit: the "
+                                 "catastrophic error (train.catastrophic_errors: Teff 1000 K, log g 1, [M/H] "
+                                 "and [Fe/H] 0.5 dex by default) over the held-out stars' |z| quantile at "
+                                 "train.catastrophic_odds (1 %), so the star's own error bar allows a "
+                                 "catastrophic error at those odds"),
 }
 
 # Which scalar features an absent input block leaves undefined (SCALAR_NAMES order).
@@ -253,9 +256,12 @@ class TrustThresholds:
     sigma_t_range: list[float] = field(default_factory=lambda: [0.0, 0.0])
     sigma_trend: list[list[float]] = field(default_factory=list)
     uncertainty: float = np.inf  # flag when the largest standardised excess exceeds this
-    # Precision limits (physical units) on the calibrated uncertainty, by label: a policy set from
-    # train.precision_limits, not fitted, and outside the false-flag budget (empty: test off).
+    # Precision limits (physical units) on the calibrated uncertainty, by label: the catastrophic error
+    # over ``precision_z``, the validation stars' |z| quantile at ``catastrophic_odds``
+    # (:func:`fit_precision_limits`); outside the false-flag budget (empty: test off).
     precision_limit: dict[str, float] = field(default_factory=dict)
+    precision_z: float = 0.0
+    catastrophic_odds: float = 0.0
     n_validation: int = 0
 
     _INF_FIELDS = ("disagreement", "spectrum_chi2", "line_chi2", "map_score", "uncertainty")
@@ -516,10 +522,38 @@ def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.n
     return reason, withheld
 
 
-def precision_limits_for(limits: dict[str, float], labels: list[str]) -> dict[str, float]:
-    """The configured precision limits (``train.precision_limits``) of the labels a model predicts,
-    as :attr:`TrustThresholds.precision_limit` keeps them."""
-    return {k: float(v) for k, v in limits.items() if k in labels}
+def fit_precision_limits(residual: np.ndarray, sigma: np.ndarray, label_err: np.ndarray, labels: list[str],
+                         catastrophic: dict[str, float], odds: float) -> tuple[dict[str, float], float]:
+    """The ``imprecise`` test's limits: per label, the calibrated uncertainty above which a catastrophic
+    error is more likely than ``odds``, read off held-out stars.
+
+    A Gaussian error bar makes a 2.6-sigma error a 1 % event; the network's errors have heavier tails
+    (more so away from the label set's mix), so the odds come from the held-out stars' own z-scores:
+    q = the (1 - odds) quantile of |z| pooled over the labels in ``catastrophic`` (pooled because a
+    validation split of a few hundred stars holds a handful of 1 % tail values per label, and the
+    tails' shape is the network's, not a label's), never below the Gaussian value. A label's limit is
+    its catastrophic error over q.
+
+    Args:
+        residual, sigma, label_err: (N, L) predicted minus catalogue label, the calibrated uncertainty
+            and the label survey's own error (physical units; NaN where a label is missing).
+        labels: the L label names.
+        catastrophic: label -> the size of a catastrophic error (physical units).
+        odds: the accepted odds of a catastrophic error behind a published error bar.
+
+    Returns:
+        (label -> limit, for the labels of ``catastrophic`` the model predicts; q).
+    """
+    from scipy.stats import norm
+
+    q_gauss = float(norm.isf(odds / 2.0))
+    r = np.asarray(residual, dtype=np.float64)
+    var = np.asarray(sigma, dtype=np.float64) ** 2 + np.nan_to_num(np.asarray(label_err, dtype=np.float64)) ** 2
+    cols = [j for j, k in enumerate(labels) if k in catastrophic]
+    z = np.abs(r[:, cols] / np.sqrt(np.maximum(var[:, cols], 1e-300))).ravel() if cols else np.zeros(0)
+    z = z[np.isfinite(z)]
+    q = q_gauss if z.size == 0 else max(q_gauss, float(np.quantile(z, 1.0 - odds)))
+    return {labels[j]: float(catastrophic[labels[j]]) / q for j in cols}, q
 
 
 def describe_bits() -> str:

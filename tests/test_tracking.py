@@ -42,6 +42,27 @@ def test_environment_points_jobs_at_the_server(tmp_path, monkeypatch):
     assert cfg.mlflow.tracking_uri == "http://other:1"  # --set wins over the environment
 
 
+def test_one_process_two_stores_each_config_keeps_its_own(tmp_path, monkeypatch):
+    """Touching one run's store must not re-point a config loaded later at it (mlflow.set_tracking_uri
+    exports MLFLOW_TRACKING_URI, which load_config honours): two runs re-assessed in one process got
+    the first run's champion for the second. A user's own variable survives."""
+    import mlflow
+
+    from stellar.trainer import registered_with_digest
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    a = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={tmp_path / 'a'}"])
+    assert registered_with_digest(a, "none") is None  # reads run a's (new, empty) store
+    assert mlflow.get_tracking_uri() == a.mlflow.tracking_uri
+    b = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={tmp_path / 'b'}"])
+    assert b.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'b'}/mlflow.db" != a.mlflow.tracking_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    registered_with_digest(b, "none")
+    assert mlflow.get_tracking_uri() == b.mlflow.tracking_uri
+    assert load_config(ROOT / "conf" / "local.yaml", [f"work_dir={tmp_path / 'c'}"]).mlflow.tracking_uri \
+        == "http://mlflow.internal:5000"
+
+
 def test_cli_stops_before_any_work_when_the_server_is_down(tmp_path):
     """`stellar train` against a dead server: exit 2 within seconds, the reason on stderr, no Spark
     session started and nothing written."""

@@ -232,6 +232,37 @@ def test_thresholds_flag_the_chosen_share_of_validation_stars_and_catch_outliers
     assert not (r5 & OOD_IMPRECISE).any()
 
 
+def test_precision_limits_follow_the_held_out_stars_error_tails():
+    """A catastrophic error over the held-out |z| quantile at the accepted odds: Gaussian errors give
+    the Gaussian quantile, heavy-tailed ones a larger quantile and so tighter limits, and a lucky
+    split with thin tails never makes them laxer than a Gaussian's."""
+    from scipy.stats import norm
+
+    from stellar.trust import fit_precision_limits
+
+    rng = np.random.default_rng(3)
+    n = 200_000
+    labels = ["teff", "logg", "alpha_m"]
+    sigma = np.tile([100.0, 0.2, 0.05], (n, 1))
+    cat = {"teff": 1000.0, "logg": 1.0}  # alpha_m: no limit
+    gauss = rng.standard_normal((n, 3)) * sigma
+    lim, q = fit_precision_limits(gauss, sigma, np.zeros((n, 3)), labels, cat, 0.01)
+    assert q == pytest.approx(norm.isf(0.005), rel=0.02) and set(lim) == {"teff", "logg"}
+    assert lim["teff"] == pytest.approx(1000.0 / q) and lim["logg"] == pytest.approx(1.0 / q)
+    heavy = rng.standard_t(3, (n, 3)) / np.sqrt(3.0) * sigma  # unit variance, heavy tails
+    _, q_heavy = fit_precision_limits(heavy, sigma, np.zeros((n, 3)), labels, cat, 0.01)
+    assert q_heavy > 1.05 * q
+    # label errors count in the z-score, as in the calibration; missing labels are skipped
+    err = np.tile([100.0, 0.2, 0.05], (n, 1))
+    resid = gauss * np.sqrt(2.0)
+    resid[:1000, 0] = np.nan
+    _, q_err = fit_precision_limits(resid, sigma, err, labels, cat, 0.01)
+    assert q_err == pytest.approx(q, rel=0.03)
+    thin = rng.uniform(-1.0, 1.0, (n, 3)) * sigma  # |z| never above 1
+    _, q_thin = fit_precision_limits(thin, sigma, np.zeros((n, 3)), labels, cat, 0.01)
+    assert q_thin == pytest.approx(norm.isf(0.005))
+
+
 def test_emulator_recovers_a_quadratic_model_and_reacts_to_doubled_lines():
     from stellar.emulator import SpectrumEmulator, design, line_window
 
