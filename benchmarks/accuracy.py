@@ -1,17 +1,29 @@
-"""Accuracy of the CNN ensemble against The Cannon and k-nearest neighbours, on the same stars.
+"""Accuracy of the CNN ensemble against honest peers, on the same stars, in one run.
 
     .venv/bin/python benchmarks/accuracy.py [--stars 60000] [--work DIR] [--members 5] [--epochs 25]
+    .venv/bin/python benchmarks/accuracy.py --work DIR   # DIR: a finished `stellar pipeline` run
+                                                          # (e.g. benchmarks/trust.py --hard --work DIR)
 
-Builds a generated survey (about 60 % of in-distribution stars labelled, so
->= 20k training stars pass the label cuts), ingests and preprocesses it, then
-on the same training / test split:
-  * the CNN deep ensemble (hybrid preset; members trained as Spark tasks);
+Without a finished run in --work it builds a generated survey (``--hard``: the hard
+variant of conf/realism/hard.yaml; ``--training-fraction``: the share of stars with
+catalogue labels), ingests and preprocesses it and trains the hybrid ensemble; with
+one, it reads that run's champion. Then, on the same training split, it fits:
+
+  * the CNN deep ensemble (hybrid: RVS spectrum + XP + photometry and parallax);
+  * a spectrum-only CNN ensemble (the same preset with the XP and scalar branches
+    off, ``--spectrum-members`` members): the like-for-like peer of The Cannon;
   * a quadratic-in-labels Cannon on the rebinned spectra (benchmarks/cannon.py);
-  * k-nearest neighbours (k=10, distance-weighted) on PCA(50) of the standardised
-    spectrum + XP + scalars.
-Prints RMSE and bias per label overall and in S/N bins 15-25, 25-50, > 50, the
-CNN/Cannon RMSE ratio (target <= 0.7 in every bin), the ensemble's z-score std
-and 68 % coverage per label (target z std 0.9-1.1), and training time per member.
+  * on exactly the CNN's inputs (the normalised spectrum, XP coefficients and
+    scalars, as the network reads them): ridge regression (alpha by
+    generalised cross-validation), k-nearest neighbours (k=10, distance-weighted,
+    on PCA(50)) and gradient-boosted trees (histogram GBT, early-stopped on 10 %).
+
+It evaluates every method on all stars with labels from the generator's truth
+that are neither training stars nor injected out-of-distribution ones (the
+test split and the observed stars: what a user gets), and prints the RMSE per
+label and S/N bin (15-25, 25-50, > 50, all) for each method, the hybrid CNN
+over the best hybrid peer (goal <= 0.7 in every cell) and the spectrum-only
+CNN over The Cannon. Peers are fitted on the catalogue labels, as the CNN is.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -31,109 +44,167 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cannon import QuadraticCannon  # noqa: E402
 
 from stellar.config import load_config  # noqa: E402
-from stellar.ingest.distributed import spark_mapper  # noqa: E402
-from stellar.ingest.run import ingest  # noqa: E402
 from stellar.instruments import load_instrument  # noqa: E402
-from stellar.preprocess import preprocess  # noqa: E402
-from stellar.spark import build_session  # noqa: E402
-from stellar.synth.distributed import spark_runner  # noqa: E402
-from stellar.synth.survey import run_survey  # noqa: E402
-from stellar.trainer import train_ensemble  # noqa: E402
+from stellar.preprocess import load_stats  # noqa: E402
 from stellar.training import load_split  # noqa: E402
 
 BINS = (("15-25", 15, 25), ("25-50", 25, 50), (">50", 50, np.inf), ("all", 0, np.inf))
+HARD = ["synth.realism=hard", "synth.ood_fraction=0.05"]
 
 
-def arrays(split: dict, ens) -> dict:
-    truth, err = ens.physical_labels(split)
-    return {"spectrum": split["spectrum"].numpy(), "mask": split["spectrum_mask"].numpy(),
-            "xp": split["xp"].numpy(), "scalars": split["scalars"].numpy(), "labels": truth,
-            "err": split["spectrum"].new_zeros(1).numpy(), "snr": split["snr"].numpy()}
+def build_and_train(cfg, inst) -> None:
+    """Survey, ingest, preprocess and a hybrid ensemble registered as the champion of ``cfg``'s store."""
+    from mlflow import MlflowClient
+
+    from stellar.ingest.distributed import spark_mapper
+    from stellar.ingest.run import ingest
+    from stellar.preprocess import preprocess
+    from stellar.spark import build_session
+    from stellar.synth.distributed import spark_runner
+    from stellar.synth.survey import run_survey
+    from stellar.trainer import train_ensemble
+
+    spark = build_session(cfg, "bench-accuracy")
+    if not (Path(cfg.work_dir) / "synth" / "survey.json").exists():
+        run_survey(cfg.synth, inst, runner=spark_runner(spark))
+    ingest(cfg.ingest, inst, cfg.conf_dir, mapper=spark_mapper(spark))
+    preprocess(cfg.preprocess, inst, cfg.ingest.output_dir, mapper=spark_mapper(spark))
+    res = train_ensemble(cfg, inst, mapper=spark_mapper(spark, "bench train"))
+    spark.stop()
+    MlflowClient(cfg.mlflow.tracking_uri).set_registered_model_alias(cfg.mlflow.model_name, "champion",
+                                                                     str(res["version"]))
+
+
+def flat_inputs(split: dict) -> np.ndarray:
+    """The CNN's inputs as one row per star: normalised spectrum (masked pixels at the continuum),
+    XP coefficients and scalars as the network reads them (missing ones are 0, their mean)."""
+    spec = np.where(split["spectrum_mask"].numpy(), 1.0, split["spectrum"].numpy())
+    x = np.concatenate([spec, split["xp"].numpy(), split["scalars"].numpy()], axis=1).astype(np.float64)
+    return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def ivar(split: dict) -> np.ndarray:
+    e = split["spectrum_error"].numpy().astype(np.float64)
+    return np.where(split["spectrum_mask"].numpy() | (e <= 0), 0.0, 1.0 / np.maximum(e, 1e-6) ** 2)
+
+
+def concat(a: dict, b: dict) -> dict:
+    import torch
+
+    return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stars", type=int, default=60000)
-    ap.add_argument("--work", default=None)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stars", type=int, default=60000, help="survey size when one is built")
+    ap.add_argument("--hard", action="store_true", help="build the hard survey variant")
+    ap.add_argument("--training-fraction", type=float, default=None,
+                    help="share of stars with catalogue labels when a survey is built (default 0.6; hard 0.21)")
+    ap.add_argument("--work", default=None, help="a finished pipeline run, or where to build one")
     ap.add_argument("--members", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=25)
+    ap.add_argument("--spectrum-members", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=None, help="max epochs (default: the preset's)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="stellar-bench-acc-"))
-    cfg = load_config(ROOT / "conf" / "local.yaml", [
-        f"work_dir={work}", f"synth.n_stars={args.stars}", "synth.stars_per_file=5000",
-        "synth.training_fraction=0.6", f"train.members={args.members}",
-        f"train.model_overrides={{max_epochs: {args.epochs}, patience: 5}}", "train.register_model=false",
-        f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db", f"mlflow.artifact_root={work}/mlartifacts"])
     inst = load_instrument("gaia_rvs")
-    spark = build_session(cfg, "bench-accuracy")
-    if not (work / "synth" / "survey.json").exists():
-        run_survey(cfg.synth, inst, runner=spark_runner(spark))
-    ingest(cfg.ingest, inst, cfg.conf_dir, mapper=spark_mapper(spark))
-    pre = preprocess(cfg.preprocess, inst, cfg.ingest.output_dir, mapper=spark_mapper(spark))
-    n_train = pre["counts"]["split:train"]
-    t = time.perf_counter()
-    res = train_ensemble(cfg, inst, mapper=spark_mapper(spark, "bench train"), log_mlflow=False)
-    t_cnn = time.perf_counter() - t
-    spark.stop()
-    ens = res["ensemble"]
+    frac = args.training_fraction or (0.21 if args.hard else 0.6)
+    epochs = [f"train.model_overrides={{max_epochs: {args.epochs}}}"] if args.epochs else []
+    sets = [f"work_dir={work}"]
+    finished = (work / "pipeline-summary.json").is_file()
+    if not finished:
+        sets += [f"synth.n_stars={args.stars}", "synth.stars_per_file=5000", f"synth.training_fraction={frac}",
+                 f"train.members={args.members}", *epochs, *(HARD if args.hard else [])]
+    cfg = load_config(ROOT / "conf" / "local.yaml", sets)
+    if not finished and not (work / "mlflow.db").exists():
+        build_and_train(cfg, inst)
+
+    from stellar.trainer import load_registered, train_ensemble
+
+    ens, ident = load_registered(cfg, "champion")
     root = cfg.preprocess.output_dir
-    train = load_split(root, "train", ens.labels, ens.stats)
-    test = load_split(root, "test", ens.labels, ens.stats)
-    tr, te = arrays(train, ens), arrays(test, ens)
-    cnn = ens.predict(test)["mean"]
+    stats = load_stats(root)
+    labels = ens.labels
+    train = load_split(root, "train", labels, stats)
+    evals = concat(load_split(root, "test", labels, stats), load_split(root, "observed", labels, stats))
+    truth_t = pq.read_table(work / "synth" / "truth").to_pandas().set_index("source_id")
+    sid = evals["source_id"].numpy()
+    keep = ~truth_t.loc[sid, "is_ood"].to_numpy(bool)
+    evals = {k: v[keep] for k, v in evals.items()}
+    truth = truth_t.loc[evals["source_id"].numpy(), labels].to_numpy(float)
+    snr = evals["snr"].numpy()
+    y_train, _ = ens.physical_labels(train)
+    good = np.all(np.isfinite(y_train), axis=1)
+    preds, seconds = {}, {}
 
-    # The Cannon: spectra only, inverse variances from the features' errors (masked pixels: 0).
-    def ivar(split):
-        e = split["spectrum_error"].numpy().astype(np.float64)
-        return np.where(split["spectrum_mask"].numpy() | (e <= 0), 0.0, 1.0 / np.maximum(e, 1e-6) ** 2)
-
-    good = np.all(np.isfinite(tr["labels"]), axis=1)
     t = time.perf_counter()
-    cannon = QuadraticCannon().fit(tr["spectrum"][good].astype(np.float64), ivar(train)[good], tr["labels"][good])
-    cannon.fit_starts(tr["labels"][good], n_starts=8)
-    t_cannon_fit = time.perf_counter() - t
-    cannon_pred = cannon.predict(te["spectrum"].astype(np.float64), ivar(test))
+    preds["CNN hybrid"] = ens.predict(evals)["mean"]
+    seconds["CNN hybrid"] = time.perf_counter() - t
+
+    # the spectrum-only CNN: same preset and seeds, XP and scalar branches off, never registered
+    t = time.perf_counter()
+    overrides = dict(cfg.train.model_overrides, use_xp=False, use_scalars=False,
+                     **({"max_epochs": args.epochs} if args.epochs else {}))
+    ov = "{" + ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()) + "}"
+    scfg = load_config(ROOT / "conf" / "local.yaml", sets + [
+        f"train.members={args.spectrum_members}", f"train.model_overrides={ov}", "train.register_model=false",
+        f"mlflow.tracking_uri=sqlite:///{work}/mlflow-spectrum-only.db",
+        f"mlflow.artifact_root={work}/mlartifacts-spectrum-only"])
+    spec_ens = train_ensemble(scfg, inst, log_mlflow=False)["ensemble"]
+    preds["CNN spectrum"] = spec_ens.predict(evals)["mean"]
+    seconds["CNN spectrum"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cannon = QuadraticCannon().fit(train["spectrum"].numpy()[good].astype(np.float64), ivar(train)[good],
+                                   y_train[good])
+    cannon.fit_starts(y_train[good], n_starts=8)
+    preds["Cannon"] = cannon.predict(evals["spectrum"].numpy().astype(np.float64), ivar(evals))
+    seconds["Cannon"] = time.perf_counter() - t
 
     from sklearn.decomposition import PCA
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.linear_model import RidgeCV
     from sklearn.neighbors import KNeighborsRegressor
     from sklearn.preprocessing import StandardScaler
 
-    def knn_x(a):
-        return np.concatenate([a["spectrum"], a["xp"], a["scalars"]], axis=1)
+    x_tr, x_ev = flat_inputs(train)[good], flat_inputs(evals)
+    scaler = StandardScaler().fit(x_tr)
+    z_tr, z_ev = scaler.transform(x_tr), scaler.transform(x_ev)
+    t = time.perf_counter()
+    ridge = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(z_tr, y_train[good])
+    preds["ridge"] = ridge.predict(z_ev)
+    seconds["ridge"] = time.perf_counter() - t
+    t = time.perf_counter()
+    pca = PCA(50, random_state=0).fit(z_tr)
+    knn = KNeighborsRegressor(10, weights="distance").fit(pca.transform(z_tr), y_train[good])
+    preds["kNN"] = knn.predict(pca.transform(z_ev))
+    seconds["kNN"] = time.perf_counter() - t
+    t = time.perf_counter()
+    preds["GBT"] = np.stack([HistGradientBoostingRegressor(max_iter=500, learning_rate=0.1, early_stopping=True,
+                                                           validation_fraction=0.1, random_state=0)
+                             .fit(x_tr, y_train[good][:, j]).predict(x_ev) for j in range(len(labels))], axis=1)
+    seconds["GBT"] = time.perf_counter() - t
 
-    scaler = StandardScaler().fit(knn_x(tr)[good])
-    pca = PCA(50, random_state=0).fit(scaler.transform(knn_x(tr)[good]))
-    knn = KNeighborsRegressor(10, weights="distance").fit(pca.transform(scaler.transform(knn_x(tr)[good])),
-                                                          tr["labels"][good])
-    knn_pred = knn.predict(pca.transform(scaler.transform(knn_x(te))))
-
-    truth, snr = te["labels"], te["snr"]
-    print(f"accuracy benchmark: {n_train} training stars, {len(truth)} test stars; "
-          f"CNN {res['kept']}/{res['members']} members, {t_cnn:.0f} s wall on Spark local[*], "
-          f"per member {', '.join(f'{s:.0f}' for s in res['member_seconds'])} s "
-          f"(best epochs {res['member_best_epochs']}); Cannon fit {t_cannon_fit:.0f} s")
-    print(f"{'label':<8}{'S/N':>7}{'n':>6} | {'RMSE CNN':>10}{'Cannon':>10}{'kNN':>10}{'CNN/Cannon':>11} |"
-          f" {'bias CNN':>9}{'Cannon':>9}{'kNN':>9}")
-    worst = 0.0
-    for j, lab in enumerate(ens.labels):
+    hybrid_peers, methods = ("ridge", "kNN", "GBT"), list(preds)
+    print(f"accuracy benchmark ({ident['name']} v{ident['version']}, {work}): {int(good.sum())} training stars, "
+          f"{len(truth)} evaluated (test split + observed, in distribution, truth labels); fit+predict seconds: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    head = "".join(f"{m:>13}" for m in methods)
+    print(f"{'label':<8}{'S/N':>7}{'n':>7} |{head} | {'hyb/peer':>9}{'spec/Cannon':>12}")
+    worst = {"hybrid": 0.0, "spectrum": 0.0}
+    for j, lab in enumerate(labels):
         for name, lo, hi in BINS:
             sel = np.isfinite(truth[:, j]) & (snr >= lo) & (snr < hi)
-            if sel.sum() < 5:
+            if sel.sum() < 10:
                 continue
-            r = {k: p[sel, j] - truth[sel, j] for k, p in (("cnn", cnn), ("cannon", cannon_pred), ("knn", knn_pred))}
-            rmse = {k: float(np.sqrt(np.mean(v**2))) for k, v in r.items()}
-            ratio = rmse["cnn"] / rmse["cannon"]
-            worst = max(worst, ratio)
-            fmt = (lambda x: f"{x:10.1f}") if lab == "teff" else (lambda x: f"{x:10.4f}")
-            bfmt = (lambda x: f"{x:9.1f}") if lab == "teff" else (lambda x: f"{x:9.4f}")
-            print(f"{lab:<8}{name:>7}{int(sel.sum()):>6} | {fmt(rmse['cnn'])}{fmt(rmse['cannon'])}{fmt(rmse['knn'])}"
-                  f"{ratio:11.2f} | {bfmt(np.mean(r['cnn']))}{bfmt(np.mean(r['cannon']))}{bfmt(np.mean(r['knn']))}")
-    m = res["metrics"]
-    print("calibration of the CNN ensemble on the test split (target z std 0.9-1.1):")
-    for lab in ens.labels:
-        print(f"  {lab:<8} z std {m[f'{lab}/all/z_std']:.3f} (uncalibrated {res['z_std_uncalibrated'][lab]:.3f}),"
-              f" 68% coverage {m[f'{lab}/all/coverage68']:.3f}, calibration factor {res['calibration'][lab]:.3f}")
-    print(f"worst CNN/Cannon RMSE ratio over labels and bins: {worst:.2f} (target <= 0.7)")
+            rmse = {m: float(np.sqrt(np.mean((p[sel, j] - truth[sel, j]) ** 2))) for m, p in preds.items()}
+            best = min(rmse[m] for m in hybrid_peers)
+            r_h, r_s = rmse["CNN hybrid"] / best, rmse["CNN spectrum"] / rmse["Cannon"]
+            worst["hybrid"], worst["spectrum"] = max(worst["hybrid"], r_h), max(worst["spectrum"], r_s)
+            cell = (lambda x: f"{x:13.1f}") if lab == "teff" else (lambda x: f"{x:13.4f}")
+            print(f"{lab:<8}{name:>7}{int(sel.sum()):>7} |" + "".join(cell(rmse[m]) for m in methods)
+                  + f" | {r_h:9.2f}{r_s:12.2f}")
+    print(f"worst hybrid CNN / best hybrid peer: {worst['hybrid']:.2f} (goal <= 0.7); "
+          f"worst spectrum-only CNN / Cannon: {worst['spectrum']:.2f}")
 
 
 if __name__ == "__main__":
