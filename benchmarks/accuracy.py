@@ -4,10 +4,10 @@
     .venv/bin/python benchmarks/accuracy.py --work DIR   # DIR: a finished `stellar pipeline` run
                                                           # (e.g. benchmarks/trust.py --hard --work DIR)
 
-Without a finished run in --work it builds a generated survey (``--hard``: the hard
-variant of conf/realism/hard.yaml; ``--training-fraction``: the share of stars with
-catalogue labels), ingests and preprocesses it and trains the hybrid ensemble; with
-one, it reads that run's champion. Then, on the same training split, it fits:
+Without a finished run in --work it runs `stellar pipeline` on a generated survey
+(``--hard``: the hard variant of conf/realism/hard.yaml, as benchmarks/trust.py
+--hard builds it; ``--training-fraction``: the share of stars with catalogue
+labels); then it reads that run's champion. Then, on the same training split, it fits:
 
   * the CNN deep ensemble (hybrid: RVS spectrum + XP + photometry and parallax);
   * a spectrum-only CNN ensemble (the same preset with the XP and scalar branches
@@ -29,6 +29,7 @@ CNN over The Cannon. Peers are fitted on the catalogue labels, as the CNN is.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cannon import QuadraticCannon  # noqa: E402
+from trust import HARD_SETS, run_pipeline  # noqa: E402
 
 from stellar.config import load_config  # noqa: E402
 from stellar.instruments import load_instrument  # noqa: E402
@@ -49,30 +51,6 @@ from stellar.preprocess import load_stats  # noqa: E402
 from stellar.training import load_split  # noqa: E402
 
 BINS = (("15-25", 15, 25), ("25-50", 25, 50), (">50", 50, np.inf), ("all", 0, np.inf))
-HARD = ["synth.realism=hard", "synth.ood_fraction=0.05"]
-
-
-def build_and_train(cfg, inst) -> None:
-    """Survey, ingest, preprocess and a hybrid ensemble registered as the champion of ``cfg``'s store."""
-    from mlflow import MlflowClient
-
-    from stellar.ingest.distributed import spark_mapper
-    from stellar.ingest.run import ingest
-    from stellar.preprocess import preprocess
-    from stellar.spark import build_session
-    from stellar.synth.distributed import spark_runner
-    from stellar.synth.survey import run_survey
-    from stellar.trainer import train_ensemble
-
-    spark = build_session(cfg, "bench-accuracy")
-    if not (Path(cfg.work_dir) / "synth" / "survey.json").exists():
-        run_survey(cfg.synth, inst, runner=spark_runner(spark))
-    ingest(cfg.ingest, inst, cfg.conf_dir, mapper=spark_mapper(spark))
-    preprocess(cfg.preprocess, inst, cfg.ingest.output_dir, mapper=spark_mapper(spark))
-    res = train_ensemble(cfg, inst, mapper=spark_mapper(spark, "bench train"))
-    spark.stop()
-    MlflowClient(cfg.mlflow.tracking_uri).set_registered_model_alias(cfg.mlflow.model_name, "champion",
-                                                                     str(res["version"]))
 
 
 def flat_inputs(split: dict) -> np.ndarray:
@@ -107,16 +85,14 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="stellar-bench-acc-"))
     inst = load_instrument("gaia_rvs")
-    frac = args.training_fraction or (0.21 if args.hard else 0.6)
-    epochs = [f"train.model_overrides={{max_epochs: {args.epochs}}}"] if args.epochs else []
+    if not (work / "pipeline-summary.json").is_file():  # `stellar pipeline` (restartable) makes the champion
+        frac = args.training_fraction or (0.21 if args.hard else 0.6)
+        run_pipeline(work, args.stars, [*(HARD_SETS if args.hard else []), f"synth.training_fraction={frac}",
+                                        "synth.stars_per_file=5000", f"train.members={args.members}",
+                                        *([f"train.model_overrides={{max_epochs: {args.epochs}}}"]
+                                          if args.epochs else [])])
     sets = [f"work_dir={work}"]
-    finished = (work / "pipeline-summary.json").is_file()
-    if not finished:
-        sets += [f"synth.n_stars={args.stars}", "synth.stars_per_file=5000", f"synth.training_fraction={frac}",
-                 f"train.members={args.members}", *epochs, *(HARD if args.hard else [])]
     cfg = load_config(ROOT / "conf" / "local.yaml", sets)
-    if not finished and not (work / "mlflow.db").exists():
-        build_and_train(cfg, inst)
 
     from stellar.trainer import load_registered, train_ensemble
 
@@ -144,9 +120,9 @@ def main() -> None:
     t = time.perf_counter()
     overrides = dict(cfg.train.model_overrides, use_xp=False, use_scalars=False,
                      **({"max_epochs": args.epochs} if args.epochs else {}))
-    ov = "{" + ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()) + "}"
     scfg = load_config(ROOT / "conf" / "local.yaml", sets + [
-        f"train.members={args.spectrum_members}", f"train.model_overrides={ov}", "train.register_model=false",
+        f"train.members={args.spectrum_members}", f"train.model_overrides={json.dumps(overrides)}",
+        "train.register_model=false",
         f"mlflow.tracking_uri=sqlite:///{work}/mlflow-spectrum-only.db",
         f"mlflow.artifact_root={work}/mlartifacts-spectrum-only"])
     spec_ens = train_ensemble(scfg, inst, log_mlflow=False)["ensemble"]

@@ -52,6 +52,8 @@ from stellar.trust import OOD_BITS, PHYSICAL_ENVELOPE  # noqa: E402
 
 SNR_BINS = ((15.0, 25.0), (25.0, 50.0), (50.0, np.inf))
 CATASTROPHIC = {"teff": 1000.0, "logg": 1.0, "m_h": 0.5}
+# the hard survey's settings (--hard; benchmarks/accuracy.py builds it alike)
+HARD_SETS = ["synth.realism=hard", "synth.ood_fraction=0.05", "synth.training_fraction=0.21"]
 
 
 def run_pipeline(work: Path, stars: int, sets: list[str]) -> None:
@@ -171,7 +173,7 @@ def main() -> None:
         sys.exit("--refit needs --work with a finished pipeline run")
     work = Path(args.work or tempfile.mkdtemp(prefix="stellar-bench-trust-"))
     stars = args.stars or (30000 if args.hard else 20000)
-    sets = (["synth.realism=hard", "synth.ood_fraction=0.05", "synth.training_fraction=0.21"] if args.hard else [])
+    sets = HARD_SETS if args.hard else []
     if not (work / "pipeline-summary.json").is_file():
         run_pipeline(work, stars, sets + args.overrides)
     f = figures(work, refit_predictions(work, sets + args.overrides) if args.refit else None)
