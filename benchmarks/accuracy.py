@@ -16,7 +16,8 @@ labels); then it reads that run's champion. Then, on the same training split, it
   * on exactly the CNN's inputs (the normalised spectrum, XP coefficients and
     scalars, as the network reads them): ridge regression (alpha by
     generalised cross-validation), k-nearest neighbours (k=10, distance-weighted,
-    on PCA(50)) and gradient-boosted trees (histogram GBT, early-stopped on 10 %).
+    on PCA(50)) and gradient-boosted trees (histogram GBT, early-stopped on 10 %);
+    and the same trees on the photometry/parallax scalars alone ("GBT scalars").
 
 It evaluates every method on all stars with labels from the generator's truth
 that are neither training stars nor injected out-of-distribution ones (the
@@ -80,7 +81,8 @@ def main() -> None:
                     help="share of stars with catalogue labels when a survey is built (default 0.6; hard 0.21)")
     ap.add_argument("--work", default=None, help="a finished pipeline run, or where to build one")
     ap.add_argument("--members", type=int, default=5)
-    ap.add_argument("--spectrum-members", type=int, default=3)
+    ap.add_argument("--spectrum-members", type=int, default=3,
+                    help="members of the spectrum-only CNN peer (0: skip it)")
     ap.add_argument("--epochs", type=int, default=None, help="max epochs (default: the preset's)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="stellar-bench-acc-"))
@@ -117,17 +119,19 @@ def main() -> None:
     seconds["CNN hybrid"] = time.perf_counter() - t
 
     # the spectrum-only CNN: same preset and seeds, XP and scalar branches off, never registered
-    t = time.perf_counter()
-    overrides = dict(cfg.train.model_overrides, use_xp=False, use_scalars=False,
-                     **({"max_epochs": args.epochs} if args.epochs else {}))
-    scfg = load_config(ROOT / "conf" / "local.yaml", sets + [
-        f"train.members={args.spectrum_members}", f"train.model_overrides={json.dumps(overrides)}",
-        "train.register_model=false",
-        f"mlflow.tracking_uri=sqlite:///{work}/mlflow-spectrum-only.db",
-        f"mlflow.artifact_root={work}/mlartifacts-spectrum-only"])
-    spec_ens = train_ensemble(scfg, inst, log_mlflow=False)["ensemble"]
-    preds["CNN spectrum"] = spec_ens.predict(evals)["mean"]
-    seconds["CNN spectrum"] = time.perf_counter() - t
+    # (--spectrum-members 0: skipped, for a quick look at the hybrid against its peers)
+    if args.spectrum_members > 0:
+        t = time.perf_counter()
+        overrides = dict(cfg.train.model_overrides, use_xp=False, use_scalars=False,
+                         **({"max_epochs": args.epochs} if args.epochs else {}))
+        scfg = load_config(ROOT / "conf" / "local.yaml", sets + [
+            f"train.members={args.spectrum_members}", f"train.model_overrides={json.dumps(overrides)}",
+            "train.register_model=false",
+            f"mlflow.tracking_uri=sqlite:///{work}/mlflow-spectrum-only.db",
+            f"mlflow.artifact_root={work}/mlartifacts-spectrum-only"])
+        spec_ens = train_ensemble(scfg, inst, log_mlflow=False)["ensemble"]
+        preds["CNN spectrum"] = spec_ens.predict(evals)["mean"]
+        seconds["CNN spectrum"] = time.perf_counter() - t
 
     t = time.perf_counter()
     cannon = QuadraticCannon().fit(train["spectrum"].numpy()[good].astype(np.float64), ivar(train)[good],
@@ -159,14 +163,21 @@ def main() -> None:
                                                            validation_fraction=0.1, random_state=0)
                              .fit(x_tr, y_train[good][:, j]).predict(x_ev) for j in range(len(labels))], axis=1)
     seconds["GBT"] = time.perf_counter() - t
+    # the same trees on the six photometry/parallax scalars alone: how much of a label they hold by themselves
+    t = time.perf_counter()
+    preds["GBT scalars"] = np.stack([HistGradientBoostingRegressor(max_iter=500, learning_rate=0.1, early_stopping=True,
+                                                                   validation_fraction=0.1, random_state=0)
+                                     .fit(train["scalars"].numpy()[good], y_train[good][:, j])
+                                     .predict(evals["scalars"].numpy()) for j in range(len(labels))], axis=1)
+    seconds["GBT scalars"] = time.perf_counter() - t
 
-    hybrid_peers, methods = ("ridge", "kNN", "GBT"), list(preds)
+    hybrid_peers, methods = ("ridge", "kNN", "GBT", "GBT scalars"), list(preds)
     print(f"accuracy benchmark ({ident['name']} v{ident['version']}, {work}): {int(good.sum())} training stars, "
           f"{len(truth)} evaluated (test split + observed, in distribution, truth labels); fit+predict seconds: "
           + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     head = "".join(f"{m:>13}" for m in methods)
     print(f"{'label':<8}{'S/N':>7}{'n':>7} |{head} | {'hyb/peer':>9}{'spec/Cannon':>12}")
-    worst = {"hybrid": 0.0, "spectrum": 0.0}
+    worst = {"hybrid": 0.0, "spectrum": float("nan") if "CNN spectrum" not in preds else 0.0}
     for j, lab in enumerate(labels):
         for name, lo, hi in BINS:
             sel = np.isfinite(truth[:, j]) & (snr >= lo) & (snr < hi)
@@ -174,7 +185,8 @@ def main() -> None:
                 continue
             rmse = {m: float(np.sqrt(np.mean((p[sel, j] - truth[sel, j]) ** 2))) for m, p in preds.items()}
             best = min(rmse[m] for m in hybrid_peers)
-            r_h, r_s = rmse["CNN hybrid"] / best, rmse["CNN spectrum"] / rmse["Cannon"]
+            r_h = rmse["CNN hybrid"] / best
+            r_s = rmse["CNN spectrum"] / rmse["Cannon"] if "CNN spectrum" in rmse else float("nan")
             worst["hybrid"], worst["spectrum"] = max(worst["hybrid"], r_h), max(worst["spectrum"], r_s)
             cell = (lambda x: f"{x:13.1f}") if lab == "teff" else (lambda x: f"{x:13.4f}")
             print(f"{lab:<8}{name:>7}{int(sel.sum()):>7} |" + "".join(cell(rmse[m]) for m in methods)

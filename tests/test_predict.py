@@ -483,15 +483,21 @@ def test_trust_flags_on_a_small_survey(registry, tmp_path):
     print(f"catastrophic share: imprecise-flagged {cat_ind[flagged].mean():.3f} ({int(flagged.sum())} stars), "
           f"others {cat_ind[~flagged].mean():.4f}")
     assert cat_ind[flagged].mean() >= 3 * max(cat_ind[~flagged].mean(), 1e-3)
+    # the spread on the stars the model never fitted (not the members' training stars, whose residuals
+    # they were fitted to, nor the validation stars the calibration was): benchmarks/trust.py alike
+    unseen = keep[~keep.split.isin(["train", "validation"])]
     z_std = {}
     for lab in labels:
-        z = (keep[lab] - keep[f"{lab}_true"]) / keep[f"{lab}_err"]
-        z_std[lab] = [float(z[(keep.snr >= lo) & (keep.snr < hi)].std()) for lo, hi in ((15, 25), (25, 50), (50, 1e9))]
+        z = (unseen[lab] - unseen[f"{lab}_true"]) / unseen[f"{lab}_err"]
+        z_std[lab] = [float(z[(unseen.snr >= lo) & (unseen.snr < hi)].std())
+                      for lo, hi in ((15, 25), (25, 50), (50, 1e9))]
     rmse = lambda d, lab: float(np.sqrt(np.mean((d[lab] - d[f"{lab}_true"]) ** 2)))  # noqa: E731
     no_bp = {lab: rmse(ind[~ind.has_bp], lab) / rmse(ind[ind.has_bp], lab) for lab in labels}
     print(f"catastrophic unflagged {int(cat.sum())} of {len(keep)}; z-spread per S/N bin {z_std}; no-BP ratio {no_bp}")
-    # measured (30-epoch, 2-member model): 1 catastrophic of 2481 unflagged stars, z-spread 0.83-1.12,
-    # no-BP ratio <= 1.52 (13 % catastrophic among the imprecise-flagged, 0.04 % among the others);
+    # measured (30-epoch, 2-member model): 1 catastrophic of 2481 unflagged stars, z-spread 0.83-1.12
+    # over all unflagged stars, no-BP ratio <= 1.52 (13 % catastrophic among the imprecise-flagged,
+    # 0.04 % among the others); on another machine 0 of 2686, z-spread 0.78-1.14 on the stars never
+    # fitted, no-BP ratio <= 1.61, 8.5 % catastrophic among the imprecise-flagged, 0 among the others;
     # the survey-size figures come from benchmarks/trust.py
     assert cat.mean() <= 0.02, int(cat.sum())
     assert all(0.7 <= v <= 1.35 for row in z_std.values() for v in row), z_std

@@ -1,0 +1,113 @@
+"""Network variants trained on a finished run's features, against its default preset, in one run.
+
+    .venv/bin/python benchmarks/variants.py --work DIR [--set KEY=VALUE ...] [--members 2] \
+        --variant 'nodrop={"dropout": 0.0}' --variant 'wd={"weight_decay": 1e-4}'
+
+DIR is a finished `stellar pipeline` run (e.g. `benchmarks/trust.py --hard --work DIR`; pass the
+run's own ``--set`` overrides again, e.g. those of ``--hard``). For the default preset ("base") and
+each ``--variant NAME=JSON`` (``train.model_overrides`` on top of the run's), it trains an ensemble
+of ``--members`` members on the run's training split exactly as the train stage does (nothing is
+registered; the MLflow store is a side file in DIR), and prints the RMSE against the generator's
+truth per label and S/N bin (15-25, 25-50, > 50, all) on every in-distribution star outside the
+training and validation splits, with each variant's ratio to "base". The same seeds are used for
+every variant, but members' early stopping makes two ensembles of 2 members differ by about +-10 %
+in a cell: read differences smaller than that as noise, or use more members.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from stellar.config import load_config  # noqa: E402
+from stellar.instruments import load_instrument  # noqa: E402
+from stellar.preprocess import load_stats  # noqa: E402
+from stellar.trainer import train_ensemble  # noqa: E402
+from stellar.training import load_split  # noqa: E402
+
+BINS = (("15-25", 15, 25), ("25-50", 25, 50), (">50", 50, np.inf), ("all", 0, np.inf))
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, sep, body = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME=JSON, e.g. 'nodrop={{\"dropout\": 0}}'")
+    try:
+        overrides = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--variant {name}: not JSON ({exc})") from None
+    if not isinstance(overrides, dict):
+        raise argparse.ArgumentTypeError(f"--variant {name}: the JSON must be an object")
+    return name, overrides
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", required=True, help="a finished pipeline run")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="the run's own config overrides (as given to the pipeline)")
+    ap.add_argument("--members", type=int, default=2)
+    ap.add_argument("--variant", action="append", type=parse_variant, default=[], metavar="NAME=JSON")
+    args = ap.parse_args()
+    work = Path(args.work)
+    if not (work / "pipeline-summary.json").is_file():
+        sys.exit(f"{work}: not a finished pipeline run (no pipeline-summary.json)")
+    base = [f"work_dir={work}", *args.overrides]
+    cfg0 = load_config(ROOT / "conf" / "local.yaml", base)
+    inst = load_instrument(cfg0.instrument, cfg0.conf_dir)
+    root = cfg0.preprocess.output_dir
+    stats = load_stats(root)
+    truth_t = pq.read_table(work / "synth" / "truth").to_pandas().set_index("source_id")
+    evals = None
+    rows: dict[str, dict] = {}
+    for name, ov in [("base", {}), *args.variant]:
+        overrides = dict(cfg0.train.model_overrides, **ov)
+        cfg = load_config(ROOT / "conf" / "local.yaml", base + [
+            f"train.members={args.members}", f"train.model_overrides={json.dumps(overrides)}",
+            "train.register_model=false", f"mlflow.tracking_uri=sqlite:///{work}/mlflow-variant-{name}.db",
+            f"mlflow.artifact_root={work}/mlartifacts-variant-{name}"])
+        t = time.perf_counter()
+        ens = train_ensemble(cfg, inst, log_mlflow=False)["ensemble"]
+        seconds = time.perf_counter() - t
+        labels = ens.labels
+        if evals is None:
+            parts = [load_split(root, sp, labels, stats) for sp in ("test", "observed")]
+            parts = [p for p in parts if p]
+            evals = {k: np.concatenate([p[k].numpy() for p in parts]) for k in ("source_id", "snr")}
+            evals["tensors"] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            keep = ~truth_t.loc[evals["source_id"], "is_ood"].to_numpy(bool)
+            evals["keep"] = keep
+            evals["truth"] = truth_t.loc[evals["source_id"], labels].to_numpy(float)
+        pred = ens.predict(evals["tensors"])["mean"]
+        keep, truth, snr = evals["keep"], evals["truth"], evals["snr"]
+        rmse = {}
+        for j, lab in enumerate(labels):
+            for b, lo, hi in BINS:
+                sel = keep & np.isfinite(truth[:, j]) & (snr >= lo) & (snr < hi)
+                rmse[(lab, b)] = float(np.sqrt(np.mean((pred[sel, j] - truth[sel, j]) ** 2))) if sel.sum() else np.nan
+        rows[name] = {"rmse": rmse, "seconds": seconds, "overrides": ov, "labels": labels}
+        print(f"{name}: {args.members} members in {seconds:.0f} s, overrides {ov}", flush=True)
+    labels = rows["base"]["labels"]
+    print(f"RMSE on {int(evals['keep'].sum())} in-distribution stars (test split + observed), per S/N bin "
+          "15-25 / 25-50 / >50 / all, and the ratio to base:")
+    for name, r in rows.items():
+        print(f"  {name}")
+        for lab in labels:
+            vals = [r["rmse"][(lab, b)] for b, *_ in BINS]
+            ratio = [r["rmse"][(lab, b)] / rows["base"]["rmse"][(lab, b)] for b, *_ in BINS]
+            fmt = (lambda v: f"{v:7.1f}") if lab == "teff" else (lambda v: f"{v:7.4f}")
+            print(f"    {lab:<8}" + " ".join(fmt(v) for v in vals) + "   x " + " ".join(f"{x:.2f}" for x in ratio))
+
+
+if __name__ == "__main__":
+    main()
