@@ -13,6 +13,7 @@ commit, and given the configured alias (``challenger``).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -311,7 +312,12 @@ def log_to_mlflow(cfg: StellarConfig, ens: Ensemble, members, dropped, metrics: 
 
 
 def load_registered(cfg: StellarConfig, alias_or_version: str) -> tuple[Ensemble, dict]:
-    """Resolve ``models:/<name>@<alias>`` (or a version number) once and load its ensemble, pickle-free."""
+    """Resolve ``models:/<name>@<alias>`` (or a version number) once and load its ensemble, pickle-free.
+
+    Reads the registry, never writes it: only the model's ``artifacts/ensemble`` folder is copied, into
+    a temporary folder of this call, and read into memory. (``download_artifacts`` of the model's root
+    on a local store would return the store's own folder and rewrite its ``registered_model_meta``
+    there, so a read-only registry failed and two concurrent predicts raced on that file.)"""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -325,7 +331,10 @@ def load_registered(cfg: StellarConfig, alias_or_version: str) -> tuple[Ensemble
     except MlflowException as exc:
         raise TrainError(f"model {name!r} has no {'version' if alias_or_version.isdigit() else 'alias'} "
                          f"{alias_or_version!r} in {cfg.mlflow.tracking_uri}") from exc
-    local = mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}")
-    folder = Path(local) / "artifacts" / "ensemble"
-    return Ensemble.load(folder), {"name": name, "version": int(mv.version), "run_id": mv.run_id}
+    # a batch job's log is no place for a progress bar per model load (a user's own setting wins)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory(prefix="stellar-model-") as tmp:
+        folder = mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}/artifacts/ensemble", dst_path=tmp)
+        ens = Ensemble.load(folder)
+    return ens, {"name": name, "version": int(mv.version), "run_id": mv.run_id}
 

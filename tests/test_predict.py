@@ -53,6 +53,29 @@ def registry(tmp_path_factory, rvs_instrument):
     return tmp, cfg, {1: v1["ensemble"], 2: v2["ensemble"]}
 
 
+def _store_files(root) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_loading_a_registered_model_writes_nothing_into_the_registry(registry):
+    """Predict reads the model store, never writes it: a read-only registry works and two predicts do
+    not race on a file there (the old download of the model's root rewrote its registered_model_meta on
+    every load). Root ignores file modes, so the test compares every file's size and mtime instead."""
+    from stellar.trainer import load_registered
+
+    tmp, cfg, ensembles = registry
+    root = tmp / "mlartifacts"
+    before = _store_files(root)
+    assert any(k.endswith("member_00.safetensors") for k in before)
+    for alias in ("champion", "2", "champion"):
+        ens, info = load_registered(cfg, alias)
+        assert info["version"] == (2 if alias == "2" else 1)
+        assert len(ens.nets) == len(ensembles[info["version"]].nets) == 2
+    assert _store_files(root) == before
+    assert not any(k.endswith("registered_model_meta") for k in before)  # no load ever wrote one
+
+
 def direct_forward(cfg, ens) -> dict:
     """The same model on the same stars, in this process, straight from the features table."""
     feats = read_table(cfg.preprocess.output_dir, "features").sort_by("source_id")
