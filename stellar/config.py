@@ -26,10 +26,31 @@ from stellar.errors import ConfigError
 CONF_DIR_ENV = "STELLAR_CONF_DIR"
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's type is a number (int, float, or an optional one) and not also a bool."""
+    import types
+    import typing
+
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return bool(args) and all(a in (int, float) for a in args)
+    return False
+
+
 class StrictModel(BaseModel):
-    """Base for config sections: unknown keys are errors, values are validated on assignment."""
+    """Base for config sections: unknown keys are errors, values are validated on assignment, and a
+    boolean is never read as a number (pydantic would take ``true`` for 1: ``ingest.chunk_mb=true``)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info) -> Any:
+        if isinstance(value, bool) and info.field_name and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+        return value
 
 
 class SparkConfig(StrictModel):

@@ -257,7 +257,12 @@ def _selection_dir(cfg: StellarConfig, features_version: str) -> tuple[Path | No
 
 
 def predict(cfg: StellarConfig, bundle: ModelBundle | None = None, spark=None) -> dict:
-    """Predict every star of the current features with ``bundle`` (resolved from cfg.predict.model when None)."""
+    """Predict every star of the current features with ``bundle`` (resolved from cfg.predict.model when None).
+    Holds the predictions store's writer lock throughout (``TableStore.writing``)."""
+    with TableStore(cfg.predict.output_dir).writing("predict"):
+        return _predict(cfg, bundle, spark)
+
+def _predict(cfg: StellarConfig, bundle: ModelBundle | None, spark) -> dict:
     t0 = time.perf_counter()
     fstore, fversion = _features_version(cfg.preprocess.output_dir)
     sel_dir, sel_version = _selection_dir(cfg, fversion)

@@ -260,7 +260,12 @@ def settings_digest(cfg: PreprocessConfig, instrument: Instrument, tables_versio
 
 
 def preprocess(cfg: PreprocessConfig, instrument: Instrument, tables_root: str, mapper=None) -> dict:
-    """Run the stage; returns the summary. Skips when the committed features match inputs and config."""
+    """Run the stage; returns the summary. Skips when the committed features match inputs and config.
+    Holds the features store's writer lock throughout (``TableStore.writing``)."""
+    with TableStore(cfg.output_dir).writing("preprocess"):
+        return _preprocess(cfg, instrument, tables_root, mapper)
+
+def _preprocess(cfg: PreprocessConfig, instrument: Instrument, tables_root: str, mapper) -> dict:
     from stellar.ingest.run import local_map
 
     t0 = time.perf_counter()

@@ -209,6 +209,12 @@ def place_group(parts: list[str], shared, ctx: Ctx) -> list[dict]:
 
 
 def select(cfg: SelectConfig, features_root: str, mapper=None) -> dict:
+    """Run the selection stage; returns the summary. Holds the selection store's writer lock throughout
+    (``TableStore.writing``)."""
+    with TableStore(cfg.output_dir).writing("select"):
+        return _select(cfg, features_root, mapper)
+
+def _select(cfg: SelectConfig, features_root: str, mapper) -> dict:
     from stellar.ingest.run import local_map, share
 
     t0 = time.perf_counter()

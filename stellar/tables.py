@@ -16,19 +16,34 @@ a rerun of the same plan on the same base then carries on in it, skipping
 the tasks whose done markers (``_done/<task>.json``) are there. Part files
 are written with deterministic names and content, so the same inputs give
 byte-identical tables, resumed or not.
+
+One writer at a time: a run holds the store's writer lock (``writing``, an
+``flock`` on ``_LOCK``, which names the holder's host and pid) from before it
+looks for leftovers until after its commit, so a second run on the same store
+refuses with a clear message instead of removing or adopting the first one's
+unfinished version. The kernel drops the lock when its holder dies, so a killed
+run never leaves a stale lock behind (on NFS, Linux maps ``flock`` onto the
+server's byte-range locks). Readers take no lock: they only follow ``_CURRENT``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from stellar.errors import StellarError
 
 SCHEMA_VERSION = 1
 POINTER = "_CURRENT"
@@ -36,12 +51,44 @@ MANIFEST = "_manifest.json"
 RESUME = "_resume.json"  # in an uncommitted version: the plan it belongs to (resumable runs)
 DONE = "_done"  # ... and one marker per finished task
 SEALED = "_sealed"  # ... past the resumable phase
+LOCK = "_LOCK"  # the writer lock (TableStore.writing): flock'ed by the run writing the store
 _VERSION_RE = re.compile(r"^v(\d{6})$")
+
+
+class StoreBusyError(StellarError):
+    """Another run holds the store's writer lock."""
 
 
 class TableStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+
+    # -- one writer ----------------------------------------------------------
+    @contextlib.contextmanager
+    def writing(self, what: str) -> Iterator[None]:
+        """Hold the store's writer lock for one run of ``what`` (a stage name, for the message).
+
+        Raises StoreBusyError, naming the holder, when another run (in this or another process, on
+        this or, over NFS, another host) writes the store. Not re-entrant: a run takes it once."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StellarError(f"{self.root}: cannot open the table store for writing ({exc.strerror})") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                raise StoreBusyError(
+                    f"{self.root}: another run is writing this table store ({holder}); wait for it to finish "
+                    f"(the lock goes with its process) and run {what} again") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"stage": what, "host": socket.gethostname(), "pid": os.getpid(),
+                                      "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock (the holder text stays: only a held lock counts)
 
     # -- committed state -------------------------------------------------
     def current_version(self) -> str | None:
@@ -142,6 +189,15 @@ class TableStore:
         for name in versions[:-keep] if keep > 0 else versions:
             if name != current:
                 shutil.rmtree(self.root / name)
+
+
+def _read_holder(fd: int) -> str:
+    """The lock holder's stage, host and pid, as the holder wrote them (best effort)."""
+    try:
+        h = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return f"{h['stage']} on {h['host']}, pid {h['pid']}, since {h['since']}"
+    except (OSError, ValueError, KeyError):
+        return "holder unknown"
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -41,6 +41,9 @@ def test_overrides_keep_types_and_reach_spark_conf(tmp_path):
     ("spark.log_level=LOUD", "spark.log_level"),
     ("bogus=1", "bogus: unknown key"),
     ("synth=3", "synth"),
+    # a boolean is never read as a number (pydantic alone takes true for 1)
+    ("ingest.chunk_mb=true", "ingest.chunk_mb: Value error, expected a number, got the boolean true"),
+    ("train.catastrophic_odds=false", "train.catastrophic_odds: Value error, expected a number, got the boolean"),
 ])
 def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:

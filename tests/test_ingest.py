@@ -241,6 +241,50 @@ def test_killed_run_leaves_nothing_visible_and_rerun_matches(tmp_path, survey):
         assert run[key] == clean[key], key
 
 
+def test_a_held_store_refuses_a_second_writer(tmp_path, survey, rvs_instrument):
+    """One writer per store: while a run holds the writer lock, ingest refuses with the holder named and
+    touches nothing; once it is released the same ingest runs and commits."""
+    from stellar.tables import StoreBusyError
+
+    cfg = ingest_cfg(tmp_path, survey)
+    store = TableStore(cfg.ingest.output_dir)
+    with store.writing("another ingest"):
+        with pytest.raises(StoreBusyError, match=f"another ingest on .*, pid {os.getpid()}, since"):
+            ingest(cfg.ingest, rvs_instrument, cfg.conf_dir)
+        assert store.current_version() is None and not list(store.root.glob("v0*"))
+    s = ingest(cfg.ingest, rvs_instrument, cfg.conf_dir)
+    assert s["version"] == store.current_version() == "v000001" and s["rows_in"] > 0
+
+
+@pytest.mark.slow
+def test_two_ingests_at_once_one_refuses(tmp_path, survey):
+    """Two `stellar ingest` processes on one store: the second refuses (exit 2, one line naming the
+    first's pid) while the first runs; the first commits a store equal to a clean run's, and the next
+    ingest succeeds (nothing to do)."""
+    sets = ["--set", f"work_dir={tmp_path}", "--set", f"ingest.labels=[{{path: {survey / 'labels' / 'allStar-synth.fits'}}}]",
+            "--set", "ingest.chunk_mb=1"]
+    cmd = [sys.executable, "-m", "stellar.cli", "ingest", "--no-spark", "--gaia-root", str(survey), "--output"]
+    first = subprocess.Popen(cmd + [str(tmp_path / "tables")] + sets, cwd=ROOT)
+    vdir = tmp_path / "tables" / "v000001"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (vdir.is_dir() and list(vdir.glob("_done/*.json"))):
+        time.sleep(0.01)
+    second = subprocess.run(cmd + [str(tmp_path / "tables")] + sets, cwd=ROOT, capture_output=True, text=True)
+    still_running = first.poll() is None
+    assert first.wait(timeout=300) == 0
+    assert still_running, "the first ingest ended before the second started: the test proves nothing"
+    assert second.returncode == 2, second.stderr[-2000:]
+    err = [ln for ln in second.stderr.splitlines() if ln.startswith("stellar: error:")]
+    assert len(err) == 1 and "another run is writing this table store" in err[0] and f"pid {first.pid}" in err[0]
+    assert "Traceback" not in second.stderr
+    subprocess.run(cmd + [str(tmp_path / "clean")] + sets, cwd=ROOT, check=True)
+    assert TableStore(tmp_path / "tables").current_version() == "v000001"
+    assert store_digest(tmp_path / "tables") == store_digest(tmp_path / "clean")
+    again = subprocess.run(cmd + [str(tmp_path / "tables")] + sets, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert TableStore(tmp_path / "tables").current_version() == "v000001"
+
+
 def test_resume_needs_the_same_plan(tmp_path, survey, rvs_instrument):
     """A killed run's version is resumed only by the same plan on the same base; otherwise removed."""
     cfg = ingest_cfg(tmp_path, survey, **{"ingest.chunk_mb": 1})

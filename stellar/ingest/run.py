@@ -320,7 +320,12 @@ def share(mapper, value):
 
 def ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None = None,
            mapper: Runner | None = None) -> dict:
-    """Run the ingest stage; returns the summary (also written beside the tables)."""
+    """Run the ingest stage; returns the summary (also written beside the tables). Holds the store's
+    writer lock throughout (``TableStore.writing``): a second ingest on the same store refuses."""
+    with TableStore(cfg.output_dir).writing("ingest"):
+        return _ingest(cfg, instrument, conf_dir, mapper)
+
+def _ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None, mapper: Runner | None) -> dict:
     t0 = time.perf_counter()
     mapper = mapper or local_map
     store = TableStore(cfg.output_dir)
