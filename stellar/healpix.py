@@ -12,6 +12,9 @@ import numpy as np
 SOURCE_ID_SHIFT_L12 = 35
 MAX_ORDER = 12
 NPIX_L8 = 12 * 4**8
+# Every valid source_id is below this: its level-12 index (source_id >> 35) is one of the 12 * 4**12 pixels
+# (a larger one would land in a partition that does not exist at any order)
+SOURCE_ID_END = (12 * 4**MAX_ORDER) << SOURCE_ID_SHIFT_L12
 
 
 def healpix_index(source_id: np.ndarray, order: int) -> np.ndarray:

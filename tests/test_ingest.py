@@ -105,10 +105,12 @@ def test_bad_input_corpus_quarantined_with_reasons(tmp_path, survey, rvs_instrum
     d[6] = edit(d[6], 4, lambda s: "[" + ",".join(["null"] * 2401) + "]")      # all-NaN flux
     d[7] = d[7].replace(",", "", 1)                                            # one field fewer
     d[8] = edit(d[8], 2, lambda s: "12.3.4")                                   # unparseable scalar
+    d[9] = edit(d[9], 1, lambda s: "9000000000000000000")                      # beyond Gaia's source_ids
     write_gz(edit_file, head + d)
     expected = {first + 1: "flux: 2400 values, expected 2401", first + 2: "flux: unparseable number in array",
                 first + 3: "source_id: missing", first + 5: "source_id: duplicate",
-                first + 6: "flux: all NaN", first + 7: "wrong number of fields", first + 8: "ra: unparseable number"}
+                first + 6: "flux: all NaN", first + 7: "wrong number of fields", first + 8: "ra: unparseable number",
+                first + 9: "source_id: at or above 6917529027641081856, beyond Gaia's range"}
 
     raw = trunc_file.read_bytes()
     trunc_file.write_bytes(raw[: int(len(raw) * 0.6)])  # truncated gzip stream

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stellar.healpix import healpix_index
+from stellar.healpix import SOURCE_ID_END, healpix_index
 from stellar.io.gaia_schema import gaia_table
 
 XP_BAND_COLUMNS = ("basis_function_id", "degrees_of_freedom", "n_parameters", "n_measurements",
@@ -102,6 +102,10 @@ def normalise(product: Product, columns: dict[str, pa.Array], problems: pa.Array
     sid = columns["source_id"]
     checks.append(pc.if_else(pc.or_kleene(pc.is_null(sid), pc.less_equal(sid, 0)),
                              pa.scalar("source_id: missing"), pa.scalar(None, pa.string())))
+    checks.append(pc.if_else(pc.fill_null(pc.greater_equal(sid, SOURCE_ID_END), False),
+                             pa.scalar(f"source_id: at or above {SOURCE_ID_END}, beyond Gaia's range (its "
+                                       "HEALPix level-12 index is not one of the 12 * 4^12 pixels)"),
+                             pa.scalar(None, pa.string())))
     for name, expected in product.lengths:
         arr = columns.get(name)
         if arr is None:
