@@ -106,11 +106,16 @@ def test_bad_input_corpus_quarantined_with_reasons(tmp_path, survey, rvs_instrum
     d[7] = d[7].replace(",", "", 1)                                            # one field fewer
     d[8] = edit(d[8], 2, lambda s: "12.3.4")                                   # unparseable scalar
     d[9] = edit(d[9], 1, lambda s: "9000000000000000000")                      # beyond Gaia's source_ids
+    d[10] = edit(d[10], 4, lambda s: "[1e39" + s[s.index(","):])                # beyond float32 in the flux
+    d[11] = edit(d[11], 4, lambda s: "[inf" + s[s.index(","):])                 # inf in the flux
+    d[12] = edit(d[12], 2, lambda s: "inf")                                      # ra = inf
     write_gz(edit_file, head + d)
     expected = {first + 1: "flux: 2400 values, expected 2401", first + 2: "flux: unparseable number in array",
                 first + 3: "source_id: missing", first + 5: "source_id: duplicate",
                 first + 6: "flux: all NaN", first + 7: "wrong number of fields", first + 8: "ra: unparseable number",
-                first + 9: "source_id: at or above 6917529027641081856, beyond Gaia's range"}
+                first + 9: "source_id: at or above 6917529027641081856, beyond Gaia's range",
+                first + 10: "flux: infinite value (inf, or beyond float32)",
+                first + 11: "flux: infinite value", first + 12: "ra: infinite value"}
 
     raw = trunc_file.read_bytes()
     trunc_file.write_bytes(raw[: int(len(raw) * 0.6)])  # truncated gzip stream

@@ -106,6 +106,18 @@ def normalise(product: Product, columns: dict[str, pa.Array], problems: pa.Array
                              pa.scalar(f"source_id: at or above {SOURCE_ID_END}, beyond Gaia's range (its "
                                        "HEALPix level-12 index is not one of the 12 * 4^12 pixels)"),
                              pa.scalar(None, pa.string())))
+    for name in product.columns:  # inf (or a value beyond float32, read as inf) is never data
+        arr = columns.get(name)
+        if arr is None:
+            continue
+        if pa.types.is_floating(arr.type):
+            inf = pc.fill_null(pc.is_inf(arr), False)
+        elif _is_float_list(arr.type):
+            inf = pc.greater(_list_count(arr, lambda v: pc.fill_null(pc.is_inf(v), False)), 0)
+        else:
+            continue
+        checks.append(pc.if_else(inf, pa.scalar(f"{name}: infinite value (inf, or beyond float32)"),
+                                 pa.scalar(None, pa.string())))
     for name, expected in product.lengths:
         arr = columns.get(name)
         if arr is None:
@@ -146,6 +158,11 @@ def normalise(product: Product, columns: dict[str, pa.Array], problems: pa.Array
     q = quarantine_rows(product.table, source_file, pc.filter(line_arr, bad).to_pylist(),
                         pc.filter(sid, bad).cast(pa.int64()).to_pylist(), pc.filter(reason, bad).to_pylist())
     return good, q
+
+
+def _is_float_list(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
+        and pa.types.is_floating(t.value_type)
 
 
 def _list_count(lists: pa.Array, predicate) -> pa.Array:
