@@ -157,6 +157,24 @@ def test_bad_input_corpus_quarantined_with_reasons(tmp_path, survey, rvs_instrum
     assert pc.count_distinct(rvs["source_id"]).as_py() == rvs.num_rows
 
 
+def test_a_byte_order_mark_is_not_damage(tmp_path, survey, rvs_instrument):
+    """An ECSV file saved with a UTF-8 byte-order mark reads like the file without it: every row
+    written, none quarantined, the names line not counted as a row."""
+    root = tmp_path / "gaia"
+    shutil.copytree(survey, root)
+    rvs_dir = root / RVS_DIR
+    (rvs_dir / "_MD5SUM.txt").unlink()
+    target = sorted(rvs_dir.glob("RvsMeanSpectrum_*.csv.gz"))[0]
+    head, data = split_gz(target)
+    write_gz(target, ["\ufeff" + head[0]] + head[1:] + data)
+    assert gzip.open(target, "rb").read(3) == b"\xef\xbb\xbf"
+    cfg = ingest_cfg(tmp_path, root)
+    s = ingest(cfg.ingest, rvs_instrument, cfg.conf_dir)
+    f = s["per_file"][f"gaia:{RVS_DIR}/{target.name}"]
+    assert f["rows_in"] == f["written"] == len(data) and f["quarantined"] == 0
+    assert s["tables"]["rvs"]["written"] == 800 and s["quarantined"] == 0
+
+
 def test_too_many_bad_rows_fail_and_commit_nothing(tmp_path, survey, rvs_instrument, capsys):
     root = tmp_path / "gaia"
     shutil.copytree(survey, root)

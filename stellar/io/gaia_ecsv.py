@@ -191,12 +191,19 @@ def uncompressed_size_hint(path: str | Path) -> int:
     return isize
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def read_header(path: str | Path) -> EcsvHeader:
+    """The ECSV header. A UTF-8 byte-order mark before ``# %ECSV`` (editors on some systems write
+    one) is skipped; the data offset still counts its bytes."""
     lines: list[bytes] = []
     offset = 0
     with _open(path) as fh:
-        for raw in fh:
+        for i, raw in enumerate(fh):
             offset += len(raw)
+            if i == 0 and raw.startswith(UTF8_BOM):
+                raw = raw[len(UTF8_BOM):]
             if raw.startswith(b"#"):
                 lines.append(raw)
                 continue
