@@ -7,6 +7,7 @@ FITS and VOTable are written whole from memory, so they are for selections
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def export(predictions_root: str, output: str, fmt: str | None = None, where: st
         "".join(out.suffixes[-1:]).lower())
     if fmt not in FORMATS:
         raise ExportError(f"cannot tell the format of {output}: give --format fits|votable|csv")
+    if out.is_dir():
+        raise ExportError(f"{output} is a directory: give a file name (e.g. {out / ('predictions.' + fmt)})")
     if out.exists() and not overwrite:
         raise ExportError(f"{output} exists (use --overwrite)")
     store = TableStore(predictions_root)
@@ -77,8 +80,20 @@ def export(predictions_root: str, output: str, fmt: str | None = None, where: st
         raise ExportError(f"no predictions under {predictions_root} (run 'stellar predict' first)")
     dataset = ds.dataset(store.table_path("predictions"), format="parquet", partitioning="hive")
     flt = _filter(where)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rows = _write(dataset, flt, fmt, tmp, man, max_rows)
+        os.replace(tmp, out)
+    except OSError as exc:  # a read-only or vanished folder, a full disk: one line naming the path
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
+    return {"rows": rows, "path": str(out), "format": fmt, "model": man.get("model")}
+
+
+def _write(dataset, flt, fmt: str, tmp: Path, man: dict, max_rows: int) -> int:
+    """The filtered predictions into ``tmp`` in ``fmt``; returns the row count."""
     if fmt == "csv":
         rows = 0
         writer = None
@@ -100,8 +115,7 @@ def export(predictions_root: str, output: str, fmt: str | None = None, where: st
         table = _plain(dataset.to_table(filter=flt))
         rows = table.num_rows
         _astropy(table, man, fmt, tmp)
-    os.replace(tmp, out)
-    return {"rows": rows, "path": str(out), "format": fmt, "model": man.get("model")}
+    return rows
 
 
 def _plain(table: pa.Table) -> pa.Table:

@@ -200,7 +200,7 @@ def test_mixed_precision_deviation_is_measured(registry):
     assert 0 < dev < 1.0  # bf16 moves the means by a fraction of their uncertainty, not more
 
 
-def test_export_fits_votable_csv(registry, tmp_path):
+def test_export_fits_votable_csv(registry, tmp_path, capsys):
     from astropy.table import Table
 
     from stellar.cli import main
@@ -228,6 +228,17 @@ def test_export_fits_votable_csv(registry, tmp_path):
     assert len(Table.read(tmp_path / "like.fits")) == s["train_like"]
     assert main(["export", str(tmp_path / "all.fits"), *base]) == 2  # exists
     assert main(["export", str(tmp_path / "x.fits"), "--where", "teff>3", *base]) == 2
+    # onto a directory, or under a path that is a file: one line naming the path, exit 2, nothing left
+    (tmp_path / "dir.fits").mkdir()
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "dir.fits"), "--overwrite", *base]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"stellar: error: {tmp_path / 'dir.fits'} is a directory: give a file name "
+                   f"(e.g. {tmp_path / 'dir.fits' / 'predictions.fits'})"], err
+    assert main(["export", str(tmp_path / "all.csv" / "x.csv"), *base]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"stellar: error: cannot write {tmp_path / 'all.csv' / 'x.csv'}: "), err
+    assert not list(tmp_path.glob(".*.tmp-*")) and (tmp_path / "dir.fits").is_dir()
 
 
 def test_promote_reject_promote_rollback(registry, capsys):
