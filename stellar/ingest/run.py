@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -78,15 +79,52 @@ def settings_digest(cfg: IngestConfig, instrument: Instrument) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _md5_table(folder: Path) -> dict[str, str]:
-    f = folder / "_MD5SUM.txt"
+MD5SUM = "_MD5SUM.txt"
+
+
+def _md5_table(folder: Path) -> dict[str, str] | None:
+    """name -> md5 of a bulk folder's ``_MD5SUM.txt``; None where the folder has none."""
+    f = folder / MD5SUM
     if not f.is_file():
-        return {}
+        return None
     out = {}
-    for line in f.read_text().splitlines():
+    for line in f.read_text(errors="replace").splitlines():
         parts = line.split()
         if len(parts) == 2:
             out[parts[1]] = parts[0]
+    return out
+
+
+def _is_bulk_data(name: str, prefix: str) -> bool:
+    """A bulk data file's name (``<prefix>*.csv`` or ``.csv.gz``); a ``.part`` download, an editor's
+    copy or a hidden file is not one, even where it starts with the prefix."""
+    return name.startswith(prefix) and name.endswith((".csv", ".csv.gz"))
+
+
+def checksum_listing(cfg: IngestConfig) -> dict[str, list[str]]:
+    """What the bulk folders' ``_MD5SUM.txt`` files say against what is on disk (``ingest.verify_md5``):
+    folders with data files but no ``_MD5SUM.txt``, files it lists that are not on disk, data files it
+    does not list, and the names that were ignored as not data files. Each is a counted problem in the
+    run summary and a warning; none is silent."""
+    out: dict[str, list[str]] = {"no_md5sum": [], "listed_missing": [], "unlisted": [], "ignored": []}
+    if not cfg.gaia_root or not cfg.verify_md5:
+        return out
+    root = Path(cfg.gaia_root)
+    for sub, (_, prefix) in BULK_LAYOUT.items():
+        folder = root / sub
+        if not folder.is_dir():
+            continue
+        names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MD5SUM)
+        data = [n for n in names if _is_bulk_data(n, prefix)]
+        out["ignored"] += [f"{sub}/{n}" for n in names if n not in data]
+        sums = _md5_table(folder)
+        if sums is None:
+            if data:
+                out["no_md5sum"].append(sub)
+            continue
+        listed = {n for n in sums if _is_bulk_data(n, prefix)}
+        out["listed_missing"] += [f"{sub}/{n}" for n in sorted(listed - set(data))]
+        out["unlisted"] += [f"{sub}/{n}" for n in data if n not in sums]
     return out
 
 
@@ -110,12 +148,12 @@ def discover(cfg: IngestConfig, instrument_name: str = "gaia_rvs") -> list[Input
             folder = root / sub
             if not folder.is_dir():
                 continue
-            sums = _md5_table(folder)
-            for path in sorted(folder.glob(f"{prefix}*.csv*")):
+            sums = _md5_table(folder) or {}
+            for path in sorted(p for p in folder.glob(f"{prefix}*.csv*") if _is_bulk_data(p.name, prefix)):
                 add(path, f"gaia:{sub}/{path.name}", product, "ecsv", sums.get(path.name))
         folder = root / "Spectroscopy" / instrument_name
         if instrument_name != "gaia_rvs" and folder.is_dir():
-            sums = _md5_table(folder)
+            sums = _md5_table(folder) or {}
             for path in sorted(folder.glob("Spectra_*.fits")):
                 add(path, f"gaia:Spectroscopy/{instrument_name}/{path.name}", "rvs", "spectra_fits", sums.get(path.name))
     for entry in cfg.datalink:
@@ -169,6 +207,8 @@ class TaskContext:
     conf_dir: str | None
     version_dir: str
     verify_md5: bool
+    # source_file -> why its checksum failed: every row it holds goes to quarantine with that reason
+    md5_mismatch: dict[str, str] = field(default_factory=dict)
 
 
 def _read(task: IngestTask, ctx: TaskContext) -> ReadResult:
@@ -227,13 +267,16 @@ def run_task(task: IngestTask, ctx: TaskContext) -> dict:
         lines, sids, reasons = zip(*res.quarantine)
         quars.append(quarantine_rows(table_name, inp.source_file, lines, sids, reasons))
     notes = list(res.notes)
-    if task.chunk == 0 and ctx.verify_md5 and inp.md5:
-        actual = md5_of(inp.path)
-        if actual != inp.md5:
-            notes.append(f"md5 mismatch: _MD5SUM.txt says {inp.md5}, file has {actual}")
     meta = {"stellar.table": table_name, "stellar.source_file": inp.source_file,
             "stellar.provenance": json.dumps(res.provenance, sort_keys=True, default=str)}
     good = pa.concat_tables(goods) if goods else None
+    mismatch = ctx.md5_mismatch.get(inp.source_file)
+    if mismatch and good is not None and good.num_rows:  # a file that is not what the archive wrote: no row trusted
+        quars.append(quarantine_rows(table_name, inp.source_file, good["source_line"].to_pylist(),
+                                     good["source_id"].to_pylist(), [mismatch] * good.num_rows))
+        good = None
+    if mismatch and task.chunk == 0:
+        notes.append(f"{mismatch}: its rows are quarantined")
     quar = pa.concat_tables(quars).cast(QUARANTINE_SCHEMA) if quars else QUARANTINE_SCHEMA.empty_table()
     parts = _write_partitioned(good, table_name, ctx, task.key, task.chunk, meta) if good is not None else []
     parts += _write_partitioned(quar, "quarantine", ctx, f"{task.key}", task.chunk,
@@ -368,10 +411,15 @@ def _ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None, map
     for inp in unchanged:
         for rel in prev_files[inp.source_file]["parts"]:
             store.link_part(prev_version, rel, version)
+    # Checksums, in parallel before parsing: a file whose md5 is not the listed one has every row quarantined
+    checked = [i for i in todo if cfg.verify_md5 and i.md5]
+    actual = list(mapper(lambda i: md5_of(i.path), checked)) if checked else []
+    md5_mismatch = {i.source_file: f"file: md5 mismatch (_MD5SUM.txt says {i.md5}, the file has {a})"
+                    for i, a in zip(checked, actual) if a != i.md5}
     ctx = TaskContext(cfg.healpix_order, {"rvs": rvs_product(instrument.n_pixels),
                                           "xp": xp_product(cfg.keep_xp_correlations),
                                           "astrometry": astrometry_product(cfg.astrometry_columns)},
-                      instrument.wave, conf_dir, str(vdir), cfg.verify_md5)
+                      instrument.wave, conf_dir, str(vdir), cfg.verify_md5, md5_mismatch)
     done = done_results(vdir)
     results = [done[task_id(t)] for t in tasks if task_id(t) in done]
     pending = [t for t in tasks if task_id(t) not in done]
@@ -405,6 +453,17 @@ def _ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None, map
                 files[owner]["parts"].append(rel)
 
     summary = account(vdir, files)
+    checks = checksum_listing(cfg)
+    checks["mismatched"] = sorted(md5_mismatch)
+    summary["checksums"] = checks
+    for key, what in (("no_md5sum", "bulk folders without _MD5SUM.txt (nothing verified there)"),
+                      ("listed_missing", "files listed in _MD5SUM.txt but not on disk"),
+                      ("unlisted", "data files not listed in _MD5SUM.txt (not verified)"),
+                      ("mismatched", "files whose md5 is not the listed one (rows quarantined)"),
+                      ("ignored", "names ignored as not data files")):
+        if checks[key]:
+            shown = ", ".join(checks[key][:3]) + (f" and {len(checks[key]) - 3} more" if len(checks[key]) > 3 else "")
+            print(f"stellar ingest: warning: {len(checks[key])} {what}: {shown}", file=sys.stderr)
     summary.update({"version": version, "previous_version": prev_version, "reused_files": len(unchanged),
                     "parsed_files": len(todo), "tasks": len(tasks), "cleaned": cleaned,
                     "resumed": resumed, "tasks_resumed": len(tasks) - len(pending),
