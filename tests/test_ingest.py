@@ -109,13 +109,17 @@ def test_bad_input_corpus_quarantined_with_reasons(tmp_path, survey, rvs_instrum
     d[10] = edit(d[10], 4, lambda s: "[1e39" + s[s.index(","):])                # beyond float32 in the flux
     d[11] = edit(d[11], 4, lambda s: "[inf" + s[s.index(","):])                 # inf in the flux
     d[12] = edit(d[12], 2, lambda s: "inf")                                      # ra = inf
+    d[13] = edit(d[13], 1, lambda s: "9300000000000000000")                      # beyond int64
+    plus_id = int(next(csv.reader([d[14]]))[1])
+    d[14] = edit(edit(d[14], 1, lambda s: "+" + s), 0, lambda s: "+" + s)       # '+5' is valid text: kept
     write_gz(edit_file, head + d)
     expected = {first + 1: "flux: 2400 values, expected 2401", first + 2: "flux: unparseable number in array",
                 first + 3: "source_id: missing", first + 5: "source_id: duplicate",
                 first + 6: "flux: all NaN", first + 7: "wrong number of fields", first + 8: "ra: unparseable number",
                 first + 9: "source_id: at or above 6917529027641081856, beyond Gaia's range",
                 first + 10: "flux: infinite value (inf, or beyond float32)",
-                first + 11: "flux: infinite value", first + 12: "ra: infinite value"}
+                first + 11: "flux: infinite value", first + 12: "ra: infinite value",
+                first + 13: "source_id: integer beyond the range of int64"}
 
     raw = trunc_file.read_bytes()
     trunc_file.write_bytes(raw[: int(len(raw) * 0.6)])  # truncated gzip stream
@@ -155,6 +159,7 @@ def test_bad_input_corpus_quarantined_with_reasons(tmp_path, survey, rvs_instrum
     rvs = read_table(tmp_path / "tables", "rvs")
     assert rvs.num_rows == s["tables"]["rvs"]["written"]
     assert pc.count_distinct(rvs["source_id"]).as_py() == rvs.num_rows
+    assert plus_id in set(rvs["source_id"].to_pylist())  # the row with '+' integers was read, not dropped
 
 
 def test_a_byte_order_mark_is_not_damage(tmp_path, survey, rvs_instrument):

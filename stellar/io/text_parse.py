@@ -59,15 +59,25 @@ def parse_scalar(text: pa.Array, target: pa.DataType, column: str) -> tuple[pa.A
     ok = pc.match_substring_regex(text, pattern)
     bad = pc.and_(pc.invert(null), pc.invert(pc.fill_null(ok, False)))
     clean = pc.if_else(pc.or_(null, bad), pa.scalar(None, pa.string()), text)
-    try:
-        values = pc.cast(clean, target)
-    except pa.ArrowInvalid:  # out of range for the integer type
-        wide = pc.cast(clean, pa.float64())
-        info = np.iinfo(target.to_pandas_dtype())
-        out_of_range = pc.fill_null(pc.or_(pc.less(wide, info.min), pc.greater(wide, info.max)), False)
-        bad = pc.or_(bad, out_of_range)
-        values = pc.cast(pc.if_else(out_of_range, pa.scalar(None, pa.string()), clean), target)
-    return values, _problem(bad, f"{column}: unparseable number")
+    if not pa.types.is_integer(target):
+        return pc.cast(clean, target), _problem(bad, f"{column}: unparseable number")
+    # Integers: a leading '+' is valid text ('+5'), which Arrow's cast refuses; the range is decided on
+    # the digits themselves (a float64 round trip cannot tell 2**63 - 1 from 2**63), so one value beyond
+    # the type is that row's problem, never an exception for the whole batch.
+    clean = pc.replace_substring_regex(clean, r"^\+", "")
+    negative = pc.fill_null(pc.starts_with(clean, "-"), False)
+    digits = pc.replace_substring_regex(clean, r"^-?0*", "")
+    n = pc.utf8_length(digits)
+    info = np.iinfo(target.to_pandas_dtype())
+
+    def beyond(limit: str) -> pa.Array:
+        return pc.or_(pc.greater(n, len(limit)), pc.and_(pc.equal(n, len(limit)), pc.greater(digits, limit)))
+
+    out_of_range = pc.fill_null(pc.if_else(negative, beyond(str(-int(info.min))), beyond(str(int(info.max)))), False)
+    values = pc.cast(pc.if_else(out_of_range, pa.scalar(None, pa.string()), clean), target)
+    problem = pc.coalesce(_problem(out_of_range, f"{column}: integer beyond the range of {target}"),
+                          _problem(bad, f"{column}: unparseable number"))
+    return values, problem
 
 
 def parse_array(text: pa.Array, value_type: pa.DataType, column: str,
