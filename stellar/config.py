@@ -181,6 +181,10 @@ class IngestConfig(StrictModel):
     # Above this share of quarantined rows (over all inputs) the run fails and commits nothing.
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
     verify_md5: bool = True
+    # Input files that may be lost whole: a file that cannot be read at all (not FITS, no table, no id
+    # column, a label catalogue without a column its preset maps) fails the run unless listed here by
+    # its name or path; listed, it is counted and quarantined as one file-level row and the run goes on.
+    allow_unreadable: list[str] = Field(default_factory=list)
     output_dir: str = "{work_dir}/tables"
 
     @field_validator("astrometry_columns")

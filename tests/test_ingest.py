@@ -215,6 +215,41 @@ def test_checksums_are_never_silent(tmp_path, survey, rvs_instrument, capsys):
     assert s["rows_in"] == s["written"] + s["quarantined"] and s["tables"]["rvs"]["written"] == 800 - len(data)
 
 
+@pytest.mark.parametrize("damage", ["not_fits", "no_teff"])
+def test_an_unreadable_label_catalogue_fails_the_run_unless_allowed(tmp_path, survey, rvs_instrument, damage):
+    """A label catalogue that is not FITS, or lacks a column its preset maps for a label the run needs
+    (TEFF), is not a 'one row' loss: the run fails with one line naming the file and why, commits
+    nothing, and goes on only when ingest.allow_unreadable names the file."""
+    from astropy.io import fits
+
+    root = tmp_path / "gaia"
+    shutil.copytree(survey, root)
+    lab = root / "labels" / "allStar-synth.fits"
+    n_rows = len(fits.getdata(lab, 1))
+    if damage == "not_fits":
+        lab.write_bytes(b"SIMPLE  = this is not a FITS file" * 10)
+    else:
+        with fits.open(lab) as hdul:
+            cols = [c for c in hdul[1].columns if c.name != "TEFF"]
+            fits.BinTableHDU.from_columns(cols).writeto(lab, overwrite=True)
+    cfg = ingest_cfg(tmp_path, root)
+    with pytest.raises(StellarError) as err:
+        ingest(cfg.ingest, rvs_instrument, cfg.conf_dir)
+    msg = str(err.value)
+    assert msg.startswith("1 input file could not be read at all: labels:allStar-synth.fits: file unreadable: ")
+    assert "Nothing was committed" in msg and "ingest.allow_unreadable" in msg and "\n" not in msg
+    if damage == "no_teff":
+        assert "lacks the column TEFF that preset apogee_dr17 maps" in msg
+    assert TableStore(tmp_path / "tables").current_version() is None
+    allowed = ingest_cfg(tmp_path, root, **{"ingest.allow_unreadable": "[allStar-synth.fits]",
+                                            "ingest.max_bad_fraction": 1.0})
+    s = ingest(allowed.ingest, rvs_instrument, allowed.conf_dir)
+    f = s["per_file"]["labels:allStar-synth.fits"]
+    # a FITS table's rows are known: one quarantine row each; a file that is not FITS: one file-level row
+    assert f["written"] == 0 and f["quarantined"] == f["rows_in"] == (n_rows if damage == "no_teff" else 1)
+    assert s["tables"]["rvs"]["written"] == 800 and s["rows_in"] == s["written"] + s["quarantined"]
+
+
 def test_too_many_bad_rows_fail_and_commit_nothing(tmp_path, survey, rvs_instrument, capsys):
     root = tmp_path / "gaia"
     shutil.copytree(survey, root)

@@ -52,7 +52,18 @@ def labels_schema() -> pa.Schema:
     return pa.schema(fields)
 
 
-def read_label_fits(inp: InputFile, preset: CataloguePreset) -> ReadResult:
+class UnreadableInput(Exception):
+    """A file that holds rows but cannot be read as its kind: ``rows`` is how many it holds."""
+
+    def __init__(self, reason: str, rows: int):
+        super().__init__(reason)
+        self.rows = rows
+
+
+def read_label_fits(inp: InputFile, preset: CataloguePreset, required: tuple[str, ...] = ()) -> ReadResult:
+    """A label catalogue's rows in the canonical columns. ``required``: the canonical labels the run
+    needs (the instrument's); a catalogue without a column its preset maps for one of them is
+    unreadable (:class:`UnreadableInput`), not a table of nulls."""
     from astropy.io import fits
 
     res = ReadResult()
@@ -70,9 +81,11 @@ def read_label_fits(inp: InputFile, preset: CataloguePreset) -> ReadResult:
 
         sid_raw = col(preset.source_id)
         if sid_raw is None:
-            res.quarantine = [(None, None, f"header: catalogue has no {preset.source_id} column ({n} rows)")]
-            res.rows_in = 1
-            return res
+            raise UnreadableInput(f"catalogue has no {preset.source_id} column ({n} rows)", n)
+        missing = sorted({preset.labels[k] for k in required if preset.labels.get(k) and col(preset.labels[k]) is None})
+        if missing:
+            raise UnreadableInput(f"catalogue lacks the column{'s' if len(missing) > 1 else ''} "
+                                  f"{', '.join(missing)} that preset {preset.name} maps ({n} rows)", n)
         cols: dict[str, pa.Array] = {"source_id": pa.array(sid_raw.astype(np.int64))}
         cols["catalogue"] = pa.array([preset.name] * n, pa.string())
         cid = col(preset.catalogue_id)

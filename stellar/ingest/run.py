@@ -209,12 +209,13 @@ class TaskContext:
     verify_md5: bool
     # source_file -> why its checksum failed: every row it holds goes to quarantine with that reason
     md5_mismatch: dict[str, str] = field(default_factory=dict)
+    labels: tuple[str, ...] = ()  # the canonical labels the run needs from a label catalogue
 
 
 def _read(task: IngestTask, ctx: TaskContext) -> ReadResult:
     inp = task.input
     if inp.product == "labels":
-        return label_io.read_label_fits(inp, label_io.load_catalogue(inp.catalogue, ctx.conf_dir))
+        return label_io.read_label_fits(inp, label_io.load_catalogue(inp.catalogue, ctx.conf_dir), ctx.labels)
     product = ctx.products[inp.product]
     if inp.fmt == "ecsv":
         return read_ecsv(inp, product, task.start, task.end)
@@ -250,10 +251,16 @@ def run_task(task: IngestTask, ctx: TaskContext) -> dict:
     """Parse one (file, chunk), write its parts; returns counts and provenance."""
     t0 = time.perf_counter()
     inp = task.input
+    unreadable = None
     try:
         res = _read(task, ctx)
-    except Exception as exc:  # noqa: BLE001 - an unreadable file is quarantined, not fatal
-        res = ReadResult(rows_in=1, quarantine=[(None, None, f"file unreadable: {type(exc).__name__}: {exc}")])
+    except label_io.UnreadableInput as exc:  # its rows are known: one quarantine row each, counts exact
+        unreadable = f"file unreadable: {exc}"
+        n = max(1, exc.rows)
+        res = ReadResult(rows_in=n, quarantine=[(i, None, unreadable) for i in range(1, n + 1)])
+    except Exception as exc:  # noqa: BLE001 - the run decides (ingest.allow_unreadable); never a traceback
+        unreadable = f"file unreadable: {type(exc).__name__}: {exc}"
+        res = ReadResult(rows_in=1, quarantine=[(None, None, unreadable)])
     table_name = inp.product
     goods, quars = [], []
     for b in res.batches:
@@ -284,9 +291,16 @@ def run_task(task: IngestTask, ctx: TaskContext) -> dict:
     result = {"source_file": inp.source_file, "chunk": task.chunk, "rows_in": res.rows_in,
               "written": 0 if good is None else good.num_rows, "quarantined": quar.num_rows, "parts": parts,
               "notes": notes, "provenance": json.loads(json.dumps(res.provenance, default=str)),
-              "seconds": time.perf_counter() - t0}
+              "unreadable": unreadable, "seconds": time.perf_counter() - t0}
     mark_done(ctx.version_dir, task_id(task), result)  # its parts are in place: a rerun may skip it
     return result
+
+
+def _allowed(source_file: str, allowed: list[str]) -> bool:
+    """Whether ``ingest.allow_unreadable`` names this input: its source_file, or a path or name with
+    the same file name."""
+    name = Path(source_file.split(":", 1)[-1]).name
+    return any(a == source_file or Path(a).name == name for a in allowed)
 
 
 def task_id(task: IngestTask) -> str:
@@ -419,11 +433,18 @@ def _ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None, map
     ctx = TaskContext(cfg.healpix_order, {"rvs": rvs_product(instrument.n_pixels),
                                           "xp": xp_product(cfg.keep_xp_correlations),
                                           "astrometry": astrometry_product(cfg.astrometry_columns)},
-                      instrument.wave, conf_dir, str(vdir), cfg.verify_md5, md5_mismatch)
+                      instrument.wave, conf_dir, str(vdir), cfg.verify_md5, md5_mismatch, tuple(instrument.labels))
     done = done_results(vdir)
     results = [done[task_id(t)] for t in tasks if task_id(t) in done]
     pending = [t for t in tasks if task_id(t) not in done]
     results += list(mapper(lambda t: run_task(t, ctx), pending))
+    lost = sorted({(r["source_file"], r["unreadable"]) for r in results if r.get("unreadable")
+                   and not _allowed(r["source_file"], cfg.allow_unreadable)})
+    if lost:
+        raise IngestError(f"{len(lost)} input file{'s' if len(lost) > 1 else ''} could not be read at all: "
+                          + "; ".join(f"{f}: {why}" for f, why in lost[:3])
+                          + (f"; and {len(lost) - 3} more" if len(lost) > 3 else "")
+                          + ". Nothing was committed; list a file in ingest.allow_unreadable to go on without it")
     store.seal(version)  # duplicate resolution rewrites parts in place: no resuming past this point
 
     # Per-file bookkeeping (rows in, parts) from this run and carried over from the last one.
