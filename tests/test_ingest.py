@@ -250,6 +250,41 @@ def test_an_unreadable_label_catalogue_fails_the_run_unless_allowed(tmp_path, su
     assert s["tables"]["rvs"]["written"] == 800 and s["rows_in"] == s["written"] + s["quarantined"]
 
 
+def test_a_gaia_source_export_with_only_the_needed_columns_ingests(tmp_path, survey, rvs_instrument):
+    """An archive query returns only the gaia_source columns it was asked for: every row is kept, the
+    absent optional columns are null, and the file's notes name them (they had been 'required', and every
+    row was quarantined)."""
+    from stellar.synth.survey import SOURCE_DIR
+
+    root = tmp_path / "gaia"
+    shutil.copytree(survey, root)
+    (root / SOURCE_DIR / "_MD5SUM.txt").unlink()
+    drop = ["l", "b", "pmra", "pmdec", "grvs_mag", "radial_velocity", "vbroad"]
+    for path in sorted((root / SOURCE_DIR).glob("GaiaSource_*.csv.gz")):
+        head, data = split_gz(path)
+        names = head[-1].rstrip("\n").split(",")
+        keep = [i for i, name in enumerate(names) if name not in drop]
+        yaml_lines, out, skip = head[:-1], [], False
+        for ln in yaml_lines:  # drop the columns' datatype entries (name line and its indented keys)
+            if ln.startswith("# - name: "):
+                skip = ln[len("# - name: "):].strip() in drop
+            elif not ln.startswith("#   "):
+                skip = False
+            if not skip:
+                out.append(ln)
+        rows = [",".join(r[i] for i in keep) + "\n" for r in csv.reader(data)]
+        assert len(rows) == len(data)
+        write_gz(path, out + [",".join(names[i] for i in keep) + "\n"] + rows)
+    cfg = ingest_cfg(tmp_path, root)
+    s = ingest(cfg.ingest, rvs_instrument, cfg.conf_dir)
+    assert s["tables"]["astrometry"]["written"] == 800 and s["tables"]["astrometry"]["quarantined"] == 0
+    notes = [n for k, f in s["per_file"].items() if k.startswith(f"gaia:{SOURCE_DIR}/") for n in f["notes"]]
+    assert notes and all(n == "optional columns absent (null): " + ", ".join(
+        c for c in cfg.ingest.astrometry_columns if c in drop) for n in notes), notes
+    ast = read_table(tmp_path / "tables", "astrometry")
+    assert ast["pmra"].null_count == ast.num_rows and ast["parallax"].null_count < ast.num_rows
+
+
 def test_too_many_bad_rows_fail_and_commit_nothing(tmp_path, survey, rvs_instrument, capsys):
     root = tmp_path / "gaia"
     shutil.copytree(survey, root)

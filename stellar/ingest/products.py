@@ -62,9 +62,16 @@ def xp_product(keep_correlations: bool) -> Product:
                    ("source_id", "bp_coefficients", "rp_coefficients"), lengths)
 
 
+# The gaia_source columns later stages cannot do without (preprocess's photometry and parallax features);
+# the other configured ones (ingest.astrometry_columns) are kept where a file has them and null where not,
+# so an archive query with only the needed columns ingests (the run summary's notes name what was absent).
+ASTROMETRY_REQUIRED = ("source_id", "parallax", "parallax_error", "phot_g_mean_mag", "phot_bp_mean_mag",
+                       "phot_rp_mean_mag")
+
+
 def astrometry_product(columns: list[str]) -> Product:
     cols = ["source_id"] + [c for c in columns if c != "source_id"]
-    return Product("astrometry", "gaia_source", tuple(cols), tuple(cols), ())
+    return Product("astrometry", "gaia_source", tuple(cols), tuple(c for c in cols if c in ASTROMETRY_REQUIRED), ())
 
 
 def output_schema(product: Product) -> pa.Schema:

@@ -149,6 +149,9 @@ def read_ecsv(inp: InputFile, product: Product, start: int = 0, end: int | None 
         return res
     if start == 0:
         res.provenance = {"ecsv_meta": header.meta}
+        absent = [c for c in product.columns if c not in header.names]
+        if absent:  # optional columns the file does not have: null in the table, said in the summary
+            res.notes.append(f"optional columns absent (null): {', '.join(absent)}")
     include = [c for c in product.columns if c in header.names]
     solutions: set = set()
     for chunk in gaia_ecsv.iter_chunks(inp.path, header, start, end):
