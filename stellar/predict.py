@@ -262,6 +262,7 @@ def predict(cfg: StellarConfig, bundle: ModelBundle | None = None, spark=None) -
     with TableStore(cfg.predict.output_dir).writing("predict"):
         return _predict(cfg, bundle, spark)
 
+
 def _predict(cfg: StellarConfig, bundle: ModelBundle | None, spark) -> dict:
     t0 = time.perf_counter()
     fstore, fversion = _features_version(cfg.preprocess.output_dir)

@@ -265,6 +265,7 @@ def preprocess(cfg: PreprocessConfig, instrument: Instrument, tables_root: str, 
     with TableStore(cfg.output_dir).writing("preprocess"):
         return _preprocess(cfg, instrument, tables_root, mapper)
 
+
 def _preprocess(cfg: PreprocessConfig, instrument: Instrument, tables_root: str, mapper) -> dict:
     from stellar.ingest.run import local_map
 

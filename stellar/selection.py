@@ -214,6 +214,7 @@ def select(cfg: SelectConfig, features_root: str, mapper=None) -> dict:
     with TableStore(cfg.output_dir).writing("select"):
         return _select(cfg, features_root, mapper)
 
+
 def _select(cfg: SelectConfig, features_root: str, mapper) -> dict:
     from stellar.ingest.run import local_map, share
 

@@ -348,17 +348,27 @@ def test_chunked_parsing_gives_the_same_rows(tmp_path, survey, rvs_instrument):
         assert same_table(ta, tb), table
 
 
+def cli_ingest(tmp_path: Path, survey: Path) -> tuple[list[str], list[str]]:
+    """`stellar ingest` of the survey in a subprocess (append the output folder), and its overrides."""
+    sets = ["--set", f"work_dir={tmp_path}", "--set", f"ingest.labels=[{{path: {survey / 'labels' / 'allStar-synth.fits'}}}]",
+            "--set", "ingest.chunk_mb=1"]
+    return [sys.executable, "-m", "stellar.cli", "ingest", "--no-spark", "--gaia-root", str(survey), "--output"], sets
+
+
+def wait_for_done_markers(vdir: Path, n: int, timeout: float = 120) -> None:
+    """Until a running ingest has finished ``n`` tasks in its uncommitted version ``vdir``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (vdir.is_dir() and len(list(vdir.glob("_done/*.json"))) >= n):
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_killed_run_leaves_nothing_visible_and_rerun_matches(tmp_path, survey):
     """SIGKILL the ingest process mid-run; the rerun equals a clean run, byte for byte."""
-    sets = ["--set", f"work_dir={tmp_path}", "--set", f"ingest.labels=[{{path: {survey / 'labels' / 'allStar-synth.fits'}}}]",
-            "--set", "ingest.chunk_mb=1"]
-    cmd = [sys.executable, "-m", "stellar.cli", "ingest", "--no-spark", "--gaia-root", str(survey), "--output"]
+    cmd, sets = cli_ingest(tmp_path, survey)
     proc = subprocess.Popen(cmd + [str(tmp_path / "tables")] + sets, cwd=ROOT)
     vdir = tmp_path / "tables" / "v000001"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (vdir.is_dir() and len(list(vdir.glob("_done/*.json"))) >= 2):
-        time.sleep(0.02)
+    wait_for_done_markers(vdir, 2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert len(list(vdir.glob("_done/*.json"))) >= 2  # it was killed mid-run...
@@ -396,14 +406,9 @@ def test_two_ingests_at_once_one_refuses(tmp_path, survey):
     """Two `stellar ingest` processes on one store: the second refuses (exit 2, one line naming the
     first's pid) while the first runs; the first commits a store equal to a clean run's, and the next
     ingest succeeds (nothing to do)."""
-    sets = ["--set", f"work_dir={tmp_path}", "--set", f"ingest.labels=[{{path: {survey / 'labels' / 'allStar-synth.fits'}}}]",
-            "--set", "ingest.chunk_mb=1"]
-    cmd = [sys.executable, "-m", "stellar.cli", "ingest", "--no-spark", "--gaia-root", str(survey), "--output"]
+    cmd, sets = cli_ingest(tmp_path, survey)
     first = subprocess.Popen(cmd + [str(tmp_path / "tables")] + sets, cwd=ROOT)
-    vdir = tmp_path / "tables" / "v000001"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (vdir.is_dir() and list(vdir.glob("_done/*.json"))):
-        time.sleep(0.01)
+    wait_for_done_markers(tmp_path / "tables" / "v000001", 1)
     second = subprocess.run(cmd + [str(tmp_path / "tables")] + sets, cwd=ROOT, capture_output=True, text=True)
     still_running = first.poll() is None
     assert first.wait(timeout=300) == 0

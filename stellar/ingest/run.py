@@ -206,7 +206,6 @@ class TaskContext:
     wave: np.ndarray
     conf_dir: str | None
     version_dir: str
-    verify_md5: bool
     # source_file -> why its checksum failed: every row it holds goes to quarantine with that reason
     md5_mismatch: dict[str, str] = field(default_factory=dict)
     labels: tuple[str, ...] = ()  # the canonical labels the run needs from a label catalogue
@@ -382,6 +381,7 @@ def ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None = Non
     with TableStore(cfg.output_dir).writing("ingest"):
         return _ingest(cfg, instrument, conf_dir, mapper)
 
+
 def _ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None, mapper: Runner | None) -> dict:
     t0 = time.perf_counter()
     mapper = mapper or local_map
@@ -433,7 +433,7 @@ def _ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None, map
     ctx = TaskContext(cfg.healpix_order, {"rvs": rvs_product(instrument.n_pixels),
                                           "xp": xp_product(cfg.keep_xp_correlations),
                                           "astrometry": astrometry_product(cfg.astrometry_columns)},
-                      instrument.wave, conf_dir, str(vdir), cfg.verify_md5, md5_mismatch, tuple(instrument.labels))
+                      instrument.wave, conf_dir, str(vdir), md5_mismatch, tuple(instrument.labels))
     done = done_results(vdir)
     results = [done[task_id(t)] for t in tasks if task_id(t) in done]
     pending = [t for t in tasks if task_id(t) not in done]
