@@ -16,7 +16,7 @@ from pathlib import Path
 from stellar import __version__
 from stellar.config import StellarConfig, load_config
 from stellar.errors import StellarError
-from stellar.tracking import MLFLOW_STAGES, check_tracking
+from stellar.tracking import MLFLOW_STAGES, MLFLOW_WRITERS, check_tracking
 
 DEFAULT_CONFIG = Path("conf/local.yaml")
 
@@ -429,7 +429,7 @@ def cmd_pipeline(cfg: StellarConfig, args: argparse.Namespace) -> int:
     only = [x.strip() for item in (args.only or []) for x in item.split(",") if x.strip()]
     stages = choose_stages(cfg, args.start, only)
     if MLFLOW_STAGES & set(stages):
-        check_tracking(cfg.mlflow.tracking_uri)
+        check_tracking(cfg.mlflow.tracking_uri, write=bool(MLFLOW_WRITERS & set(stages)))
     t0 = time.perf_counter()
     print(f"[pipeline] stages: {' -> '.join(stages)} (work folder {cfg.work_dir})", flush=True)
 
@@ -469,11 +469,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = _load(args)
         if args.command in MLFLOW_STAGES:
-            check_tracking(cfg.mlflow.tracking_uri)  # before any work, so a dead server costs seconds
+            # before any work, so a dead server or a read-only store costs seconds
+            check_tracking(cfg.mlflow.tracking_uri, write=args.command in MLFLOW_WRITERS)
         return COMMANDS[args.command](cfg, args)
     except StellarError as exc:
         print(f"stellar: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a read-only, missing or full folder: one line naming the path, not a traceback
+        print(f"stellar: error: {_os_error_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _os_error_line(exc: OSError) -> str:
+    import errno
+
+    path = exc.filename if exc.filename is not None else ""
+    hint = {errno.EACCES: "permission denied (a read-only folder? check work_dir and the output paths)",
+            errno.EPERM: "operation not permitted (a read-only folder? check work_dir and the output paths)",
+            errno.EROFS: "read-only file system (point work_dir at a writable folder)",
+            errno.ENOSPC: "no space left on the device",
+            errno.ENOENT: "no such file or folder",
+            errno.ENOTDIR: "a path component is a file, not a folder",
+            errno.EISDIR: "is a folder, expected a file"}.get(exc.errno, exc.strerror or str(exc))
+    return f"{path}: {hint}" if path else hint
 
 
 if __name__ == "__main__":

@@ -104,10 +104,40 @@ class TableStore:
         return json.loads((self.root / v / MANIFEST).read_text())
 
     def table_path(self, table: str, version: str | None = None) -> Path:
+        """The folder of ``table`` in the committed (or given) version, checked once per process
+        against its manifest's part list (``verify``): dataset readers read whatever a folder holds."""
         v = version or self.current_version()
         if v is None:
             raise FileNotFoundError(f"no committed tables under {self.root} (run 'stellar ingest' first)")
+        key = (str(self.root.resolve()), v)
+        if key not in _VERIFIED:
+            problems = self.verify(v)
+            if problems:
+                raise StoreDamagedError(f"table store {self.root / v} does not match its manifest: "
+                                        + "; ".join(problems[:3])
+                                        + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""))
+            _VERIFIED.add(key)
         return self.root / v / table
+
+    def verify(self, version: str | None = None) -> list[str]:
+        """What is wrong with a committed version: parts its manifest lists that are missing or of
+        another size, and parts on disk it does not list. Empty when whole (or when the manifest is
+        older than part lists)."""
+        v = version or self.current_version()
+        if v is None:
+            return []
+        try:
+            listed = json.loads((self.root / v / MANIFEST).read_text()).get("parts")
+        except (OSError, ValueError) as exc:
+            return [f"manifest unreadable ({exc})"]
+        if listed is None:
+            return []
+        on_disk = _part_sizes(self.root / v)
+        problems = [f"{rel}: listed, missing" for rel in sorted(set(listed) - set(on_disk))]
+        problems += [f"{rel}: {on_disk[rel]} bytes, manifest says {listed[rel]}" for rel in sorted(listed)
+                     if rel in on_disk and on_disk[rel] != listed[rel]]
+        problems += [f"{rel}: on disk, not in the manifest" for rel in sorted(set(on_disk) - set(listed))]
+        return problems
 
     # -- a run -------------------------------------------------------------
     def committed_with(self, digest: str) -> dict | None:
@@ -179,6 +209,18 @@ class TableStore:
             shutil.copy2(src, dst)
 
     def commit(self, version: str, manifest: dict, keep: int = 2) -> None:
+        """Record every part the version holds (with its size) in its manifest, then switch the
+        pointer. A stage that lists its parts per input (ingest's ``files[*].parts``) must list
+        exactly what is on disk: a part written but not accounted for refuses the commit."""
+        sizes = _part_sizes(self.root / version)
+        declared = manifest.get("files")
+        if isinstance(declared, dict) and all(isinstance(f, dict) and "parts" in f for f in declared.values()):
+            named = {rel for f in declared.values() for rel in f["parts"]}
+            extra, missing = sorted(set(sizes) - named), sorted(named - set(sizes))
+            if extra or missing:
+                raise StoreDamagedError(f"version {version} not committed: parts on disk that no input accounts "
+                                        f"for {extra[:3]}, parts accounted for but missing {missing[:3]}")
+        manifest = {**manifest, "parts": sizes}
         _write_json(self.root / version / MANIFEST, manifest)
         _write_json(self.root / POINTER, {"version": version, "schema_version": SCHEMA_VERSION})  # the switch
         self._prune(keep)
@@ -189,6 +231,23 @@ class TableStore:
         for name in versions[:-keep] if keep > 0 else versions:
             if name != current:
                 shutil.rmtree(self.root / name)
+
+
+class StoreDamagedError(StellarError):
+    """A committed version's folder and its manifest disagree (a part missing, changed or added)."""
+
+
+_VERIFIED: set[tuple[str, str]] = set()  # (store root, version) checked by table_path in this process
+
+
+def _part_sizes(vdir: Path) -> dict[str, int]:
+    """Relative path -> size of every Parquet part under a version folder (not temporary files)."""
+    out = {}
+    for p in vdir.rglob("*.parquet"):
+        rel = p.relative_to(vdir)
+        if not any(part.startswith((".", "_")) for part in rel.parts):
+            out[rel.as_posix()] = p.stat().st_size
+    return out
 
 
 def _read_holder(fd: int) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from stellar.errors import StellarError
 
 MLFLOW_STAGES = frozenset({"train", "promote", "predict", "report"})
+MLFLOW_WRITERS = frozenset({"train", "promote"})  # stages that write runs, versions or aliases
 
 
 class TrackingError(StellarError):
@@ -58,9 +59,10 @@ def is_server(uri: str) -> bool:
     return urllib.parse.urlsplit(uri).scheme in ("http", "https")
 
 
-def check_tracking(uri: str, timeout: float = 10.0) -> None:
+def check_tracking(uri: str, timeout: float = 10.0, write: bool = False) -> None:
     """Raise TrackingError unless the tracking store can be reached (server: its /health answers OK;
-    SQLite: its folder exists or can be created)."""
+    SQLite: its folder exists or can be created, and with ``write`` the database and its folder are
+    writable, so a read-only work folder fails in one line before any training, not in SQLAlchemy)."""
     scheme = urllib.parse.urlsplit(uri).scheme
     if is_server(uri):
         url = uri.rstrip("/") + "/health"
@@ -84,5 +86,10 @@ def check_tracking(uri: str, timeout: float = 10.0) -> None:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise TrackingError(f"MLflow store {uri}: cannot create its folder ({exc}); nothing was run") from None
+        if write:
+            for target in (db, db.parent):  # SQLite writes a journal beside the database
+                if target.exists() and not os.access(target, os.W_OK):
+                    raise TrackingError(f"MLflow store {uri}: {target} is not writable (a read-only folder?); "
+                                        "nothing was run") from None
     elif scheme not in ("", "file", "databricks", "postgresql", "mysql", "mssql"):
         raise TrackingError(f"mlflow.tracking_uri {redact(uri)!r}: unsupported scheme {scheme!r}")

@@ -11,6 +11,8 @@ preprocess stage's, driven by configuration).
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
@@ -60,6 +62,34 @@ class UnreadableInput(Exception):
         self.rows = rows
 
 
+def _table_rows(path: str, hdu) -> tuple[dict[str, np.ndarray], int, int]:
+    """(column name -> values, rows read, rows its header declares that the file does not hold).
+
+    astropy refuses a table whose data is cut short; its fixed-width rows before the cut are read
+    here straight from the bytes (NAXIS1 each, TSCAL/TZERO applied), so a truncated download keeps
+    them."""
+    names = list(hdu.columns.names)
+    try:
+        data = hdu.data
+        n = 0 if data is None else len(data)
+        return ({c: np.asarray(data[c]) for c in names} if n else {}), n, 0
+    except (ValueError, OSError, TypeError):
+        pass
+    declared, width = int(hdu.header["NAXIS2"]), int(hdu.header["NAXIS1"])
+    offset = hdu._data_offset  # where its data starts in the file (astropy exposes no public name)
+    complete = max(0, min(declared, (Path(path).stat().st_size - offset) // width)) if width else 0
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        raw = np.frombuffer(fh.read(complete * width), dtype=hdu.columns.dtype.newbyteorder(">"))
+    cols = {}
+    for c in hdu.columns:
+        v = raw[c.name]
+        if c.bscale not in (None, 1) or c.bzero not in (None, 0):
+            v = v * (1 if c.bscale is None else c.bscale) + (0 if c.bzero is None else c.bzero)
+        cols[c.name] = v
+    return cols, complete, declared - complete
+
+
 def read_label_fits(inp: InputFile, preset: CataloguePreset, required: tuple[str, ...] = ()) -> ReadResult:
     """A label catalogue's rows in the canonical columns. ``required``: the canonical labels the run
     needs (the instrument's); a catalogue without a column its preset maps for one of them is
@@ -68,16 +98,22 @@ def read_label_fits(inp: InputFile, preset: CataloguePreset, required: tuple[str
 
     res = ReadResult()
     with fits.open(inp.path, memmap=False) as hdul:
-        data = hdul[1].data
+        if len(hdul) < 2 or not isinstance(hdul[1], (fits.BinTableHDU, fits.TableHDU)):
+            kinds = ", ".join(type(h).__name__ for h in hdul) or "none"
+            raise UnreadableInput(f"no table in HDU 1 (HDUs: {kinds})", 0)
+        data, n, lost = _table_rows(inp.path, hdul[1])
         lower = {c.lower(): c for c in hdul[1].columns.names}
-        n = 0 if data is None else len(data)
-        res.rows_in = n
+        res.rows_in = n + lost
+        if lost:  # a truncated file: the complete rows are kept, each missing one is quarantined by number
+            res.notes.append(f"table data truncated: {n} of {n + lost} rows (NAXIS2) are in the file")
+            res.quarantine = [(i, None, f"truncated: row {i} of {n + lost} is not in the file")
+                              for i in range(n + 1, n + lost + 1)]
 
         def col(name: str | None):
             if name is None:
                 return None
             real = lower.get(name.lower())
-            return None if real is None else np.asarray(data[real])
+            return None if real is None else (data[real] if n else np.zeros(0))
 
         sid_raw = col(preset.source_id)
         if sid_raw is None:

@@ -53,6 +53,9 @@ class ReadResult:
     rows_in: int = 0
     notes: list[str] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
+    # Why the file's content is known to be wrong somewhere (a gzip CRC-32 mismatch): the run
+    # quarantines every row of the file, in every chunk, as for an md5 mismatch.
+    corrupt: str | None = None
 
 
 def md5_of(path: str) -> str:
@@ -155,14 +158,25 @@ def read_ecsv(inp: InputFile, product: Product, start: int = 0, end: int | None 
     include = [c for c in product.columns if c in header.names]
     solutions: set = set()
     for chunk in gaia_ecsv.iter_chunks(inp.path, header, start, end):
+        if chunk.note:
+            res.notes.append(chunk.note)
         if chunk.damage:
             res.notes.append(f"{chunk.damage} (after line {chunk.first_line - 1})")
             if chunk.partial_line is not None:
                 res.quarantine.append((chunk.first_line, None, f"truncated: incomplete last line ({chunk.damage})"))
                 res.rows_in += 1
+            if chunk.lost_lines:  # undecodable: counted (estimated), not located
+                res.quarantine += [(None, None, f"lost: one of ~{chunk.lost_lines} lines after line "
+                                                f"{chunk.first_line - 1} that could not be decoded ({chunk.damage})")
+                                   ] * chunk.lost_lines
+                res.rows_in += chunk.lost_lines
+            if chunk.corrupt:  # every line was read, but the stream's checksum says some are wrong
+                res.corrupt = chunk.damage
+        if chunk.damage or chunk.note:
             continue
-        table, lines, bad = gaia_ecsv.parse_text_table(chunk, header.names, include)
-        res.rows_in += chunk.n_lines
+        table, lines, bad, notes = gaia_ecsv.parse_text_table(chunk, header.names, include)
+        res.rows_in += len(lines) + len(bad)  # rows, not lines: a row cut by a newline is one
+        res.notes += notes
         res.quarantine += [(ln, None, reason) for ln, reason in bad]
         columns, problems = typed_from_text(table, product)
         res.batches.append(Batch(columns, problems, lines))

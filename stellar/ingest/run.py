@@ -24,7 +24,7 @@ import json
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -276,7 +276,8 @@ def run_task(task: IngestTask, ctx: TaskContext) -> dict:
     meta = {"stellar.table": table_name, "stellar.source_file": inp.source_file,
             "stellar.provenance": json.dumps(res.provenance, sort_keys=True, default=str)}
     good = pa.concat_tables(goods) if goods else None
-    mismatch = ctx.md5_mismatch.get(inp.source_file)
+    corrupt = f"file: {res.corrupt}" if res.corrupt else None
+    mismatch = ctx.md5_mismatch.get(inp.source_file) or corrupt
     if mismatch and good is not None and good.num_rows:  # a file that is not what the archive wrote: no row trusted
         quars.append(quarantine_rows(table_name, inp.source_file, good["source_line"].to_pylist(),
                                      good["source_id"].to_pylist(), [mismatch] * good.num_rows))
@@ -290,9 +291,26 @@ def run_task(task: IngestTask, ctx: TaskContext) -> dict:
     result = {"source_file": inp.source_file, "chunk": task.chunk, "rows_in": res.rows_in,
               "written": 0 if good is None else good.num_rows, "quarantined": quar.num_rows, "parts": parts,
               "notes": notes, "provenance": json.loads(json.dumps(res.provenance, default=str)),
-              "unreadable": unreadable, "seconds": time.perf_counter() - t0}
+              "unreadable": unreadable, "corrupt": corrupt, "seconds": time.perf_counter() - t0}
     mark_done(ctx.version_dir, task_id(task), result)  # its parts are in place: a rerun may skip it
     return result
+
+
+def _requarantine_corrupt(results: list[dict], tasks: list[IngestTask], ctx: TaskContext, mapper: Runner) -> list[dict]:
+    """A gzip file whose checksum fails is found out only by the task that reads to its end; the
+    file's other chunks were parsed as good. Those chunks run again with the file marked, so every
+    row of the file lands in quarantine with the reason (as for an md5 mismatch)."""
+    corrupt = {r["source_file"]: r["corrupt"] for r in results if r.get("corrupt")}
+    stale = [r for r in results if r["source_file"] in corrupt and not r.get("corrupt")]
+    if not stale:
+        return results
+    for r in stale:  # the first attempt's parts: replaced below, and must not linger unlisted
+        for rel in r["parts"]:
+            (Path(ctx.version_dir) / rel).unlink(missing_ok=True)
+    again = {(r["source_file"], r["chunk"]) for r in stale}
+    redo = [t for t in tasks if (t.input.source_file, t.chunk) in again]
+    marked = replace(ctx, md5_mismatch={**ctx.md5_mismatch, **corrupt})
+    return [r for r in results if r not in stale] + list(mapper(lambda t: run_task(t, marked), redo))
 
 
 def _allowed(source_file: str, allowed: list[str]) -> bool:
@@ -438,6 +456,7 @@ def _ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None, map
     results = [done[task_id(t)] for t in tasks if task_id(t) in done]
     pending = [t for t in tasks if task_id(t) not in done]
     results += list(mapper(lambda t: run_task(t, ctx), pending))
+    results = _requarantine_corrupt(results, tasks, ctx, mapper)
     lost = sorted({(r["source_file"], r["unreadable"]) for r in results if r.get("unreadable")
                    and not _allowed(r["source_file"], cfg.allow_unreadable)})
     if lost:

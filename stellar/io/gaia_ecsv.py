@@ -50,6 +50,11 @@ class Chunk:
     n_lines: int
     damage: str | None = None  # set when the stream ended early / was corrupt
     partial_line: bytes | None = None  # the incomplete last line of a truncated stream
+    # data lines in this chunk's range after undecodable damage: estimated from the bytes that could
+    # not be decoded (GzipDamage.remaining) over the mean length of the lines read before it
+    lost_lines: int = 0
+    corrupt: bool = False  # the whole stream decoded but fails its checksum: no line can be trusted
+    note: str | None = None  # something worth saying that lost nothing (trailing bytes after the stream)
 
 
 class HeaderError(ValueError):
@@ -61,23 +66,75 @@ def is_gzip(path: str | Path) -> bool:
         return fh.read(2) == b"\x1f\x8b"
 
 
+class GzipDamage(EOFError):
+    """The gzip stream cannot be decoded past ``at`` (uncompressed bytes delivered before it).
+
+    ``remaining`` estimates the uncompressed bytes that were in the file after the damage (from the
+    gzip trailer's ISIZE where it is believable, else the compression ratio so far): what a reader
+    counts as lost rows. ``corrupt`` means everything was decoded but the member's CRC-32 or size
+    does not match its trailer, so some content is wrong and nowhere can be trusted.
+    """
+
+    def __init__(self, message: str, at: int, remaining: int = 0, corrupt: bool = False):
+        super().__init__(message)
+        self.at, self.remaining, self.corrupt = at, remaining, corrupt
+
+
+_FHCRC, _FEXTRA, _FNAME, _FCOMMENT = 2, 4, 8, 16
+
+
+def _gzip_header_length(buf: bytes) -> int | None:
+    """Length of the gzip member header at the start of ``buf`` (RFC 1952); None if ``buf`` holds
+    only part of it. Raises ValueError for a header that is not gzip/deflate."""
+    if len(buf) < 10:
+        return None
+    if buf[:2] != b"\x1f\x8b" or buf[2] != 8:
+        raise ValueError("not a gzip member header")
+    flags, n = buf[3], 10
+    if flags & _FEXTRA:
+        if len(buf) < n + 2:
+            return None
+        n += 2 + struct.unpack("<H", buf[n:n + 2])[0]
+    for flag in (_FNAME, _FCOMMENT):
+        if flags & flag:
+            end = buf.find(b"\0", n)
+            if end < 0:
+                return None
+            n = end + 1
+    if flags & _FHCRC:
+        n += 2
+    return n if len(buf) >= n else None
+
+
+def _header_or_bad(buf: bytes) -> int | None:
+    """``_gzip_header_length``, with -1 for bytes that are not a member header."""
+    try:
+        return _gzip_header_length(buf)
+    except ValueError:
+        return -1
+
+
 class _GzipStream:
     """Decompressing reader that keeps every byte before damage, decompressing ahead in a thread.
 
-    ``igzip.open().read(n)`` discards the data of a call that hits a truncated
-    stream; decompressing compressed blocks ourselves returns everything up to
-    the damage and only then raises ``EOFError``. Decompression (ISA-L, which
-    releases the GIL) runs in a read-ahead thread so it overlaps with parsing.
-    Multi-member files are read through.
+    ``igzip.open().read(n)`` discards the data of a call that hits a damaged stream; decoding the
+    raw deflate data of each member ourselves (and checking its CRC-32 and size against the trailer
+    ourselves) returns everything up to the damage and only then raises ``GzipDamage``, with what
+    is known about the rest. Decompression (ISA-L, which releases the GIL) runs in a read-ahead
+    thread so it overlaps with parsing. Multi-member files are read through; bytes after the last
+    member that are not another member (zero padding from a copy tool, garbage) are not data: they
+    are reported in ``trailing`` and the stream ends cleanly.
     """
 
     _AHEAD = 8  # decompressed pieces buffered ahead (~1-4 MB each)
+    _READ = 1 << 20
 
     def __init__(self, path: str | Path):
         self._buf = bytearray()
         self._pos = 0  # consumed prefix of _buf (compacted lazily: no memmove per read)
         self._eof = False
         self._error: BaseException | None = None
+        self.trailing: tuple[int, bool] | None = None  # (bytes after the last member, all zero)
         self._queue: queue.Queue = queue.Queue(maxsize=self._AHEAD)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(str(path),), daemon=True)
@@ -95,22 +152,124 @@ class _GzipStream:
     def _produce(self, path: str) -> None:
         try:
             with open(path, "rb") as raw:
-                dec = isal_zlib.decompressobj(wbits=31)
-                while not self._stop.is_set():
-                    comp = raw.read(1 << 20)
-                    if not comp:
-                        self._put(None if dec.eof else EOFError(
-                            "compressed file ended before the end-of-stream marker was reached"))
-                        return
-                    while comp:
-                        if dec.eof:  # next gzip member
-                            dec = isal_zlib.decompressobj(wbits=31)
-                        out = dec.decompress(comp)
-                        comp = dec.unused_data if dec.eof else b""
-                        if out and not self._put(out):
-                            return
+                self._members(raw, Path(path).stat().st_size)
         except BaseException as exc:  # noqa: BLE001 - handed to the reader, raised there after the good data
             self._put(exc)
+
+    def _members(self, raw, file_size: int) -> None:
+        pending = b""  # compressed bytes read but not yet consumed
+        consumed = 0  # compressed bytes consumed before ``pending``
+        delivered = 0  # uncompressed bytes handed on
+        members = 0
+
+        def lost(at_comp: int) -> int:
+            """Uncompressed bytes after compressed offset ``at_comp``, estimated."""
+            rest = max(0, file_size - at_comp)
+            ratio = delivered / max(1, at_comp)
+            guess = int(rest * max(ratio, 1.0))
+            try:
+                with open(raw.name, "rb") as fh:
+                    fh.seek(-4, 2)
+                    isize = struct.unpack("<I", fh.read(4))[0]
+            except OSError:
+                return guess
+            total = isize
+            while total < delivered:  # ISIZE is the size mod 2**32
+                total += 1 << 32
+            left = total - delivered
+            # believable: no more than the compressed rest could hold at ~1000:1 (deflate's limit)
+            return left if left <= 1032 * rest + 1024 else guess
+
+        while not self._stop.is_set():
+            while (n := _header_or_bad(pending)) is None:
+                more = raw.read(self._READ)
+                if not more:
+                    break
+                pending += more
+            if not pending:
+                if members == 0:
+                    raise GzipDamage("empty gzip file", 0)
+                self._put(None)
+                return
+            if n is None or n < 0:
+                if members == 0:
+                    raise GzipDamage("not a gzip stream", 0, lost(0))
+                rest = len(pending)
+                zero = not pending.strip(b"\0")
+                for more in iter(lambda: raw.read(self._READ), b""):
+                    rest += len(more)
+                    zero = zero and not more.strip(b"\0")
+                self.trailing = (rest, zero)
+                self._put(None)
+                return
+            consumed += n
+            pending = pending[n:]
+            member_start = consumed
+            dec = isal_zlib.decompressobj(wbits=-15)  # raw deflate: the trailer is checked here, below
+            crc, size = 0, 0
+            while not dec.eof:
+                if self._stop.is_set():
+                    return
+                if not pending:
+                    pending = raw.read(self._READ)
+                    if not pending:
+                        raise GzipDamage("compressed file ended before the end-of-stream marker was reached",
+                                         delivered)
+                try:
+                    out = dec.decompress(pending)
+                except isal_zlib.error as exc:
+                    extra, at_comp = self._salvage(raw.name, member_start, size)
+                    delivered += extra
+                    raise GzipDamage(f"corrupt deflate data in gzip member {members + 1} ({exc})", delivered,
+                                     lost(at_comp)) from None
+                used = len(pending) - (len(dec.unused_data) if dec.eof else 0)
+                consumed += used
+                pending = dec.unused_data if dec.eof else b""
+                if out:
+                    crc = isal_zlib.crc32(out, crc)
+                    size += len(out)
+                    delivered += len(out)
+                    if not self._put(out):
+                        return
+            while len(pending) < 8:
+                more = raw.read(self._READ)
+                if not more:
+                    raise GzipDamage("file ends inside a gzip member's trailer", delivered)
+                pending += more
+            want_crc, want_size = struct.unpack("<II", pending[:8])
+            if want_crc != crc or want_size != size & 0xFFFFFFFF:
+                raise GzipDamage(f"gzip member {members + 1} fails its CRC-32/size check (content corrupt)",
+                                 delivered, corrupt=True)
+            pending = pending[8:]
+            consumed += 8
+            members += 1
+
+    def _salvage(self, path: str, member_start: int, done: int) -> tuple[int, int]:
+        """Decode the damaged member again in small steps (stdlib zlib, error path only) to hand on
+        what lies between the last good piece and the damage; returns (bytes handed on, compressed
+        offset of the damage)."""
+        import zlib
+
+        dec = zlib.decompressobj(wbits=-15)
+        seen = handed = 0
+        at = member_start
+        with open(path, "rb") as fh:
+            fh.seek(member_start)
+            for piece in iter(lambda: fh.read(512), b""):
+                try:
+                    out = dec.decompress(piece)
+                except zlib.error:
+                    break
+                at += len(piece)
+                if seen + len(out) > done:
+                    new = out[max(0, done - seen):]
+                    if not self._put(new):
+                        break
+                    handed += len(new)
+                seen += len(out)
+                if dec.eof:
+                    break
+        return handed, at
 
     def _avail(self) -> int:
         return len(self._buf) - self._pos
@@ -178,17 +337,23 @@ def _open(path: str | Path):
 
 
 def uncompressed_size_hint(path: str | Path) -> int:
-    """Uncompressed size for planning: gzip ISIZE (mod 2**32), or the file size."""
+    """Uncompressed size for planning: gzip ISIZE (mod 2**32), or the file size.
+
+    Only a hint (it sizes chunks, it never decides what is read): a trailer that cannot be the real
+    one (zero padding or garbage after the stream, where the last four bytes are not ISIZE) would
+    split a small file into many tasks, so an ISIZE below the file size or above 64 times it (Gaia's
+    number text compresses 2-5:1) falls back to a typical text ratio.
+    """
     size = Path(path).stat().st_size
     if not is_gzip(path) or size < 18:
         return size
     with open(path, "rb") as fh:
         fh.seek(-4, 2)
         isize = struct.unpack("<I", fh.read(4))[0]
-    # ISIZE wraps at 4 GiB; text compresses at least ~2x, so correct upwards when it wrapped.
+    # ISIZE wraps at 4 GiB: the real size is ISIZE + k * 2**32, at least the file size.
     while isize < size:
         isize += 1 << 32
-    return isize
+    return isize if isize <= 64 * size else 4 * size
 
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -241,79 +406,161 @@ def iter_chunks(path: str | Path, header: EcsvHeader, start: int = 0, end: int |
     pos = 0
     line = 1
     carry = b""  # an incomplete line carried to the next block
-    damage = None
+    damage: str | None = None
+    lost = 0
+    corrupt = False
+    note = None
     try:
         with _open(path) as fh:
-            last_byte = b"\n"
-            while pos < start:  # skip to `start`, counting lines for absolute line numbers
-                block = fh.read(min(READ_BLOCK, start - pos))
-                if not block:
-                    return
-                line += block.count(b"\n")
-                last_byte = block[-1:]
-                pos += len(block)
-            if start > header.data_offset and last_byte != b"\n":
-                rest = fh.readline()  # the line in progress at `start` belongs to the previous chunk
-                pos += len(rest)
-                if not rest.endswith(b"\n"):
-                    return
-                line += 1
-            while True:
-                if end is not None and pos >= end:
-                    if carry:  # finish the line that started before `end`
-                        tail = fh.readline()
-                        carry += tail
-                        if not tail.endswith(b"\n"):
-                            raise EOFError("file ends inside a line")
-                    if carry:
-                        yield Chunk(carry, line, carry.count(b"\n"))
-                    return
-                want = block_bytes if end is None else max(1, min(block_bytes, end - pos))
-                data = bytearray(carry)
-                if isinstance(fh, _GzipStream):
-                    got = fh.read_append(data, want)
-                else:
-                    block = fh.read(want)
-                    data += block
-                    got = len(block)
-                if not got:
-                    break
-                pos += got
-                cut = data.rfind(b"\n") + 1
-                carry = bytes(data[cut:])
-                del data[cut:]  # truncating the end: no copy of the block
-                if cut:
-                    n = data.count(b"\n")
-                    yield Chunk(data, line, n)
-                    line += n
+            try:
+                last_byte = b"\n"
+                while pos < start:  # skip to `start`, counting lines for absolute line numbers
+                    block = fh.read(min(READ_BLOCK, start - pos))
+                    if not block:
+                        return
+                    line += block.count(b"\n")
+                    last_byte = block[-1:]
+                    pos += len(block)
+                if start > header.data_offset and last_byte != b"\n":
+                    rest = fh.readline()  # the line in progress at `start` belongs to the previous chunk
+                    pos += len(rest)
+                    if not rest.endswith(b"\n"):
+                        return
+                    line += 1
+                while True:
+                    if end is not None and pos >= end:
+                        if carry:  # finish the line that started before `end`
+                            tail = fh.readline()
+                            carry += tail
+                            if not tail.endswith(b"\n"):
+                                raise EOFError("file ends inside a line")
+                        if carry:
+                            yield Chunk(carry, line, carry.count(b"\n"))
+                        return
+                    want = block_bytes if end is None else max(1, min(block_bytes, end - pos))
+                    data = bytearray(carry)
+                    if isinstance(fh, _GzipStream):
+                        got = fh.read_append(data, want)
+                    else:
+                        block = fh.read(want)
+                        data += block
+                        got = len(block)
+                    if not got:
+                        break
+                    pos += got
+                    cut = data.rfind(b"\n") + 1
+                    carry = bytes(data[cut:])
+                    del data[cut:]  # truncating the end: no copy of the block
+                    if cut:
+                        n = data.count(b"\n")
+                        yield Chunk(data, line, n)
+                        line += n
+            finally:
+                trailing = getattr(fh, "trailing", None)
+        if trailing:
+            n_bytes, zero = trailing
+            note = (f"{n_bytes} {'zero bytes' if zero else 'bytes of trailing garbage'} after the gzip stream "
+                    "ignored (not data; every member before them passed its CRC check)")
+    except GzipDamage as exc:
+        damage = f"gzip stream damaged: {exc}"
+        corrupt = exc.corrupt
+        if exc.remaining:  # the part of the undecodable rest that lies in this chunk's byte range
+            lo, hi = max(exc.at, start), exc.at + exc.remaining if end is None else min(exc.at + exc.remaining, end)
+            seen = line - 1 - header.n_header_lines  # data lines decoded, here or while skipping to `start`
+            mean = (pos - len(carry) - header.data_offset) / seen if seen > 0 else 0.0
+            if hi > lo:
+                lost = max(1, round((hi - lo) / mean)) if mean > 0 else 1
     except (EOFError, OSError, ValueError) as exc:
         damage = f"gzip stream damaged: {exc}"
-    if carry or damage:
+    if carry or damage or note:
         partial = carry or None
-        if damage is None:
+        if damage is None and carry:
             damage = "file does not end with a newline"
-        yield Chunk(b"", line, 0, damage, partial)
+        yield Chunk(b"", line, 0, damage, partial, lost, corrupt, note)
 
 
-def parse_text_table(chunk: Chunk, names: list[str], include: list[str]) -> tuple[pa.Table, np.ndarray, list[tuple[int, str]]]:
-    """CSV text -> table of string columns; returns (table, line numbers of its rows, bad lines).
+def _unbalanced_quotes(data: bytes | bytearray, first_line: int) -> tuple[bytes, np.ndarray, list[tuple[int, str]], list[str]]:
+    """Make every row one line again when quotes do not pair up within lines (slow path, damage only).
 
-    A line with the wrong number of fields is skipped by the parser and reported.
+    A CSV parser carries an open quote across a newline, so one stray quote would swallow the lines
+    after it. Here each line stands alone: a line with an odd number of quotes followed by another
+    is one row cut by a newline inside a quoted value (the newline becomes a space and the two lines
+    are read as that row, at the first line's number); any other line with an odd count is a bad
+    line on its own. Returns (clean data, line number of each clean line, bad lines, notes).
     """
+    buf = np.frombuffer(bytes(data), dtype=np.uint8)
+    ends = np.flatnonzero(buf == 10)  # data ends with a newline: one end per line
+    quotes = np.flatnonzero(buf == 34)
+    odd = np.bincount(np.searchsorted(ends, quotes), minlength=len(ends))[: len(ends)] % 2 == 1
+    joined = np.zeros(len(ends), dtype=bool)  # line i's newline is inside a quoted value
+    i = 0
+    idx = np.flatnonzero(odd)
+    pairs = []
+    while i < len(idx):  # loop over the few broken lines only
+        if i + 1 < len(idx) and idx[i + 1] == idx[i] + 1:
+            pairs.append(idx[i])
+            i += 2
+        else:
+            i += 1
+    joined[pairs] = True
+    absorbed = np.zeros(len(ends), dtype=bool)
+    absorbed[np.asarray(pairs, dtype=np.int64) + 1] = True
+    stray = odd & ~joined & ~absorbed
+    out = buf.copy()
+    out[ends[joined]] = 32
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    keep = ~stray
+    pieces = [out[lo:hi + 1] for lo, hi in zip(starts[keep & ~absorbed], ends[keep & ~joined])]
+    numbers = first_line + np.flatnonzero(keep & ~absorbed)
+    bad = [(first_line + int(k), "unbalanced quotes: a quoted value is cut by a newline")
+           for k in np.flatnonzero(stray)]
+    notes = [f"line {first_line + int(k)}: a quoted value continued on the next line (a newline inside quotes); "
+             "the two lines were read as one row" for k in pairs]
+    return (b"".join(p.tobytes() for p in pieces), numbers.astype(np.int64), bad, notes)
+
+
+def parse_text_table(chunk: Chunk, names: list[str], include: list[str]) -> tuple[pa.Table, np.ndarray, list[tuple[int, str]], list[str]]:
+    """CSV text -> table of string columns; returns (table, line numbers of its rows, bad lines, notes).
+
+    A line with the wrong number of fields is skipped by the parser and reported. A row is one
+    line (the archive writes no newline inside a value); where quotes say otherwise, the chunk is
+    read again line by line (``_unbalanced_quotes``). Rows plus bad lines are the chunk's rows:
+    fewer than its lines where a row was cut by a newline.
+    """
+    if chunk.n_lines == 0:
+        empty = pa.table({n: pa.array([], pa.string()) for n in include})
+        return empty, np.zeros(0, dtype=np.int64), [], []
+    lines = np.arange(chunk.first_line, chunk.first_line + chunk.n_lines, dtype=np.int64)
+    try:
+        table, bad = _read_csv_lines(chunk.data, chunk.first_line, names, include)
+    except pa.ArrowInvalid:  # e.g. a quote left open at the end of the chunk
+        table, bad = None, []
+    if table is not None:
+        good = np.setdiff1d(lines, np.array([ln for ln, _ in bad], dtype=np.int64)) if bad else lines
+        if len(good) == table.num_rows:
+            return table, good, bad, []
+    data, numbers, stray, notes = _unbalanced_quotes(chunk.data, chunk.first_line)
+    # line numbers of the clean data map back through ``numbers`` (its k-th line is numbers[k])
+    table, bad = _read_csv_lines(data, 1, names, include)
+    bad = [(int(numbers[ln - 1]), why) for ln, why in bad]
+    good = np.setdiff1d(numbers, np.array([ln for ln, _ in bad], dtype=np.int64)) if bad else numbers
+    if len(good) != table.num_rows:
+        raise RuntimeError(f"line accounting failed: {len(good)} lines vs {table.num_rows} rows")
+    return table, good, sorted(bad + stray), notes
+
+
+def _read_csv_lines(data, first_line: int, names: list[str], include: list[str]) -> tuple[pa.Table, list[tuple[int, str]]]:
     bad: list[tuple[int, str]] = []
 
     def on_invalid(row):
         number = row.number if row.number is not None else -1
         text = (row.text or "")[:120]
-        bad.append((chunk.first_line + number - 1, f"wrong number of fields ({row.actual_columns} for "
-                                                    f"{row.expected_columns}): {text!r}"))
+        bad.append((first_line + number - 1, f"wrong number of fields ({row.actual_columns} for "
+                                             f"{row.expected_columns}): {text!r}"))
         return "skip"
 
-    if chunk.n_lines == 0:
-        empty = pa.table({n: pa.array([], pa.string()) for n in include})
-        return empty, np.zeros(0, dtype=np.int64), bad
     table = pacsv.read_csv(
-        pa.BufferReader(pa.py_buffer(chunk.data)),
+        pa.BufferReader(pa.py_buffer(data)),
         read_options=pacsv.ReadOptions(column_names=names, use_threads=False, block_size=64 << 20),
         parse_options=pacsv.ParseOptions(delimiter=",", quote_char='"', ignore_empty_lines=False,
                                          newlines_in_values=False, invalid_row_handler=on_invalid),
@@ -321,9 +568,4 @@ def parse_text_table(chunk: Chunk, names: list[str], include: list[str]) -> tupl
                                              include_columns=include, strings_can_be_null=False,
                                              quoted_strings_can_be_null=False),
     )
-    lines = np.arange(chunk.first_line, chunk.first_line + chunk.n_lines, dtype=np.int64)
-    if bad:
-        lines = np.setdiff1d(lines, np.array([ln for ln, _ in bad], dtype=np.int64))
-    if len(lines) != table.num_rows:
-        raise RuntimeError(f"line accounting failed: {len(lines)} lines vs {table.num_rows} rows")
-    return table, lines, bad
+    return table, bad
