@@ -215,7 +215,7 @@ def test_checksums_are_never_silent(tmp_path, survey, rvs_instrument, capsys):
     assert s["rows_in"] == s["written"] + s["quarantined"] and s["tables"]["rvs"]["written"] == 800 - len(data)
 
 
-@pytest.mark.parametrize("damage", ["not_fits", "no_teff"])
+@pytest.mark.parametrize("damage", ["not_fits", "no_teff", "no_id"])
 def test_an_unreadable_label_catalogue_fails_the_run_unless_allowed(tmp_path, survey, rvs_instrument, damage):
     """A label catalogue that is not FITS, or lacks a column its preset maps for a label the run needs
     (TEFF), is not a 'one row' loss: the run fails with one line naming the file and why, commits
@@ -229,8 +229,9 @@ def test_an_unreadable_label_catalogue_fails_the_run_unless_allowed(tmp_path, su
     if damage == "not_fits":
         lab.write_bytes(b"SIMPLE  = this is not a FITS file" * 10)
     else:
+        drop = "TEFF" if damage == "no_teff" else "GAIAEDR3_SOURCE_ID"
         with fits.open(lab) as hdul:
-            cols = [c for c in hdul[1].columns if c.name != "TEFF"]
+            cols = [c for c in hdul[1].columns if c.name != drop]
             fits.BinTableHDU.from_columns(cols).writeto(lab, overwrite=True)
     cfg = ingest_cfg(tmp_path, root)
     with pytest.raises(StellarError) as err:
@@ -240,13 +241,15 @@ def test_an_unreadable_label_catalogue_fails_the_run_unless_allowed(tmp_path, su
     assert "Nothing was committed" in msg and "ingest.allow_unreadable" in msg and "\n" not in msg
     if damage == "no_teff":
         assert "lacks the column TEFF that preset apogee_dr17 maps" in msg
+    if damage == "no_id":
+        assert "catalogue has no GAIAEDR3_SOURCE_ID column" in msg
     assert TableStore(tmp_path / "tables").current_version() is None
     allowed = ingest_cfg(tmp_path, root, **{"ingest.allow_unreadable": "[allStar-synth.fits]",
                                             "ingest.max_bad_fraction": 1.0})
     s = ingest(allowed.ingest, rvs_instrument, allowed.conf_dir)
     f = s["per_file"]["labels:allStar-synth.fits"]
     # a FITS table's rows are known: one quarantine row each; a file that is not FITS: one file-level row
-    assert f["written"] == 0 and f["quarantined"] == f["rows_in"] == (n_rows if damage == "no_teff" else 1)
+    assert f["written"] == 0 and f["quarantined"] == f["rows_in"] == (1 if damage == "not_fits" else n_rows)
     assert s["tables"]["rvs"]["written"] == 800 and s["rows_in"] == s["written"] + s["quarantined"]
 
 

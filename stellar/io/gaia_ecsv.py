@@ -468,8 +468,9 @@ def iter_chunks(path: str | Path, header: EcsvHeader, start: int = 0, end: int |
             lo, hi = max(exc.at, start), exc.at + exc.remaining if end is None else min(exc.at + exc.remaining, end)
             seen = line - 1 - header.n_header_lines  # data lines decoded, here or while skipping to `start`
             mean = (pos - len(carry) - header.data_offset) / seen if seen > 0 else 0.0
-            if hi > lo:
-                lost = max(1, round((hi - lo) / mean)) if mean > 0 else 1
+            if hi > lo:  # the incomplete line before the damage is one row already (quarantined as such)
+                lost = max(0 if carry else 1, round((hi - lo + len(carry)) / mean) - bool(carry)) if mean > 0 \
+                    else int(not carry)
     except (EOFError, OSError, ValueError) as exc:
         damage = f"gzip stream damaged: {exc}"
     if carry or damage or note:
