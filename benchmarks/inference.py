@@ -43,7 +43,7 @@ from stellar.inference_core import StackedEnsemble, features_to_tensors, forward
 from stellar.instruments import load_instrument  # noqa: E402
 from stellar.model import load_model_preset  # noqa: E402
 from stellar.predict import ModelBundle, predict  # noqa: E402
-from stellar.preprocess import load_stats  # noqa: E402
+from stellar.tables import load_stats  # noqa: E402
 from stellar.tables import read_table  # noqa: E402
 from stellar.training import Ensemble, build_net  # noqa: E402
 
@@ -76,19 +76,18 @@ def random_ensemble(stats: dict, labels: list[str], members: int, features_root:
 
 
 def build(args, cfg, inst) -> None:
-    from stellar.ingest.distributed import spark_mapper
+    from stellar.runtime import SparkExecutor
     from stellar.ingest.run import ingest
     from stellar.preprocess import preprocess
     from stellar.selection import select
     from stellar.spark import build_session
-    from stellar.synth.distributed import spark_runner
     from stellar.synth.survey import run_survey
 
     spark = build_session(cfg, "bench-inference-build")
-    mapper = spark_mapper(spark, "bench build")
+    mapper = SparkExecutor(spark, "bench build")
     if not (Path(cfg.work_dir) / "synth" / "survey.json").exists():
         print(f"building a {args.stars}-star survey, its features and selection ...", flush=True)
-        run_survey(cfg.synth, inst, runner=spark_runner(spark))
+        run_survey(cfg.synth, inst, executor=SparkExecutor(spark, "stellar synth"))
     ingest(cfg.ingest, inst, cfg.conf_dir, mapper=mapper)
     preprocess(cfg.preprocess, inst, cfg.ingest.output_dir, mapper=mapper)
     select(cfg.select, cfg.preprocess.output_dir, mapper=mapper)

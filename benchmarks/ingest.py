@@ -101,13 +101,13 @@ def main() -> None:
         f"work_dir={work}", f"ingest.gaia_root={gaia_root}", "ingest.labels=[]",
         f"ingest.output_dir={work / 'tables'}"])
     shutil.rmtree(work / "tables", ignore_errors=True)
-    from stellar.ingest.distributed import spark_mapper
+    from stellar.runtime import SparkExecutor
     from stellar.ingest.run import ingest
     from stellar.spark import build_session
 
     spark = build_session(jcfg, "bench-ingest")
     spark.sparkContext.parallelize(range(4), 4).map(lambda x: x).collect()  # start the Python workers
-    t_job, summary = timed(lambda: ingest(jcfg.ingest, inst, jcfg.conf_dir, mapper=spark_mapper(spark)))
+    t_job, summary = timed(lambda: ingest(jcfg.ingest, inst, jcfg.conf_dir, mapper=SparkExecutor(spark)))
     spark.stop()
     assert summary["written"] == n
 

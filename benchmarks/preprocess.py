@@ -25,13 +25,12 @@ sys.path.insert(0, str(ROOT))
 import pyarrow.dataset as ds  # noqa: E402
 
 from stellar.config import load_config  # noqa: E402
-from stellar.ingest.distributed import spark_mapper  # noqa: E402
+from stellar.runtime import SparkExecutor  # noqa: E402
 from stellar.ingest.run import ingest  # noqa: E402
 from stellar.instruments import load_instrument  # noqa: E402
 from stellar.loader import FeatureDataset  # noqa: E402
 from stellar.preprocess import preprocess  # noqa: E402
 from stellar.spark import build_session  # noqa: E402
-from stellar.synth.distributed import spark_runner  # noqa: E402
 from stellar.synth.survey import run_survey  # noqa: E402
 
 
@@ -57,10 +56,10 @@ def main() -> None:
     spark = build_session(cfg, "bench-preprocess")
     if not (work / "synth" / "survey.json").exists():
         print(f"building a {args.stars}-star survey and its tables ...", flush=True)
-        run_survey(cfg.synth, inst, runner=spark_runner(spark))
-    ingest(cfg.ingest, inst, cfg.conf_dir, mapper=spark_mapper(spark))
+        run_survey(cfg.synth, inst, executor=SparkExecutor(spark, "stellar synth"))
+    ingest(cfg.ingest, inst, cfg.conf_dir, mapper=SparkExecutor(spark))
     shutil.rmtree(cfg.preprocess.output_dir, ignore_errors=True)
-    mapper = spark_mapper(spark, "bench preprocess")
+    mapper = SparkExecutor(spark, "bench preprocess")
     spark.sparkContext.parallelize(range(4), 4).map(lambda x: x).collect()  # warm Python workers
     t_job, summary = best_of(1, lambda: preprocess(cfg.preprocess, inst, cfg.ingest.output_dir, mapper=mapper))
     spark.stop()

@@ -34,13 +34,12 @@ sys.path.insert(0, str(ROOT))
 import pyarrow.parquet as pq  # noqa: E402
 
 from stellar.config import load_config  # noqa: E402
-from stellar.ingest.distributed import spark_mapper  # noqa: E402
+from stellar.runtime import SparkExecutor  # noqa: E402
 from stellar.ingest.run import ingest  # noqa: E402
 from stellar.instruments import load_instrument  # noqa: E402
 from stellar.preprocess import preprocess  # noqa: E402
 from stellar.selection import select  # noqa: E402
 from stellar.spark import build_session  # noqa: E402
-from stellar.synth.distributed import spark_runner  # noqa: E402
 from stellar.synth.survey import run_survey  # noqa: E402
 from stellar.tables import read_table  # noqa: E402
 
@@ -57,10 +56,10 @@ def main() -> None:
                                                      "synth.stars_per_file=10000", *args.overrides])
     inst = load_instrument(cfg.instrument, cfg.conf_dir)
     spark = build_session(cfg, "bench-select")
-    mapper = spark_mapper(spark, "bench select")
+    mapper = SparkExecutor(spark, "bench select")
     if not (work / "synth" / "survey.json").exists():
         print(f"building a {args.stars}-star survey and its features ...", flush=True)
-        run_survey(cfg.synth, inst, runner=spark_runner(spark))
+        run_survey(cfg.synth, inst, executor=SparkExecutor(spark, "stellar synth"))
     ingest(cfg.ingest, inst, cfg.conf_dir, mapper=mapper)
     preprocess(cfg.preprocess, inst, cfg.ingest.output_dir, mapper=mapper)
     shutil.rmtree(cfg.select.output_dir, ignore_errors=True)

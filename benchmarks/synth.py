@@ -67,11 +67,11 @@ def main() -> None:
 
     # The Spark job.
     from stellar.spark import build_session
-    from stellar.synth.distributed import spark_runner
+    from stellar.runtime import SparkExecutor
 
     spark = build_session(cfg, "bench-synth")
     t = time.perf_counter()
-    m = run_survey(cfg.synth, inst, runner=spark_runner(spark))
+    m = run_survey(cfg.synth, inst, executor=SparkExecutor(spark, "stellar synth"))
     job_s = time.perf_counter() - t
     spark.stop()
     mb = sum(sum(f["bytes"].values()) for f in m["files"]) / 1e6

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from stellar.config import load_config  # noqa: E402
 from stellar.instruments import load_instrument  # noqa: E402
-from stellar.preprocess import load_stats  # noqa: E402
+from stellar.tables import load_stats  # noqa: E402
 from stellar.trainer import train_ensemble  # noqa: E402
 from stellar.training import load_split  # noqa: E402
 

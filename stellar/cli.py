@@ -155,11 +155,11 @@ def run_synth(cfg: StellarConfig, use_spark: bool = True) -> dict:
     if not use_spark:
         return run_survey(cfg.synth, instrument)
     from stellar.spark import build_session
-    from stellar.synth.distributed import spark_runner
+    from stellar.runtime import SparkExecutor
 
     spark = build_session(cfg, "synth")
     try:
-        return run_survey(cfg.synth, instrument, runner=spark_runner(spark))
+        return run_survey(cfg.synth, instrument, executor=SparkExecutor(spark, "stellar synth"))
     finally:
         spark.stop()
 
@@ -186,12 +186,12 @@ def _staged(cfg: StellarConfig, stage: str, use_spark: bool, fn):
     """``fn(mapper)`` in this process (mapper None) or with Spark tasks of a session built for ``stage``."""
     if not use_spark:
         return fn(None)
-    from stellar.ingest.distributed import spark_mapper
+    from stellar.runtime import SparkExecutor
     from stellar.spark import build_session
 
     spark = build_session(cfg, stage)
     try:
-        return fn(spark_mapper(spark, f"stellar {stage}"))
+        return fn(SparkExecutor(spark, f"stellar {stage}"))
     finally:
         spark.stop()
 

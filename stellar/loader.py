@@ -50,7 +50,7 @@ class FeatureDataset(IterableDataset):
         store = TableStore(features_root)
         self.path = store.table_path("features")
         if stats is None:
-            from stellar.preprocess import load_stats
+            from stellar.tables import load_stats
 
             stats = load_stats(features_root)
         self.stats = stats

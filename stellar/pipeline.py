@@ -159,11 +159,11 @@ def run_pipeline(cfg: StellarConfig, stages: list[str], use_spark: bool = True,
     def session():
         nonlocal spark, mapper
         if use_spark and spark is None:
-            from stellar.ingest.distributed import spark_mapper
+            from stellar.runtime import SparkExecutor
             from stellar.spark import build_session
 
             spark = build_session(cfg, "pipeline")
-            mapper = spark_mapper(spark, "stellar pipeline")
+            mapper = SparkExecutor(spark, "stellar pipeline")
             progress.spark = spark
         return spark, mapper
 
@@ -202,11 +202,11 @@ def _stage(name: str, cfg: StellarConfig, instrument, session) -> dict:
         done = _synth_up_to_date(cfg, instrument)
         if done:
             return done
-        from stellar.synth.distributed import spark_runner
+        from stellar.runtime import SparkExecutor
         from stellar.synth.survey import run_survey
 
         spark, _ = session()
-        return run_survey(cfg.synth, instrument, runner=spark_runner(spark) if spark else None)
+        return run_survey(cfg.synth, instrument, executor=SparkExecutor(spark, "stellar synth") if spark else None)
     if name == "ingest":
         from stellar.ingest.run import ingest
 

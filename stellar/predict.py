@@ -82,7 +82,7 @@ class ModelBundle:
 
 def resolve_model(cfg: StellarConfig, alias_or_version: str | None = None) -> ModelBundle:
     """Resolve the alias to a version once and fetch its files (pickle-free)."""
-    from stellar.trainer import load_registered
+    from stellar.registry import load_registered
 
     ens, info = load_registered(cfg, alias_or_version or cfg.predict.model)
     return ModelBundle(info["name"], info["version"], info["run_id"], ens.to_files())

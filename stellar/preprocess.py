@@ -32,9 +32,9 @@ from stellar.features import (QUALITY_BITS, SCALAR_NAMES, Q_EDGE_SPIKE, Q_LOW_SN
                               scalar_features, scale_xp)
 from stellar.instruments import Instrument
 from stellar.numerics import with_one_blas_thread
-from stellar.tables import TableStore, settings_hash, write_part
+from stellar.runtime import LOCAL, Executor
+from stellar.tables import STATS, TableStore, settings_hash, write_part
 
-STATS = "stats.json"
 
 
 class PreprocessError(StellarError):
@@ -259,18 +259,17 @@ def settings_digest(cfg: PreprocessConfig, instrument: Instrument, tables_versio
     return settings_hash(payload)
 
 
-def preprocess(cfg: PreprocessConfig, instrument: Instrument, tables_root: str, mapper=None) -> dict:
+def preprocess(cfg: PreprocessConfig, instrument: Instrument, tables_root: str,
+               mapper: Executor | None = None) -> dict:
     """Run the stage; returns the summary. Skips when the committed features match inputs and config.
     Holds the features store's writer lock throughout (``TableStore.writing``)."""
     with TableStore(cfg.output_dir).writing("preprocess"):
         return _preprocess(cfg, instrument, tables_root, mapper)
 
 
-def _preprocess(cfg: PreprocessConfig, instrument: Instrument, tables_root: str, mapper) -> dict:
-    from stellar.ingest.run import local_map
-
+def _preprocess(cfg: PreprocessConfig, instrument: Instrument, tables_root: str, mapper: Executor | None) -> dict:
     t0 = time.perf_counter()
-    mapper = mapper or local_map
+    mapper = mapper or LOCAL
     source = TableStore(tables_root)
     tables_version = source.current_version()
     if tables_version is None:
@@ -289,9 +288,9 @@ def _preprocess(cfg: PreprocessConfig, instrument: Instrument, tables_root: str,
     version = store.new_version()
     ctx = Context(str(vdir_in), str(store.root / version), cfg.model_dump(), tuple(instrument.labels),
                   instrument.n_pixels)
-    n_groups = max(1, min(len(hpxs), 4 * getattr(mapper, "parallelism", 1)))
+    n_groups = max(1, min(len(hpxs), 4 * mapper.parallelism))
     groups = [hpxs[i::n_groups] for i in range(n_groups)]
-    results = [r for grp in mapper(lambda g: [build_partition(h, ctx) for h in g], groups) for r in grp]
+    results = [r for grp in mapper.map(lambda g: [build_partition(h, ctx) for h in g], groups) for r in grp]
     results.sort(key=lambda r: r["hpx"])  # merge in a fixed order: identical stats however tasks were grouped
     counts: Counter = Counter()
     for r in results:
@@ -323,7 +322,4 @@ def _rebinned_wave(instrument: Instrument, factor: int) -> np.ndarray:
     return w[: nb * factor].reshape(nb, factor).mean(axis=1)
 
 
-def load_stats(features_root: str) -> dict:
-    store = TableStore(features_root)
-    return json.loads((store.root / store.current_version() / STATS).read_text())
 

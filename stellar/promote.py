@@ -19,8 +19,8 @@ import time
 
 from stellar.config import StellarConfig
 from stellar.errors import StellarError
-from stellar.preprocess import load_stats
-from stellar.tracking import use_tracking_uri
+from stellar.tables import load_stats
+from stellar.registry import Registry
 from stellar.training import Ensemble, evaluate, load_split
 
 HISTORY_TAG = "champion_history"
@@ -28,29 +28,6 @@ HISTORY_TAG = "champion_history"
 
 class PromoteError(StellarError):
     pass
-
-
-def _client(cfg: StellarConfig):
-    from mlflow import MlflowClient
-
-    use_tracking_uri(cfg.mlflow.tracking_uri)
-    return MlflowClient()
-
-
-def _version_for(client, name: str, ref: str):
-    """A model version from an alias or a version number; None only for a missing alias."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        raise PromoteError(f"no registered model {name!r} (run 'stellar train' first)") from None
-    try:
-        return client.get_model_version(name, ref) if ref.isdigit() else client.get_model_version_by_alias(name, ref)
-    except MlflowException:
-        if ref.isdigit():
-            raise PromoteError(f"model {name!r} has no version {ref}") from None
-        return None
 
 
 def held_out_metrics(cfg: StellarConfig, ens: Ensemble) -> dict:
@@ -89,23 +66,21 @@ def _summary(metrics: dict, labels: list[str]) -> dict:
 
 
 def promote(cfg: StellarConfig, dry_run: bool = False) -> dict:
-    from stellar.trainer import load_registered
-
-    client = _client(cfg)
+    registry = Registry.from_config(cfg)
     name, p = cfg.mlflow.model_name, cfg.promote
-    chal_mv = _version_for(client, name, p.challenger)
+    chal_mv = registry.version(p.challenger, missing_alias_ok=True)
     if chal_mv is None:
         raise PromoteError(f"model {name!r} has no alias {p.challenger!r} (the challenger) in "
                            f"{cfg.mlflow.tracking_uri}")
-    champ_mv = _version_for(client, name, p.champion)
+    champ_mv = registry.version(p.champion, missing_alias_ok=True)
     if champ_mv is not None and champ_mv.version == chal_mv.version:
         return {"decision": "unchanged", "reasons": [f"version {chal_mv.version} is already @{p.champion}"],
                 "challenger": int(chal_mv.version), "champion": int(champ_mv.version)}
-    chal, _ = load_registered(cfg, str(chal_mv.version))
+    chal, _ = registry.load(str(chal_mv.version))
     m_chal = held_out_metrics(cfg, chal)
     m_champ = None
     if champ_mv is not None:
-        champ, _ = load_registered(cfg, str(champ_mv.version))
+        champ, _ = registry.load(str(champ_mv.version))
         if champ.labels != chal.labels:
             raise PromoteError(f"challenger labels {chal.labels} differ from champion labels {champ.labels}")
         m_champ = held_out_metrics(cfg, champ)
@@ -118,24 +93,23 @@ def promote(cfg: StellarConfig, dry_run: bool = False) -> dict:
     if dry_run:
         return {**record, "dry_run": True}
     tag = json.dumps(record, sort_keys=True)
-    client.set_model_version_tag(name, chal_mv.version, "promotion", tag)
-    client.set_model_version_tag(name, chal_mv.version, "promotion_decision", decision)
+    registry.tag_version(chal_mv.version, {"promotion": tag, "promotion_decision": decision})
     if champ_mv is not None:
-        client.set_model_version_tag(name, champ_mv.version, "challenged_by",
-                                     json.dumps({"version": int(chal_mv.version), "decision": decision,
-                                                 "time": record["time"]}))
-        client.set_model_version_tag(name, champ_mv.version, "promotion", tag)
+        registry.tag_version(champ_mv.version, {
+            "challenged_by": json.dumps({"version": int(chal_mv.version), "decision": decision, "time": record["time"]}),
+            "promotion": tag})
     if ok:
-        history = _history(client, name)
+        history = _history(registry)
         if champ_mv is not None:
             history.append(int(champ_mv.version))
-        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-        client.set_registered_model_alias(name, p.champion, chal_mv.version)
+        registry.tag_model(HISTORY_TAG, json.dumps(history))
+        registry.set_alias(p.champion, chal_mv.version)
     return record
 
 
-def _history(client, name: str) -> list[int]:
-    tags = client.get_registered_model(name).tags or {}
+def _history(registry: Registry) -> list[int]:
+    name = registry.model_name
+    tags = registry.model_tags()
     try:
         return [int(v) for v in json.loads(tags.get(HISTORY_TAG, "[]"))]
     except (ValueError, TypeError):
@@ -144,21 +118,19 @@ def _history(client, name: str) -> list[int]:
 
 def rollback(cfg: StellarConfig) -> dict:
     """Give the champion alias back to the previous champion (the last one in the history)."""
-    client = _client(cfg)
+    registry = Registry.from_config(cfg)
     name, alias = cfg.mlflow.model_name, cfg.promote.champion
-    current = _version_for(client, name, alias)
+    current = registry.version(alias, missing_alias_ok=True)
     if current is None:
         raise PromoteError(f"model {name!r} has no alias {alias!r}: nothing to roll back")
-    history = _history(client, name)
+    history = _history(registry)
     if not history:
         raise PromoteError(f"model {name!r} has no previous champion to roll back to")
     previous = history.pop()
-    _version_for(client, name, str(previous))  # refuses clearly when it was deleted
+    registry.version(str(previous))  # refuses clearly when it was deleted
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    client.set_registered_model_alias(name, alias, str(previous))
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-    client.set_model_version_tag(name, current.version, "rolled_back",
-                                 json.dumps({"time": stamp, "champion_now": previous}))
-    client.set_model_version_tag(name, str(previous), "restored",
-                                 json.dumps({"time": stamp, "replacing": int(current.version)}))
+    registry.set_alias(alias, previous)
+    registry.tag_model(HISTORY_TAG, json.dumps(history))
+    registry.tag_version(current.version, {"rolled_back": json.dumps({"time": stamp, "champion_now": previous})})
+    registry.tag_version(previous, {"restored": json.dumps({"time": stamp, "replacing": int(current.version)})})
     return {"decision": "rolled back", "from": int(current.version), "to": previous, "time": stamp}

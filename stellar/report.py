@@ -296,9 +296,9 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
     (out / "report.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     (out / "index.html").write_text(_html(data, figures))
     if log_mlflow and model.get("run_id") not in (None, "", "none"):
-        from mlflow import MlflowClient
+        from stellar.registry import Registry
 
-        MlflowClient(cfg.mlflow.tracking_uri).log_artifacts(model["run_id"], str(out), "report")
+        Registry.from_config(cfg).log_artifacts(model["run_id"], out, "report")
         data["logged_to_run"] = model["run_id"]
     names = [f for f, _, _ in figures]
     (out / BUILT).write_text(json.dumps({"inputs_digest": digest, "figures": names,
@@ -308,7 +308,7 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
 
 def _ensemble(cfg: StellarConfig, model: dict):
     """The predictions' registered ensemble, or None where it cannot be loaded (figures then skipped)."""
-    from stellar.trainer import load_registered
+    from stellar.registry import load_registered
 
     try:
         return load_registered(cfg, str(model["version"]))[0]

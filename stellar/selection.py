@@ -38,7 +38,8 @@ from stellar.config import SelectConfig
 from stellar.errors import StellarError
 from stellar.features import Normaliser, split_hash
 from stellar.numerics import with_one_blas_thread
-from stellar.preprocess import load_stats
+from stellar.tables import load_stats
+from stellar.runtime import LOCAL, Executor
 from stellar.tables import TableStore, settings_hash, write_part
 
 
@@ -208,18 +209,17 @@ def place_group(parts: list[str], shared, ctx: Ctx) -> list[dict]:
     return out
 
 
-def select(cfg: SelectConfig, features_root: str, mapper=None) -> dict:
+def select(cfg: SelectConfig, features_root: str, mapper: Executor | None = None) -> dict:
     """Run the selection stage; returns the summary. Holds the selection store's writer lock throughout
     (``TableStore.writing``)."""
     with TableStore(cfg.output_dir).writing("select"):
         return _select(cfg, features_root, mapper)
 
 
-def _select(cfg: SelectConfig, features_root: str, mapper) -> dict:
-    from stellar.ingest.run import local_map, share
+def _select(cfg: SelectConfig, features_root: str, mapper: Executor | None) -> dict:
 
     t0 = time.perf_counter()
-    mapper = mapper or local_map
+    mapper = mapper or LOCAL
     fstore = TableStore(features_root)
     fversion = fstore.current_version()
     if fversion is None:
@@ -251,8 +251,8 @@ def _select(cfg: SelectConfig, features_root: str, mapper) -> dict:
         groups[-1].append(p)
         count += pq.read_metadata(vdir_in / "features" / p).num_rows
     t_place = time.perf_counter()
-    shared = share(mapper, (fmap, fit_ids))  # the fitted map (~100 MB) travels once, not in every task
-    results = [r for g in mapper(lambda grp: place_group(grp, shared, ctx), groups) for r in g]
+    shared = mapper.share((fmap, fit_ids))  # the fitted map (~100 MB) travels once, not in every task
+    results = [r for g in mapper.map(lambda grp: place_group(grp, shared, ctx), groups) for r in g]
     if hasattr(shared, "unpersist"):
         shared.unpersist()
     t_place = time.perf_counter() - t_place

@@ -51,7 +51,8 @@ MANIFEST = "_manifest.json"
 RESUME = "_resume.json"  # in an uncommitted version: the plan it belongs to (resumable runs)
 DONE = "_done"  # ... and one marker per finished task
 SEALED = "_sealed"  # ... past the resumable phase
-LOCK = "_LOCK"  # the writer lock (TableStore.writing): flock'ed by the run writing the store
+LOCK = "_LOCK"
+STATS = "stats.json"  # in a features version: the normalisation statistics the network was fed with  # the writer lock (TableStore.writing): flock'ed by the run writing the store
 _VERSION_RE = re.compile(r"^v(\d{6})$")
 
 
@@ -295,6 +296,17 @@ def write_part(path: Path, table: pa.Table, metadata: dict[str, str]) -> None:
         path.unlink()
     pq.write_table(table, tmp, compression="zstd", write_statistics=True, row_group_size=8192)
     os.replace(tmp, path)
+
+
+def load_stats(features_root: str | os.PathLike) -> dict:
+    """The normalisation statistics of the committed features version (label and input scaling,
+    written by preprocess): the one thing about the features that train, select, promote and
+    predict all need, kept beside the tables it describes so no stage reads another's module."""
+    store = TableStore(features_root)
+    version = store.current_version()
+    if version is None:
+        raise FileNotFoundError(f"no committed features under {store.root} (run 'stellar preprocess' first)")
+    return json.loads((store.root / version / STATS).read_text())
 
 
 def read_table(root: str | os.PathLike, table: str, columns: list[str] | None = None) -> pa.Table:

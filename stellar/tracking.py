@@ -26,25 +26,6 @@ class TrackingError(StellarError):
     pass
 
 
-def use_tracking_uri(uri: str) -> None:
-    """Point this process's MLflow client at ``uri`` without exporting it.
-
-    ``mlflow.set_tracking_uri`` also writes MLFLOW_TRACKING_URI into the process environment (for
-    subprocesses), and ``stellar.config.load_config`` lets that variable win over the config file (how
-    cluster jobs are pointed at a shared server). Left exported, the first store a process touched
-    would silently replace the store of every config it loads later: a benchmark re-assessing two
-    runs in one process got the first run's champion for the second. The variable is restored to
-    what it was (the user's own setting, or absent)."""
-    import mlflow
-
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
-
-
 def redact(uri: str) -> str:
     """The URI without any user:password part (for messages and logs)."""
     parts = urllib.parse.urlsplit(uri)

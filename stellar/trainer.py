@@ -12,10 +12,7 @@ commit, and given the configured alias (``challenger``).
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,11 +25,12 @@ from stellar.errors import StellarError
 from stellar.features import split_hash
 from stellar.instruments import Instrument
 from stellar.model import ModelConfig, load_model_preset
-from stellar.preprocess import load_stats
+from stellar.tables import load_stats
 from stellar.tables import TableStore, settings_hash
 from stellar.training import (COVERAGE_LEVELS, Ensemble, coverage_curve, evaluate, load_split, outlier_members,
                               train_member)
-from stellar.tracking import use_tracking_uri
+from stellar.registry import Registry, log_training_run
+from stellar.runtime import LOCAL, Executor
 from stellar.trust import TrustThresholds
 
 
@@ -103,23 +101,14 @@ def map_scores(selection: Path | None, source_id: np.ndarray) -> np.ndarray | No
 
 def registered_with_digest(cfg: StellarConfig, digest: str) -> int | None:
     """The newest registered version trained with exactly these inputs, if any."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    use_tracking_uri(cfg.mlflow.tracking_uri)
-    try:
-        versions = MlflowClient().search_model_versions(f"name = '{cfg.mlflow.model_name}'")
-    except MlflowException:
-        return None
-    found = [int(v.version) for v in versions if (v.tags or {}).get("train_digest") == digest]
-    return max(found) if found else None
+    return Registry.from_config(cfg).version_with_tag("train_digest", digest)
 
 
-def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper=None, log_mlflow: bool = True) -> dict:
-    from stellar.ingest.run import local_map
+def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper: Executor | None = None,
+                   log_mlflow: bool = True) -> dict:
 
     t0 = time.perf_counter()
-    mapper = mapper or local_map
+    mapper = mapper or LOCAL
     features_root = cfg.preprocess.output_dir
     store = TableStore(features_root)
     if store.current_version() is None:
@@ -136,7 +125,7 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper=None, log_
     def work(i: int):
         return train_member(features_root, mcfg, labels, stats, i, seeds[i], threads, cfg.train.device)
 
-    members = sorted(mapper(work, list(range(cfg.train.members))), key=lambda m: m.index)
+    members = sorted(mapper.map(work, list(range(cfg.train.members))), key=lambda m: m.index)
     dropped = outlier_members([m.best_val_loss for m in members], cfg.train.outlier_mad) if len(members) > 2 else []
     kept = [m for m in members if m.index not in dropped]
     selection, selection_version = selection_table(cfg, store.current_version())
@@ -164,7 +153,9 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper=None, log_
                "member_devices": [m.device for m in members],
                "seconds": round(time.perf_counter() - t0, 2)}
     if log_mlflow:
-        summary.update(log_to_mlflow(cfg, ens, members, dropped, metrics, test))
+        fig_r, fig_c = _figures(ens, test)
+        summary.update(log_training_run(cfg, ens, members, dropped, metrics,
+                                        {"figures/residuals.png": fig_r, "figures/calibration.png": fig_c}))
     summary["ensemble"] = ens
     return summary
 
@@ -248,93 +239,3 @@ def _figures(ens: Ensemble, test):
     fig_r.tight_layout()
     fig_c.tight_layout()
     return fig_r, fig_c
-
-
-def log_to_mlflow(cfg: StellarConfig, ens: Ensemble, members, dropped, metrics: dict, test) -> dict:
-    import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    use_tracking_uri(cfg.mlflow.tracking_uri)
-    exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
-    if exp is None:
-        root = cfg.mlflow.artifact_root or None  # None: the tracking server's artifact store
-        if root and "://" not in root:
-            Path(root).mkdir(parents=True, exist_ok=True)
-        exp_id = mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=root)
-    else:
-        exp_id = exp.experiment_id
-    meta = ens.meta
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"ensemble-{ens.cfg.name}") as parent:
-        mlflow.log_params({f"model.{k}": json.dumps(v) if isinstance(v, (list, dict)) else v
-                           for k, v in ens.cfg.model_dump().items()})
-        mlflow.log_params({"members": len(members), "labels": ",".join(ens.labels), "instrument": meta["instrument"],
-                           "features_version": meta["features_version"], "config_digest": meta["config_digest"],
-                           "drop_rule": meta["drop_rule"]})
-        for m in members:
-            with mlflow.start_run(experiment_id=exp_id, run_name=f"member-{m.index}", nested=True):
-                mlflow.log_params({"member": m.index, "seed": m.seed})
-                for h in m.history:
-                    mlflow.log_metrics({"train_loss": h["train_loss"], "val_loss": h["val_loss"]}, step=h["epoch"])
-                mlflow.log_metrics({"best_val_loss": m.best_val_loss, "best_epoch": m.best_epoch,
-                                    "seconds": m.seconds})
-                mlflow.set_tag("dropped", str(m.index in dropped).lower())
-        mlflow.log_metrics({k.replace("/", "."): v for k, v in metrics.items()})
-        mlflow.log_dict({"calibration": dict(zip(ens.labels, ens.calibration.tolist())), **meta}, "ensemble_meta.json")
-        fig_r, fig_c = _figures(ens, test)
-        mlflow.log_figure(fig_r, "figures/residuals.png")
-        mlflow.log_figure(fig_c, "figures/calibration.png")
-        n_pix = ens.stats["n_spectrum"]
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_pix), "spectrum"),
-                           TensorSpec(np.dtype(np.bool_), (-1, n_pix), "spectrum_mask"),
-                           TensorSpec(np.dtype(np.float32), (-1, 2 * ens.stats["xp_bases"]), "xp"),
-                           TensorSpec(np.dtype(np.float32), (-1, len(ens.stats["scalar_names"])), "scalars")]),
-            outputs=Schema([TensorSpec(np.dtype(np.float64), (-1, len(ens.labels)), "mean"),
-                            TensorSpec(np.dtype(np.float64), (-1, len(ens.labels)), "sigma")]))
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = ens.save(Path(tmp) / "ensemble")
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
-                artifacts={"ensemble": str(folder)}, signature=signature)
-        out = {"run_id": parent.info.run_id, "model_uri": info.model_uri}
-        if cfg.train.register_model:
-            from mlflow import MlflowClient
-
-            mv = mlflow.register_model(info.model_uri, cfg.mlflow.model_name)
-            client = MlflowClient()
-            for key in ("features_version", "config_digest", "git_commit", "instrument", "train_digest"):
-                client.set_model_version_tag(cfg.mlflow.model_name, mv.version, key, str(meta[key]))
-            client.set_model_version_tag(cfg.mlflow.model_name, mv.version, "labels", ",".join(ens.labels))
-            client.set_registered_model_alias(cfg.mlflow.model_name, cfg.train.alias, mv.version)
-            out.update({"registered_model": cfg.mlflow.model_name, "version": int(mv.version), "alias": cfg.train.alias})
-    return out
-
-
-def load_registered(cfg: StellarConfig, alias_or_version: str) -> tuple[Ensemble, dict]:
-    """Resolve ``models:/<name>@<alias>`` (or a version number) once and load its ensemble, pickle-free.
-
-    Reads the registry, never writes it: only the model's ``artifacts/ensemble`` folder is copied, into
-    a temporary folder of this call, and read into memory. (``download_artifacts`` of the model's root
-    on a local store would return the store's own folder and rewrite its ``registered_model_meta``
-    there, so a read-only registry failed and two concurrent predicts raced on that file.)"""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    use_tracking_uri(cfg.mlflow.tracking_uri)
-    client = MlflowClient()
-    name = cfg.mlflow.model_name
-    try:
-        mv = client.get_model_version(name, alias_or_version) if alias_or_version.isdigit() else \
-            client.get_model_version_by_alias(name, alias_or_version)
-    except MlflowException as exc:
-        raise TrainError(f"model {name!r} has no {'version' if alias_or_version.isdigit() else 'alias'} "
-                         f"{alias_or_version!r} in {cfg.mlflow.tracking_uri}") from exc
-    # a batch job's log is no place for a progress bar per model load (a user's own setting wins)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with tempfile.TemporaryDirectory(prefix="stellar-model-") as tmp:
-        folder = mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}/artifacts/ensemble", dst_path=tmp)
-        ens = Ensemble.load(folder)
-    return ens, {"name": name, "version": int(mv.version), "run_id": mv.run_id}
-

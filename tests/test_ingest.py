@@ -461,12 +461,12 @@ def test_resume_needs_the_same_plan(tmp_path, survey, rvs_instrument):
 
 @pytest.mark.spark
 def test_spark_ingest_equals_in_process(spark, tmp_path, survey, rvs_instrument):
-    from stellar.ingest.distributed import spark_mapper
+    from stellar.runtime import SparkExecutor
 
     a = ingest_cfg(tmp_path / "local", survey)
     b = ingest_cfg(tmp_path / "spark", survey)
     ingest(a.ingest, rvs_instrument, a.conf_dir)
-    s = ingest(b.ingest, rvs_instrument, b.conf_dir, mapper=spark_mapper(spark))
+    s = ingest(b.ingest, rvs_instrument, b.conf_dir, mapper=SparkExecutor(spark))
     assert s["written"] == 800 * 3 + s["tables"]["labels"]["written"]
     assert store_digest(tmp_path / "local" / "tables") == store_digest(tmp_path / "spark" / "tables")
     # Spark reads the partitioned tables directly

@@ -14,7 +14,8 @@ import torch
 from stellar.config import load_config
 from stellar.ingest.run import ingest
 from stellar.inference_core import features_to_tensors
-from stellar.preprocess import load_stats, preprocess
+from stellar.preprocess import preprocess
+from stellar.tables import load_stats
 from stellar.selection import select
 from stellar.synth.survey import run_survey
 from stellar.tables import TableStore, read_table
@@ -62,7 +63,7 @@ def test_loading_a_registered_model_writes_nothing_into_the_registry(registry):
     """Predict reads the model store, never writes it: a read-only registry works and two predicts do
     not race on a file there (the old download of the model's root rewrote its registered_model_meta on
     every load). Root ignores file modes, so the test compares every file's size and mtime instead."""
-    from stellar.trainer import load_registered
+    from stellar.registry import load_registered
 
     tmp, cfg, ensembles = registry
     root = tmp / "mlartifacts"

@@ -17,7 +17,8 @@ from stellar.features import (Normaliser, Q_EDGE_SPIKE, Q_NO_XP, assign_split, f
 from stellar.ingest.run import ingest
 from stellar.instruments import load_instrument
 from stellar.loader import FeatureDataset
-from stellar.preprocess import load_stats, preprocess
+from stellar.preprocess import preprocess
+from stellar.tables import load_stats
 from stellar.synth.survey import XP_DIR, run_survey
 from stellar.tables import read_table
 
@@ -221,14 +222,14 @@ def test_process_spectra_snr_and_errors():
 def test_spark_preprocess_equals_in_process(spark, tmp_path, built):
     import hashlib
 
-    from stellar.ingest.distributed import spark_mapper
+    from stellar.runtime import SparkExecutor
     from stellar.tables import TableStore
 
     cfg, _, _, _ = built
     inst = load_instrument("gaia_rvs")
     out = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={tmp_path}",
                                                      f"preprocess.output_dir={tmp_path / 'features'}"]).preprocess
-    preprocess(out, inst, cfg.ingest.output_dir, mapper=spark_mapper(spark))
+    preprocess(out, inst, cfg.ingest.output_dir, mapper=SparkExecutor(spark))
 
     def digest(root):
         v = TableStore(root).table_path("features").parent

@@ -82,14 +82,14 @@ def _select_into(cfg, out: Path, mapper=None):
 def test_spark_placement_equals_in_process_under_any_blas_threads(spark, built, tmp_path):
     """The map's fit and placement in Spark tasks equal the in-process run's to the bit, whether the
     driver process runs its BLAS with 1 or 2 threads (stellar.numerics' thread policy)."""
-    from stellar.ingest.distributed import spark_mapper
+    from stellar.runtime import SparkExecutor
 
     _, cfg, _ = built
     runs = {}
     for threads in (1, 2):
         with threadpool_limits(limits=threads):
             runs[threads] = _select_into(cfg, tmp_path / f"local{threads}")
-    b = _select_into(cfg, tmp_path / "spark", spark_mapper(spark))
+    b = _select_into(cfg, tmp_path / "spark", SparkExecutor(spark))
     for a in runs.values():
         assert np.array_equal(a["x"].to_numpy(), b["x"].to_numpy()) and np.array_equal(a["y"].to_numpy(), b["y"].to_numpy())
         assert a["train_like"].equals(b["train_like"])

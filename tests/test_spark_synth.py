@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from threadpoolctl import threadpool_limits
 
-from stellar.synth.distributed import spark_runner
+from stellar.runtime import SparkExecutor
 from stellar.synth.survey import run_survey
 
 from conftest import ROOT, small_config
@@ -30,7 +30,7 @@ def test_spark_output_is_identical_whatever_the_partitioning(spark, tmp_path, rv
     assert refs[0] == refs[1]
     digests = []
     for parts in (1, 2, 3):
-        m = run_survey(cfg.synth, rvs_instrument, runner=spark_runner(spark, parts),
+        m = run_survey(cfg.synth, rvs_instrument, executor=SparkExecutor(spark, "stellar synth", parts),
                        out_dir=str(tmp_path / f"spark{parts}"))
         assert m["n_stars"] == 450 and m["n_files"] == 3
         digests.append(tree_digest(Path(m["path"])))

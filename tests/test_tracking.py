@@ -45,19 +45,24 @@ def test_environment_points_jobs_at_the_server(tmp_path, monkeypatch):
 def test_one_process_two_stores_each_config_keeps_its_own(tmp_path, monkeypatch):
     """Touching one run's store must not re-point a config loaded later at it (mlflow.set_tracking_uri
     exports MLFLOW_TRACKING_URI, which load_config honours): two runs re-assessed in one process got
-    the first run's champion for the second. A user's own variable survives."""
+    the first run's champion for the second. The registry never touches the process-wide URI; the
+    training run's fluent logging sets it without exporting it, and a user's own variable survives."""
     import mlflow
 
+    from stellar.registry import Registry, use_tracking_uri
     from stellar.trainer import registered_with_digest
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     a = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={tmp_path / 'a'}"])
+    before = mlflow.get_tracking_uri()
     assert registered_with_digest(a, "none") is None  # reads run a's (new, empty) store
-    assert mlflow.get_tracking_uri() == a.mlflow.tracking_uri
+    assert Registry.from_config(a).client.tracking_uri == a.mlflow.tracking_uri
+    assert mlflow.get_tracking_uri() == before and "MLFLOW_TRACKING_URI" not in __import__("os").environ
     b = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={tmp_path / 'b'}"])
     assert b.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'b'}/mlflow.db" != a.mlflow.tracking_uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     registered_with_digest(b, "none")
+    use_tracking_uri(b.mlflow.tracking_uri)  # what the training run's logging does
     assert mlflow.get_tracking_uri() == b.mlflow.tracking_uri
     assert load_config(ROOT / "conf" / "local.yaml", [f"work_dir={tmp_path / 'c'}"]).mlflow.tracking_uri \
         == "http://mlflow.internal:5000"

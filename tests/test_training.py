@@ -10,7 +10,8 @@ import torch
 from stellar.config import load_config
 from stellar.ingest.run import ingest
 from stellar.model import ModelConfig, gaussian_nll
-from stellar.preprocess import load_stats, preprocess
+from stellar.preprocess import preprocess
+from stellar.tables import load_stats
 from stellar.synth.survey import run_survey
 from stellar.training import Ensemble, evaluate, load_split, outlier_members, train_member
 
@@ -115,7 +116,8 @@ def test_register_load_by_alias_identical_predictions(features, tmp_path, rvs_in
     import mlflow
 
     from stellar.errors import StellarError
-    from stellar.trainer import load_registered, train_ensemble
+    from stellar.registry import load_registered
+    from stellar.trainer import train_ensemble
 
     root, stats = features
     cfg = _cfg(tmp_path, root)
@@ -154,13 +156,13 @@ def test_register_load_by_alias_identical_predictions(features, tmp_path, rvs_in
 
 @pytest.mark.spark
 def test_spark_members_equal_local_members(spark, features, tmp_path, rvs_instrument):
-    from stellar.ingest.distributed import spark_mapper
+    from stellar.runtime import SparkExecutor
     from stellar.trainer import train_ensemble
 
     root, _ = features
     a = train_ensemble(_cfg(tmp_path / "a", root, "train.members=2"), rvs_instrument, log_mlflow=False)
     b = train_ensemble(_cfg(tmp_path / "b", root, "train.members=2"), rvs_instrument,
-                       mapper=spark_mapper(spark), log_mlflow=False)
+                       mapper=SparkExecutor(spark), log_mlflow=False)
     assert a["ensemble"].weights == b["ensemble"].weights
 
 

@@ -12,7 +12,6 @@ per-pixel RVS CSV, one star); every unit ends in the output or in quarantine.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from stellar.ingest.products import Product
+from stellar.runtime import available_threads
 from stellar.io import gaia_ecsv
 from stellar.io.gaia_schema import gaia_table
 from stellar.io.text_parse import list_from_numpy, merge_problems, parse_array, parse_scalar
@@ -91,19 +91,6 @@ def check_header(header: gaia_ecsv.EcsvHeader, product: Product) -> None:
                 raise gaia_ecsv.HeaderError(f"header declares {name} with subtype {subtype}, expected {expected.subtype}")
         elif _kind(declared) != _kind(expected.datatype):
             raise gaia_ecsv.HeaderError(f"header declares {name} as {declared}, expected {expected.datatype}")
-
-
-def available_threads() -> int:
-    """CPUs this process may use: a Spark task's ``cpus`` (spark.task.cpus), else the CPU affinity."""
-    try:
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-        if ctx is not None:
-            return max(1, int(ctx.cpus()))
-    except ImportError:  # pragma: no cover
-        pass
-    return max(1, len(os.sched_getaffinity(0)))
 
 
 def typed_from_text(table: pa.Table, product: Product, threads: int | None = None) -> tuple[dict[str, pa.Array], pa.Array]:

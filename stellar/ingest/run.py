@@ -26,7 +26,6 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +36,7 @@ from stellar import __version__
 from stellar.config import IngestConfig
 from stellar.errors import StellarError
 from stellar.healpix import healpix_index
+from stellar.runtime import LOCAL, Executor
 from stellar.ingest import labels as label_io
 from stellar.ingest.products import (QUARANTINE_SCHEMA, Product, astrometry_product, normalise,
                                      quarantine_rows, rvs_product, xp_product)
@@ -296,7 +296,7 @@ def run_task(task: IngestTask, ctx: TaskContext) -> dict:
     return result
 
 
-def _requarantine_corrupt(results: list[dict], tasks: list[IngestTask], ctx: TaskContext, mapper: Runner) -> list[dict]:
+def _requarantine_corrupt(results: list[dict], tasks: list[IngestTask], ctx: TaskContext, mapper: Executor) -> list[dict]:
     """A gzip file whose checksum fails is found out only by the task that reads to its end; the
     file's other chunks were parsed as good. Those chunks run again with the file marked, so every
     row of the file lands in quarantine with the reason (as for an md5 mismatch)."""
@@ -310,7 +310,7 @@ def _requarantine_corrupt(results: list[dict], tasks: list[IngestTask], ctx: Tas
     again = {(r["source_file"], r["chunk"]) for r in stale}
     redo = [t for t in tasks if (t.input.source_file, t.chunk) in again]
     marked = replace(ctx, md5_mismatch={**ctx.md5_mismatch, **corrupt})
-    return [r for r in results if r not in stale] + list(mapper(lambda t: run_task(t, marked), redo))
+    return [r for r in results if r not in stale] + list(mapper.map(lambda t: run_task(t, marked), redo))
 
 
 def _allowed(source_file: str, allowed: list[str]) -> bool:
@@ -371,38 +371,17 @@ def dedup_partition(version_dir: str, rel_dir: str) -> dict:
     return {"quarantine_parts": written}
 
 
-Runner = Callable[[Callable, list], Iterable]
-
-
-def local_map(fn: Callable, items: list) -> list:
-    return [fn(x) for x in items]
-
-
-class Shared:
-    """A value handed to every task as ``.value`` (in-process: the object itself)."""
-
-    def __init__(self, value):
-        self.value = value
-
-
-def share(mapper, value):
-    """Ship a large read-only value to the tasks once (a Spark broadcast: once per executor,
-    read once per Python worker) instead of inside every task's closure."""
-    fn = getattr(mapper, "share", None)
-    return fn(value) if fn is not None else Shared(value)
-
-
 def ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None = None,
-           mapper: Runner | None = None) -> dict:
+           mapper: Executor | None = None) -> dict:
     """Run the ingest stage; returns the summary (also written beside the tables). Holds the store's
     writer lock throughout (``TableStore.writing``): a second ingest on the same store refuses."""
     with TableStore(cfg.output_dir).writing("ingest"):
         return _ingest(cfg, instrument, conf_dir, mapper)
 
 
-def _ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None, mapper: Runner | None) -> dict:
+def _ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None, mapper: Executor | None) -> dict:
     t0 = time.perf_counter()
-    mapper = mapper or local_map
+    mapper = mapper or LOCAL
     store = TableStore(cfg.output_dir)
     store.root.mkdir(parents=True, exist_ok=True)
     previous = store.current_manifest()
@@ -430,7 +409,7 @@ def _ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None, map
     # The restart plan: every (file, chunk) task of this run, and the files carried over. A run
     # killed after hours left its finished tasks' parts and done markers in its version folder;
     # the same plan on the same committed base carries on there instead of starting again.
-    tasks = plan(todo, cfg.chunk_mb << 20, getattr(mapper, "parallelism", 1))
+    tasks = plan(todo, cfg.chunk_mb << 20, mapper.parallelism)
     plan_digest = settings_hash({
         "settings": digest, "carried": sorted((i.source_file, fingerprint(i)) for i in unchanged),
         "tasks": sorted((task_id(t), t.input.source_file, fingerprint(t.input), t.start, t.end) for t in tasks)})
@@ -445,7 +424,7 @@ def _ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None, map
             store.link_part(prev_version, rel, version)
     # Checksums, in parallel before parsing: a file whose md5 is not the listed one has every row quarantined
     checked = [i for i in todo if cfg.verify_md5 and i.md5]
-    actual = list(mapper(lambda i: md5_of(i.path), checked)) if checked else []
+    actual = list(mapper.map(lambda i: md5_of(i.path), checked)) if checked else []
     md5_mismatch = {i.source_file: f"file: md5 mismatch (_MD5SUM.txt says {i.md5}, the file has {a})"
                     for i, a in zip(checked, actual) if a != i.md5}
     ctx = TaskContext(cfg.healpix_order, {"rvs": rvs_product(instrument.n_pixels),
@@ -455,7 +434,7 @@ def _ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None, map
     done = done_results(vdir)
     results = [done[task_id(t)] for t in tasks if task_id(t) in done]
     pending = [t for t in tasks if task_id(t) not in done]
-    results += list(mapper(lambda t: run_task(t, ctx), pending))
+    results += list(mapper.map(lambda t: run_task(t, ctx), pending))
     results = _requarantine_corrupt(results, tasks, ctx, mapper)
     lost = sorted({(r["source_file"], r["unreadable"]) for r in results if r.get("unreadable")
                    and not _allowed(r["source_file"], cfg.allow_unreadable)})
@@ -484,9 +463,9 @@ def _ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None, map
     # Duplicates, per partition (parallel); rewritten parts are fresh files, links stay intact.
     partitions = sorted({str(Path(p).parent) for f in files.values() for p in f["parts"]
                          if not p.startswith("quarantine/")})
-    n_groups = max(1, min(len(partitions), 2 * getattr(mapper, "parallelism", 1)))
+    n_groups = max(1, min(len(partitions), 2 * mapper.parallelism))
     groups = [partitions[i::n_groups] for i in range(n_groups)] if partitions else []
-    dedup = list(mapper(lambda rels: [dedup_partition(str(vdir), rel) for rel in rels], groups))
+    dedup = list(mapper.map(lambda rels: [dedup_partition(str(vdir), rel) for rel in rels], groups))
     for d in (x for group in dedup for x in group):
         for rel, owner in d["quarantine_parts"]:
             if rel not in files[owner]["parts"]:

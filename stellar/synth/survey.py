@@ -17,7 +17,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +29,7 @@ from stellar.instruments import Instrument
 from stellar.io.ecsv_writer import write_ecsv_gz
 from stellar.io.gaia_schema import gaia_table
 from stellar.numerics import fingerprint, with_one_blas_thread
+from stellar.runtime import LOCAL, Executor
 from stellar.synth import labels_catalogue
 from stellar.synth.population import (
     OOD_NAMES, OOD_NONE, OOD_SB2, ZP_BP, ZP_G, ZP_RP, draw_population,
@@ -392,19 +392,16 @@ def md5sum_files(folder: Path) -> None:
 
 
 # Maps (tasks, config, instrument, output folder) to one result dict per task.
-Runner = Callable[[list[FileTask], SynthConfig, Instrument, str], Iterable[dict]]
 
 
-def local_runner(tasks: list[FileTask], cfg: SynthConfig, instrument: Instrument, out_dir: str) -> list[dict]:
-    return [generate_file(t, cfg, instrument, out_dir) for t in tasks]
-
-
-def run_survey(cfg: SynthConfig, instrument: Instrument, runner: Runner | None = None,
+def run_survey(cfg: SynthConfig, instrument: Instrument, executor: Executor | None = None,
                out_dir: str | None = None) -> dict:
     """Generate the whole survey into ``out_dir`` atomically; returns the manifest.
 
-    ``runner`` maps the file tasks (Spark in ``jobs/synth.py``; in-process by
-    default). Output goes to a staging folder that replaces ``out_dir`` only
+    ``executor`` runs the file tasks (one file per task: Spark in ``jobs/synth.py``; in-process by
+    default). The config and preset travel to the tasks as plain dicts, re-validated there, and
+    the tasks write their files straight into the (shared) staging folder; only small result dicts
+    come back. Output goes to a staging folder that replaces ``out_dir`` only
     when everything is written, so an interrupted run leaves the previous
     survey (or nothing) in place.
     """
@@ -415,7 +412,12 @@ def run_survey(cfg: SynthConfig, instrument: Instrument, runner: Runner | None =
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     tasks = plan_survey(cfg)
-    results = list((runner or local_runner)(tasks, cfg, instrument, str(staging)))
+    cfg_d, inst_d, out = cfg.model_dump(), instrument.model_dump(), str(staging)
+
+    def work(task: FileTask) -> dict:
+        return generate_file(task, SynthConfig(**cfg_d), Instrument(**inst_d), out)
+
+    results = list((executor or LOCAL).map(work, tasks))
     results.sort(key=lambda r: r["index"])
     truth = pq.read_table(staging / TRUTH_DIR)
     n_lab = labels_catalogue.write_label_catalogue(truth, instrument.labels, staging / LABELS_DIR / "allStar-synth.fits")

@@ -1,0 +1,212 @@
+"""The model registry floor: every MLflow call of the stages goes through here.
+
+A :class:`Registry` wraps one ``MlflowClient`` for one tracking URI and one registered model name,
+passed explicitly, so two registries in one process (a benchmark comparing two runs, a test with
+two work folders) never see each other's store. Train registers through it, promote moves aliases
+and writes the champion history through it, predict and report resolve and load through it. Its
+failures are :class:`RegistryError`: one line naming the model, the alias or version, and the store.
+
+Only the training run's own logging (params, per-epoch metrics, figures, the pyfunc model) uses
+MLflow's fluent API, which needs a process-wide tracking URI; :func:`log_training_run` sets it
+for that call without exporting it (:func:`use_tracking_uri`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stellar.errors import StellarError
+
+
+class RegistryError(StellarError):
+    """A model, version or alias that the registry does not hold."""
+
+
+def use_tracking_uri(uri: str) -> None:
+    """Point this process's fluent MLflow API at ``uri`` without exporting it.
+
+    ``mlflow.set_tracking_uri`` also writes MLFLOW_TRACKING_URI into the process environment (for
+    subprocesses), and ``stellar.config.load_config`` lets that variable win over the config file (how
+    cluster jobs are pointed at a shared server). Left exported, the first store a process touched
+    would silently replace the store of every config it loads later: a benchmark re-assessing two
+    runs in one process got the first run's champion for the second. The variable is restored to
+    what it was (the user's own setting, or absent)."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@dataclass
+class Registry:
+    """One registered model in one MLflow store.
+
+    Args:
+        tracking_uri: the store (``sqlite:///...`` or a server URL); also its model registry.
+        model_name: the registered model's name (``mlflow.model_name``).
+    """
+
+    tracking_uri: str
+    model_name: str
+    client: Any = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    @classmethod
+    def from_config(cls, cfg) -> "Registry":
+        return cls(cfg.mlflow.tracking_uri, cfg.mlflow.model_name)
+
+    # -- reading -------------------------------------------------------------
+    def version(self, ref: str, missing_alias_ok: bool = False):
+        """The ``ModelVersion`` of an alias or a version number.
+
+        Raises RegistryError when the model or the version does not exist, and for a missing alias
+        unless ``missing_alias_ok`` (then None: promote's "no champion yet")."""
+        from mlflow.exceptions import MlflowException
+
+        name = self.model_name
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            raise RegistryError(f"no registered model {name!r} in {self.tracking_uri} (run 'stellar train' "
+                                "first)") from None
+        try:
+            return self.client.get_model_version(name, ref) if ref.isdigit() else \
+                self.client.get_model_version_by_alias(name, ref)
+        except MlflowException:
+            if not ref.isdigit() and missing_alias_ok:
+                return None
+            raise RegistryError(f"model {name!r} has no {'version' if ref.isdigit() else 'alias'} {ref!r} in "
+                                f"{self.tracking_uri}") from None
+
+    def load(self, ref: str):
+        """Resolve ``ref`` once and load its ensemble, pickle-free; returns (Ensemble, identity).
+
+        Reads the registry, never writes it: only the model's ``artifacts/ensemble`` folder is copied,
+        into a temporary folder of this call, and read into memory. (``download_artifacts`` of the
+        model's root on a local store would return the store's own folder and rewrite its
+        ``registered_model_meta`` there, so a read-only registry failed and two concurrent predicts
+        raced on that file.)"""
+        import mlflow
+
+        from stellar.training import Ensemble
+
+        mv = self.version(ref)
+        # a batch job's log is no place for a progress bar per model load (a user's own setting wins)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        source = self.client.get_model_version_download_uri(self.model_name, mv.version).rstrip("/")
+        with tempfile.TemporaryDirectory(prefix="stellar-model-") as tmp:
+            folder = mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/artifacts/ensemble", dst_path=tmp,
+                                                         tracking_uri=self.tracking_uri)
+            ens = Ensemble.load(folder)
+        return ens, {"name": self.model_name, "version": int(mv.version), "run_id": mv.run_id}
+
+    def version_with_tag(self, key: str, value: str) -> int | None:
+        """The newest version whose tag ``key`` is ``value`` (None also when the model is not registered)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            versions = self.client.search_model_versions(f"name = '{self.model_name}'")
+        except MlflowException:
+            return None
+        found = [int(v.version) for v in versions if (v.tags or {}).get(key) == value]
+        return max(found) if found else None
+
+    def model_tags(self) -> dict[str, str]:
+        return dict(self.client.get_registered_model(self.model_name).tags or {})
+
+    # -- writing -------------------------------------------------------------
+    def tag_version(self, version: int | str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.model_name, str(version), key, value)
+
+    def tag_model(self, key: str, value: str) -> None:
+        self.client.set_registered_model_tag(self.model_name, key, value)
+
+    def set_alias(self, alias: str, version: int | str) -> None:
+        self.client.set_registered_model_alias(self.model_name, alias, str(version))
+
+    def log_artifacts(self, run_id: str, folder: str | Path, artifact_path: str) -> None:
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
+
+
+def load_registered(cfg, alias_or_version: str):
+    """``Registry.from_config(cfg).load(alias_or_version)``: (Ensemble, identity)."""
+    return Registry.from_config(cfg).load(alias_or_version)
+
+
+def log_training_run(cfg, ens, members, dropped, metrics: dict, figures: dict) -> dict:
+    """Log a trained ensemble as one MLflow run (a nested run per member, with its loss curves), its
+    pyfunc model and figures, and register it under ``mlflow.model_name`` with the ``train.alias``
+    when ``train.register_model``. ``figures``: artifact path -> matplotlib figure. Returns the run
+    id, model URI and, when registered, the version."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    use_tracking_uri(cfg.mlflow.tracking_uri)
+    exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is None:
+        root = cfg.mlflow.artifact_root or None  # None: the tracking server's artifact store
+        if root and "://" not in root:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        exp_id = mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=root)
+    else:
+        exp_id = exp.experiment_id
+    meta = ens.meta
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"ensemble-{ens.cfg.name}") as parent:
+        mlflow.log_params({f"model.{k}": json.dumps(v) if isinstance(v, (list, dict)) else v
+                           for k, v in ens.cfg.model_dump().items()})
+        mlflow.log_params({"members": len(members), "labels": ",".join(ens.labels), "instrument": meta["instrument"],
+                           "features_version": meta["features_version"], "config_digest": meta["config_digest"],
+                           "drop_rule": meta["drop_rule"]})
+        for m in members:
+            with mlflow.start_run(experiment_id=exp_id, run_name=f"member-{m.index}", nested=True):
+                mlflow.log_params({"member": m.index, "seed": m.seed})
+                for h in m.history:
+                    mlflow.log_metrics({"train_loss": h["train_loss"], "val_loss": h["val_loss"]}, step=h["epoch"])
+                mlflow.log_metrics({"best_val_loss": m.best_val_loss, "best_epoch": m.best_epoch,
+                                    "seconds": m.seconds})
+                mlflow.set_tag("dropped", str(m.index in dropped).lower())
+        mlflow.log_metrics({k.replace("/", "."): v for k, v in metrics.items()})
+        mlflow.log_dict({"calibration": dict(zip(ens.labels, ens.calibration.tolist())), **meta}, "ensemble_meta.json")
+        for path, fig in figures.items():
+            mlflow.log_figure(fig, path)
+        n_pix = ens.stats["n_spectrum"]
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_pix), "spectrum"),
+                           TensorSpec(np.dtype(np.bool_), (-1, n_pix), "spectrum_mask"),
+                           TensorSpec(np.dtype(np.float32), (-1, 2 * ens.stats["xp_bases"]), "xp"),
+                           TensorSpec(np.dtype(np.float32), (-1, len(ens.stats["scalar_names"])), "scalars")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float64), (-1, len(ens.labels)), "mean"),
+                            TensorSpec(np.dtype(np.float64), (-1, len(ens.labels)), "sigma")]))
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = ens.save(Path(tmp) / "ensemble")
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                artifacts={"ensemble": str(folder)}, signature=signature)
+        out = {"run_id": parent.info.run_id, "model_uri": info.model_uri}
+        if cfg.train.register_model:
+            registry = Registry.from_config(cfg)
+            mv = mlflow.register_model(info.model_uri, cfg.mlflow.model_name)
+            registry.tag_version(mv.version, {key: str(meta[key]) for key in
+                                              ("features_version", "config_digest", "git_commit", "instrument",
+                                               "train_digest")})
+            registry.tag_version(mv.version, {"labels": ",".join(ens.labels)})
+            registry.set_alias(cfg.train.alias, mv.version)
+            out.update({"registered_model": cfg.mlflow.model_name, "version": int(mv.version), "alias": cfg.train.alias})
+    return out

@@ -1,0 +1,71 @@
+"""The import boundaries of ARCHITECTURE.md, checked on the source (every import, function-level too).
+
+Stages stand side by side on the shared floor (runtime, registry, table store, config, the model):
+no stage module imports another; only the orchestrators (``cli``, ``pipeline``) and ``jobs/`` see
+them all. Spark is imported only by the execution floor, the session factory, device discovery and
+the Spark side of predict; MLflow only by the registry and the model flavour.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "stellar"
+STAGES = ("synth", "ingest", "preprocess", "selection", "trainer", "predict", "promote", "report", "export")
+ORCHESTRATORS = ("stellar.cli", "stellar.pipeline")
+SPARK_ALLOWED = ("stellar.runtime", "stellar.spark", "stellar.devices", "stellar.predict")
+MLFLOW_ALLOWED = ("stellar.registry", "stellar.mlflow_model")
+
+
+def _modules() -> dict[str, set[str]]:
+    """Module name -> every module it imports (absolute names)."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        imported: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module)
+                imported.update(f"{node.module}.{a.name}" for a in node.names)
+        out[name] = imported
+    return out
+
+
+def _stage_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "stellar" and parts[1] in STAGES else None
+
+
+def test_no_stage_imports_another():
+    crossings = []
+    for module, imported in _modules().items():
+        own = _stage_of(module)
+        if module in ORCHESTRATORS:
+            continue
+        for target in imported:
+            other = _stage_of(target)
+            if other is not None and other != own:
+                crossings.append(f"{module} -> {target}")
+    assert crossings == []
+
+
+def test_floor_modules_import_no_stage():
+    """The floor (everything that is neither a stage nor an orchestrator) stands on nothing above it."""
+    found = [f"{m} -> {t}" for m, imported in _modules().items()
+             if _stage_of(m) is None and m not in ORCHESTRATORS for t in imported if _stage_of(t) is not None]
+    assert found == []
+
+
+def test_spark_and_mlflow_stay_in_their_modules():
+    mods = _modules()
+    spark = sorted(m for m, imp in mods.items() if any(t == "pyspark" or t.startswith("pyspark.") for t in imp))
+    mlflow = sorted(m for m, imp in mods.items() if any(t == "mlflow" or t.startswith("mlflow.") for t in imp))
+    assert set(spark) <= set(SPARK_ALLOWED), spark
+    assert set(mlflow) <= set(MLFLOW_ALLOWED), mlflow
+    assert "stellar.runtime" in spark and "stellar.registry" in mlflow  # the test sees real imports
