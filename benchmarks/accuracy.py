@@ -49,7 +49,7 @@ from trust import HARD_SETS, run_pipeline  # noqa: E402
 from stellar.config import load_config  # noqa: E402
 from stellar.instruments import load_instrument  # noqa: E402
 from stellar.tables import load_stats  # noqa: E402
-from stellar.training import load_split  # noqa: E402
+from stellar.ensemble import load_split  # noqa: E402
 
 BINS = (("15-25", 15, 25), ("25-50", 25, 50), (">50", 50, np.inf), ("all", 0, np.inf))
 
@@ -96,7 +96,7 @@ def main() -> None:
     sets = [f"work_dir={work}"]
     cfg = load_config(ROOT / "conf" / "local.yaml", sets)
 
-    from stellar.trainer import load_registered, train_ensemble
+    from stellar.train import load_registered, train_ensemble
 
     ens, ident = load_registered(cfg, "champion")
     root = cfg.preprocess.output_dir

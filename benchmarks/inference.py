@@ -45,7 +45,7 @@ from stellar.model import load_model_preset  # noqa: E402
 from stellar.predict import ModelBundle, predict  # noqa: E402
 from stellar.tables import load_stats  # noqa: E402
 from stellar.tables import read_table  # noqa: E402
-from stellar.training import Ensemble, build_net  # noqa: E402
+from stellar.ensemble import Ensemble, build_net  # noqa: E402
 
 
 def random_ensemble(stats: dict, labels: list[str], members: int, features_root: str | None = None,
@@ -55,8 +55,8 @@ def random_ensemble(stats: dict, labels: list[str], members: int, features_root:
     from safetensors.torch import save as st_save
 
     from stellar.emulator import line_window
-    from stellar.trainer import emulator_sample
-    from stellar.training import load_split
+    from stellar.train import emulator_sample
+    from stellar.ensemble import load_split
 
     cfg = load_model_preset("hybrid", str(ROOT / "conf"))
     weights = []

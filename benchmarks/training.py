@@ -31,7 +31,7 @@ from stellar.instruments import load_instrument  # noqa: E402
 from stellar.model import HybridNet, load_model_preset  # noqa: E402
 from stellar.tables import load_stats  # noqa: E402
 from stellar.tables import read_table  # noqa: E402
-from stellar.training import train_member  # noqa: E402
+from stellar.ensemble import train_member  # noqa: E402
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ fed back into them.
 ``--refit`` (with ``--work`` a finished run) re-assesses that run's champion with the
 current code instead of reading its predictions: the trust thresholds and the uncertainty
 calibration are fitted again on its validation stars exactly as the trainer fits them
-(``stellar.trainer.fit_trust_and_calibration``; the trained members and their emulator
+(``stellar.train.fit_trust_and_calibration``; the trained members and their emulator
 are kept), and every feature row is predicted again (one process). A change to the trust
 tests or the calibration is then measured in seconds (~11 s on the demo run) instead of a retraining.
 """
@@ -160,7 +160,7 @@ def refit_predictions(work: Path, sets: list[str]):
     from stellar.instruments import load_instrument
     from stellar.predict import ModelBundle, predict
     from stellar.tables import TableStore
-    from stellar.trainer import fit_trust_and_calibration, load_registered, selection_table
+    from stellar.train import fit_trust_and_calibration, load_registered, selection_table
 
     cfg = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={work}", *sets])
     ens, ident = load_registered(cfg, "champion")

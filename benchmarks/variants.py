@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 from stellar.config import load_config  # noqa: E402
 from stellar.instruments import load_instrument  # noqa: E402
 from stellar.tables import load_stats  # noqa: E402
-from stellar.trainer import train_ensemble  # noqa: E402
-from stellar.training import load_split  # noqa: E402
+from stellar.train import train_ensemble  # noqa: E402
+from stellar.ensemble import load_split  # noqa: E402
 
 BINS = (("15-25", 15, 25), ("25-50", 25, 50), (">50", 50, np.inf), ("all", 0, np.inf))
 

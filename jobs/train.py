@@ -2,7 +2,7 @@
 
     spark-submit jobs/train.py --config conf/local.yaml [--model hybrid] [--members 5] [--set KEY=VALUE ...]
 
-Thin by design: the CLI parses arguments and builds the session; the work is ``stellar.trainer``.
+Thin by design: the CLI parses arguments and builds the session; the work is ``stellar.train``.
 """
 
 import sys

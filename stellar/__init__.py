@@ -1,7 +1,10 @@
 """stellar: stellar labels from survey spectra with hybrid CNN ensembles on Spark.
 
-The package is a pure, importable core (numpy/torch/Arrow) with Spark-aware
-helpers; only `jobs/` and the CLI build Spark sessions.
+The package is a pure, importable core (numpy/torch/Arrow): stages that stand side by
+side on a shared floor (``runtime`` to run tasks here or on Spark, ``registry`` for MLflow,
+``tables`` for the versioned Parquet store, ``config``, the model). Spark sessions are built
+only by ``stellar.spark.build_session``, which the entry points call: ``jobs/``, the CLI, the
+pipeline driver and ``doctor``. See ARCHITECTURE.md.
 """
 
 __version__ = "0.2.0"

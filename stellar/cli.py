@@ -284,7 +284,7 @@ def cmd_select(cfg: StellarConfig, args: argparse.Namespace) -> int:
 
 def run_train(cfg: StellarConfig, use_spark: bool = True) -> dict:
     from stellar.instruments import load_instrument
-    from stellar.trainer import train_ensemble
+    from stellar.train import train_ensemble
 
     instrument = load_instrument(cfg.instrument, cfg.conf_dir)
     return _staged(cfg, "train", use_spark, lambda m: train_ensemble(cfg, instrument, mapper=m))

@@ -19,7 +19,7 @@ from mlflow.pyfunc import PythonModel
 
 class StellarEnsembleModel(PythonModel):
     def load_context(self, context) -> None:
-        from stellar.training import Ensemble
+        from stellar.ensemble import Ensemble
 
         self.ensemble = Ensemble.load(context.artifacts["ensemble"])
 

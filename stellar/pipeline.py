@@ -197,50 +197,76 @@ def run_pipeline(cfg: StellarConfig, stages: list[str], use_spark: bool = True,
     return runs
 
 
+def _run_synth(cfg: StellarConfig, instrument, session) -> dict:
+    done = _synth_up_to_date(cfg, instrument)
+    if done:
+        return done
+    from stellar.runtime import SparkExecutor
+    from stellar.synth.survey import run_survey
+
+    spark, _ = session()
+    return run_survey(cfg.synth, instrument, executor=SparkExecutor(spark, "stellar synth") if spark else None)
+
+
+def _run_ingest(cfg: StellarConfig, instrument, session) -> dict:
+    from stellar.ingest.run import ingest
+
+    return ingest(cfg.ingest, instrument, cfg.conf_dir, mapper=session()[1])
+
+
+def _run_preprocess(cfg: StellarConfig, instrument, session) -> dict:
+    from stellar.preprocess import preprocess
+
+    return preprocess(cfg.preprocess, instrument, cfg.ingest.output_dir, mapper=session()[1])
+
+
+def _run_select(cfg: StellarConfig, instrument, session) -> dict:
+    from stellar.selection import select
+
+    return select(cfg.select, cfg.preprocess.output_dir, mapper=session()[1])
+
+
+def _run_train(cfg: StellarConfig, instrument, session) -> dict:
+    """Up to date when a registered version was trained on exactly these inputs (its train_digest tag)."""
+    from stellar.tables import TableStore
+    from stellar.train import registered_with_digest, train_digest, train_ensemble
+
+    digest = train_digest(cfg, instrument.name, TableStore(cfg.preprocess.output_dir).current_version())
+    version = registered_with_digest(cfg, digest)
+    if version is not None:
+        return {"up_to_date": True, "version": version, "train_digest": digest}
+    s = train_ensemble(cfg, instrument, mapper=session()[1])
+    return {**s, "train_digest": digest}
+
+
+def _run_promote(cfg: StellarConfig, instrument, session) -> dict:
+    from stellar.promote import promote
+
+    r = promote(cfg)
+    return {**r, "up_to_date": r["decision"] == "unchanged"}
+
+
+def _run_predict(cfg: StellarConfig, instrument, session) -> dict:
+    from stellar.predict import predict, resolve_model
+
+    return predict(cfg, resolve_model(cfg), spark=session()[0])
+
+
+def _run_report(cfg: StellarConfig, instrument, session) -> dict:
+    from stellar.report import build_report
+
+    return build_report(cfg)
+
+
+# Each stage's runner: (config, instrument, session()) -> its summary. ``session()`` builds the Spark
+# session on first use and returns (spark, executor), or (None, None) for an in-process run.
+STAGE_RUNNERS = {"synth": _run_synth, "ingest": _run_ingest, "preprocess": _run_preprocess, "select": _run_select,
+                 "train": _run_train, "promote": _run_promote, "predict": _run_predict, "report": _run_report}
+
+
 def _stage(name: str, cfg: StellarConfig, instrument, session) -> dict:
-    if name == "synth":
-        done = _synth_up_to_date(cfg, instrument)
-        if done:
-            return done
-        from stellar.runtime import SparkExecutor
-        from stellar.synth.survey import run_survey
-
-        spark, _ = session()
-        return run_survey(cfg.synth, instrument, executor=SparkExecutor(spark, "stellar synth") if spark else None)
-    if name == "ingest":
-        from stellar.ingest.run import ingest
-
-        return ingest(cfg.ingest, instrument, cfg.conf_dir, mapper=session()[1])
-    if name == "preprocess":
-        from stellar.preprocess import preprocess
-
-        return preprocess(cfg.preprocess, instrument, cfg.ingest.output_dir, mapper=session()[1])
-    if name == "select":
-        from stellar.selection import select
-
-        return select(cfg.select, cfg.preprocess.output_dir, mapper=session()[1])
-    if name == "train":
-        from stellar.tables import TableStore
-        from stellar.trainer import registered_with_digest, train_digest, train_ensemble
-
-        digest = train_digest(cfg, instrument.name, TableStore(cfg.preprocess.output_dir).current_version())
-        version = registered_with_digest(cfg, digest)
-        if version is not None:
-            return {"up_to_date": True, "version": version, "train_digest": digest}
-        s = train_ensemble(cfg, instrument, mapper=session()[1])
-        return {**s, "train_digest": digest}
-    if name == "promote":
-        from stellar.promote import promote
-
-        r = promote(cfg)
-        return {**r, "up_to_date": r["decision"] == "unchanged"}
-    if name == "predict":
-        from stellar.predict import predict, resolve_model
-
-        bundle = resolve_model(cfg)
-        return predict(cfg, bundle, spark=session()[0])
-    if name == "report":
-        from stellar.report import build_report
-
-        return build_report(cfg)
-    raise PipelineError(f"unknown stage {name!r}")
+    try:
+        runner = STAGE_RUNNERS[name]
+    except KeyError:
+        raise PipelineError(f"unknown stage {name!r}") from None
+    return runner(cfg, instrument, session)

@@ -42,7 +42,7 @@ from stellar.devices import pick_device
 from stellar.errors import StellarError
 from stellar.inference_core import StackedEnsemble, arrow_features, features_to_tensors, forward_members
 from stellar.tables import TableStore, settings_hash, write_part
-from stellar.training import Ensemble
+from stellar.ensemble import Ensemble
 from stellar.trust import OOD_BITS, assess, blocks_read
 
 PASS_THROUGH = ("source_id", "hpx", "split", "snr", "quality")
@@ -288,6 +288,7 @@ def _predict(cfg: StellarConfig, bundle: ModelBundle | None, spark) -> dict:
                     "model": bundle.identity(), "labels": labels, "settings_digest": digest,
                     "seconds": round(time.perf_counter() - t0, 2)})
     store.commit(version, {"stellar_version": __version__, "settings_digest": digest, "model": bundle.identity(),
+                           "healpix_order": fstore.healpix_order(),
                            "summary": summary, "columns": output_schema(labels).names + [
                                "model_name", "model_version", "model_run_id"]})
     return summary

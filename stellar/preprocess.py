@@ -312,7 +312,8 @@ def _preprocess(cfg: PreprocessConfig, instrument: Instrument, tables_root: str,
                "partitions": len(hpxs), "counts": dict(sorted(counts.items())),
                "seconds": round(time.perf_counter() - t0, 3)}
     store.commit(version, {"stellar_version": __version__, "settings_digest": digest,
-                           "tables_version": tables_version, "summary": summary})
+                           "tables_version": tables_version, "summary": summary,
+                           "healpix_order": source.healpix_order()})
     return summary
 
 

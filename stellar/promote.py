@@ -21,7 +21,7 @@ from stellar.config import StellarConfig
 from stellar.errors import StellarError
 from stellar.tables import load_stats
 from stellar.registry import Registry
-from stellar.training import Ensemble, evaluate, load_split
+from stellar.ensemble import Ensemble, evaluate, load_split
 
 HISTORY_TAG = "champion_history"
 

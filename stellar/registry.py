@@ -103,7 +103,7 @@ class Registry:
         raced on that file.)"""
         import mlflow
 
-        from stellar.training import Ensemble
+        from stellar.ensemble import Ensemble
 
         mv = self.version(ref)
         # a batch job's log is no place for a progress bar per model load (a user's own setting wins)

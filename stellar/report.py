@@ -223,8 +223,8 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
     # residuals vs S/N and calibration on the test split
     test = feats[feats["split"] == "test"].merge(preds[ok], on="source_id", suffixes=("_label", ""))
     if len(test):
-        from stellar.training import COVERAGE_LEVELS as qs
-        from stellar.training import coverage_curve
+        from stellar.ensemble import COVERAGE_LEVELS as qs
+        from stellar.ensemble import coverage_curve
 
         fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3), squeeze=False)
         figc, axc = plt.subplots(figsize=(4.5, 4))

@@ -269,7 +269,8 @@ def _select(cfg: SelectConfig, features_root: str, mapper: Executor | None) -> d
                **{k: round(c[k], 2) for k in ("task_seconds", "map_load_seconds", "transform_seconds")},
                "seconds": round(time.perf_counter() - t0, 2)}
     _figure(store.root / version / "map.png", store.root / version / "selection")
-    store.commit(version, {"stellar_version": __version__, "settings_digest": digest, "summary": summary})
+    store.commit(version, {"stellar_version": __version__, "settings_digest": digest, "summary": summary,
+                           "healpix_order": fstore.healpix_order()})
     return summary
 
 

@@ -104,6 +104,12 @@ class TableStore:
             return None
         return json.loads((self.root / v / MANIFEST).read_text())
 
+    def healpix_order(self) -> int | None:
+        """The HEALPix order of the committed version's ``hpx=`` partitions (from its manifest; every
+        stage after ingest keeps ingest's partitioning). None for a store written before it was recorded."""
+        m = self.current_manifest()
+        return None if m is None else m.get("healpix_order")
+
     def table_path(self, table: str, version: str | None = None) -> Path:
         """The folder of ``table`` in the committed (or given) version, checked once per process
         against its manifest's part list (``verify``): dataset readers read whatever a folder holds."""

@@ -9,12 +9,11 @@ the Spark side of predict; MLflow only by the registry and the model flavour.
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 from conftest import ROOT
 
 PACKAGE = ROOT / "stellar"
-STAGES = ("synth", "ingest", "preprocess", "selection", "trainer", "predict", "promote", "report", "export")
+STAGES = ("synth", "ingest", "preprocess", "selection", "train", "predict", "promote", "report", "export")
 ORCHESTRATORS = ("stellar.cli", "stellar.pipeline")
 SPARK_ALLOWED = ("stellar.runtime", "stellar.spark", "stellar.devices", "stellar.predict")
 MLFLOW_ALLOWED = ("stellar.registry", "stellar.mlflow_model")
@@ -69,3 +68,9 @@ def test_spark_and_mlflow_stay_in_their_modules():
     assert set(spark) <= set(SPARK_ALLOWED), spark
     assert set(mlflow) <= set(MLFLOW_ALLOWED), mlflow
     assert "stellar.runtime" in spark and "stellar.registry" in mlflow  # the test sees real imports
+
+
+def test_the_pipeline_looks_every_stage_up_in_one_table():
+    from stellar.pipeline import STAGE_RUNNERS, STAGES
+
+    assert list(STAGE_RUNNERS) == list(STAGES)

@@ -37,7 +37,7 @@ def registry(tmp_path_factory, rvs_instrument):
     """A 3000-star survey through select, and two registered ensembles (versions 1 and 2), v1 @champion."""
     from mlflow import MlflowClient
 
-    from stellar.trainer import train_ensemble
+    from stellar.train import train_ensemble
 
     tmp = tmp_path_factory.mktemp("predict")
     cfg = small_config(tmp, n_stars=3000, stars_per_file=1000, **{"synth.training_fraction": 0.5,
@@ -490,7 +490,7 @@ def test_trust_flags_on_a_small_survey(registry, tmp_path):
     assert (reason & ~known == 0).all()
     # the precision bit is set exactly where a published uncertainty is above the model's limit, a
     # catastrophic error over a validation |z| quantile no smaller than the Gaussian one
-    from stellar.training import Ensemble
+    from stellar.ensemble import Ensemble
 
     trust = Ensemble.from_files(resolve_model(cfg).files).trust
     assert 2.57 < trust.precision_z < 6 and trust.catastrophic_odds == cfg.train.catastrophic_odds

@@ -50,7 +50,7 @@ def test_one_process_two_stores_each_config_keeps_its_own(tmp_path, monkeypatch)
     import mlflow
 
     from stellar.registry import Registry, use_tracking_uri
-    from stellar.trainer import registered_with_digest
+    from stellar.train import registered_with_digest
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     a = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={tmp_path / 'a'}"])

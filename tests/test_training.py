@@ -13,7 +13,7 @@ from stellar.model import ModelConfig, gaussian_nll
 from stellar.preprocess import preprocess
 from stellar.tables import load_stats
 from stellar.synth.survey import run_survey
-from stellar.training import Ensemble, evaluate, load_split, outlier_members, train_member
+from stellar.ensemble import Ensemble, evaluate, load_split, outlier_members, train_member
 
 from conftest import ROOT, small_config
 
@@ -117,7 +117,7 @@ def test_register_load_by_alias_identical_predictions(features, tmp_path, rvs_in
 
     from stellar.errors import StellarError
     from stellar.registry import load_registered
-    from stellar.trainer import train_ensemble
+    from stellar.train import train_ensemble
 
     root, stats = features
     cfg = _cfg(tmp_path, root)
@@ -157,7 +157,7 @@ def test_register_load_by_alias_identical_predictions(features, tmp_path, rvs_in
 @pytest.mark.spark
 def test_spark_members_equal_local_members(spark, features, tmp_path, rvs_instrument):
     from stellar.runtime import SparkExecutor
-    from stellar.trainer import train_ensemble
+    from stellar.train import train_ensemble
 
     root, _ = features
     a = train_ensemble(_cfg(tmp_path / "a", root, "train.members=2"), rvs_instrument, log_mlflow=False)
@@ -167,7 +167,7 @@ def test_spark_members_equal_local_members(spark, features, tmp_path, rvs_instru
 
 
 def test_spectrum_only_preset_on_second_instrument(tmp_path, hr15n_instrument):
-    from stellar.trainer import train_ensemble
+    from stellar.train import train_ensemble
 
     cfg = small_config(tmp_path, n_stars=600, stars_per_file=300, instrument="ges_hr15n",
                        **{"synth.training_fraction": 0.8})

@@ -309,7 +309,7 @@ def test_uncertainty_calibration_follows_the_kind_of_star():
     """Raw sigmas 2x too large for 'dwarfs' (u ~ 1) and right for 'giants': fitted on a 25 % dwarf
     sample, the factor is right for each kind, so it holds on a 60 % dwarf catalogue; with no such
     effect the label terms stay near zero (the prior)."""
-    from stellar.training import fit_label_calibration, label_terms
+    from stellar.ensemble import fit_label_calibration, label_terms
 
     def sample(n, dwarf_share, effect, rng):
         dwarf = rng.random(n) < dwarf_share
@@ -332,7 +332,7 @@ def test_uncertainty_calibration_follows_the_kind_of_star():
         assert 0.85 <= z[kind].std() <= 1.15, z[kind].std()
     assert 0.9 <= z.std() <= 1.1
     # the S/N-only factor leaves the dwarfs' errors far too large
-    from stellar.training import fit_snr_calibration
+    from stellar.ensemble import fit_snr_calibration
 
     a1, b1 = fit_snr_calibration(r, s, e, t)
     z1 = r2 / np.sqrt((np.exp(a1 + b1 * t2) * s2) ** 2 + e2**2)
@@ -345,7 +345,7 @@ def test_uncertainty_calibration_follows_the_kind_of_star():
 def test_uncertainty_calibration_follows_snr_smoothly():
     """Raw sigmas 1.5x too large at S/N 200 and right at S/N 15: the fitted factor follows, with
     no step and no extrapolation beyond the S/N the fit saw."""
-    from stellar.training import fit_snr_calibration
+    from stellar.ensemble import fit_snr_calibration
 
     rng = np.random.default_rng(3)
     n = 600

@@ -179,7 +179,7 @@ def _data_line_numbers(path: str) -> list[int]:
     numbers: list[int] = []
     seen_names = False
     try:
-        with gaia_ecsv._open(path) as fh:
+        with gaia_ecsv.open_file(path) as fh:
             for i, line in enumerate(fh, start=1):
                 if line.startswith(b"#"):
                     continue
@@ -396,7 +396,7 @@ def read_spectra_fits(inp: InputFile, product: Product, wave: np.ndarray) -> Rea
 
 
 def sniff_csv_columns(path: str) -> list[str]:
-    opener = gaia_ecsv._open(path)
+    opener = gaia_ecsv.open_file(path)
     with opener as fh:
         first = fh.readline().decode("utf-8", "replace").strip()
     return [c.strip().strip('"') for c in first.split(",")] if first else []

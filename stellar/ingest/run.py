@@ -499,6 +499,7 @@ def _ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None, map
             + "; ".join(f"{k} ({v['quarantined']} bad, e.g. {v['example']})" for k, v in worst if v["quarantined"])
             + f". Details: {store.root / '_runs' / (version + '-failed.json')}")
     manifest = {"stellar_version": __version__, "schema_version": 1, "files": files,
+                "healpix_order": cfg.healpix_order,
                 "summary": {k: v for k, v in summary.items() if k not in ("seconds", "cleaned")}}
     store.commit(version, manifest)
     (store.root / "_runs" / f"{version}.json").write_text(json.dumps(summary, indent=1, sort_keys=True))

@@ -332,7 +332,9 @@ class _GzipStream:
         self._thread.join(timeout=5)
 
 
-def _open(path: str | Path):
+def open_file(path: str | Path):
+    """A binary reader of a plain or gzip file (gzip: decompressed ahead in a thread, damage kept
+    apart from the good bytes before it; see ``_GzipStream``)."""
     return _GzipStream(path) if is_gzip(path) else open(path, "rb")
 
 
@@ -364,7 +366,7 @@ def read_header(path: str | Path) -> EcsvHeader:
     one) is skipped; the data offset still counts its bytes."""
     lines: list[bytes] = []
     offset = 0
-    with _open(path) as fh:
+    with open_file(path) as fh:
         for i, raw in enumerate(fh):
             offset += len(raw)
             if i == 0 and raw.startswith(UTF8_BOM):
@@ -411,7 +413,7 @@ def iter_chunks(path: str | Path, header: EcsvHeader, start: int = 0, end: int |
     corrupt = False
     note = None
     try:
-        with _open(path) as fh:
+        with open_file(path) as fh:
             try:
                 last_byte = b"\n"
                 while pos < start:  # skip to `start`, counting lines for absolute line numbers

@@ -27,7 +27,7 @@ from stellar.instruments import Instrument
 from stellar.model import ModelConfig, load_model_preset
 from stellar.tables import load_stats
 from stellar.tables import TableStore, settings_hash
-from stellar.training import (COVERAGE_LEVELS, Ensemble, coverage_curve, evaluate, load_split, outlier_members,
+from stellar.ensemble import (COVERAGE_LEVELS, Ensemble, coverage_curve, evaluate, load_split, outlier_members,
                               train_member)
 from stellar.registry import Registry, log_training_run
 from stellar.runtime import LOCAL, Executor
