@@ -2,8 +2,9 @@
 
 Stages stand side by side on the shared floor (runtime, registry, table store, config, the model):
 no stage module imports another; only the orchestrators (``cli``, ``pipeline``) and ``jobs/`` see
-them all. Spark is imported only by the execution floor, the session factory, device discovery and
-the Spark side of predict; MLflow only by the registry and the model flavour.
+them all. Spark is imported only by the execution floor, the session factory and device discovery
+(predict runs its tasks on the floor's executor like every stage); MLflow only by the registry and
+the model flavour.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "stellar"
 STAGES = ("synth", "ingest", "preprocess", "selection", "train", "predict", "promote", "report", "export")
 ORCHESTRATORS = ("stellar.cli", "stellar.pipeline")
-SPARK_ALLOWED = ("stellar.runtime", "stellar.spark", "stellar.devices", "stellar.predict")
+SPARK_ALLOWED = ("stellar.runtime", "stellar.spark", "stellar.devices")
 MLFLOW_ALLOWED = ("stellar.registry", "stellar.mlflow_model")
 
 
