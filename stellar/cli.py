@@ -31,6 +31,8 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``stellar`` argument parser: one subcommand per stage and set-up helper, each accepting
+    ``--config`` and ``--set`` before or after the subcommand (``_load`` merges the two)."""
     parser = argparse.ArgumentParser(
         prog="stellar",
         description="Stellar labels from survey spectra with hybrid CNN ensembles on Spark.",
@@ -140,6 +142,8 @@ def _load(args: argparse.Namespace) -> StellarConfig:
 
 
 def cmd_doctor(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    """``stellar doctor``: print versions, Java, Spark master, MLflow URI and GPUs; returns 2 when
+    something needed is missing."""
     from stellar.doctor import report
 
     lines, ok = report(cfg, spark_check=args.spark)
@@ -148,6 +152,7 @@ def cmd_doctor(cfg: StellarConfig, args: argparse.Namespace) -> int:
 
 
 def run_synth(cfg: StellarConfig, use_spark: bool = True) -> dict:
+    """Generate the synthetic survey, as Spark tasks unless ``use_spark`` is False; returns its manifest."""
     from stellar.instruments import load_instrument
     from stellar.synth.survey import run_survey
 
@@ -165,6 +170,8 @@ def run_synth(cfg: StellarConfig, use_spark: bool = True) -> dict:
 
 
 def summarise_synth(m: dict) -> str:
+    """What ``stellar synth`` prints of a survey manifest: where it went, stars, files and size, label
+    and out-of-distribution counts, speed."""
     total = sum(sum(f["bytes"].values()) for f in m["files"])
     rate = m["n_stars"] / m["seconds"] if m["seconds"] else float("nan")
     return "\n".join([
@@ -177,6 +184,7 @@ def summarise_synth(m: dict) -> str:
 
 
 def cmd_synth(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    """``stellar synth``: generate the survey and print its summary."""
     manifest = run_synth(cfg, use_spark=not args.no_spark)
     print(summarise_synth(manifest))
     return 0
@@ -197,6 +205,7 @@ def _staged(cfg: StellarConfig, stage: str, use_spark: bool, fn):
 
 
 def run_ingest(cfg: StellarConfig, use_spark: bool = True) -> dict:
+    """Run the ingest stage for ``cfg``, as Spark tasks unless ``use_spark`` is False; returns its summary."""
     from stellar.ingest.run import ingest
     from stellar.instruments import load_instrument
 
@@ -205,6 +214,8 @@ def run_ingest(cfg: StellarConfig, use_spark: bool = True) -> dict:
 
 
 def summarise_ingest(s: dict, root: str) -> str:
+    """What ``stellar ingest`` prints: the version, rows in / written / quarantined per table, the bad
+    fraction, per-file warnings and the ten commonest quarantine reasons."""
     if s.get("up_to_date"):
         return f"tables in {root} are up to date (version {s['version']}): nothing to ingest"
     lines = [f"ingested into {root} (version {s['version']}; {s['parsed_files']} files parsed in {s['tasks']} tasks, "
@@ -225,12 +236,14 @@ def summarise_ingest(s: dict, root: str) -> str:
 
 
 def cmd_ingest(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    """``stellar ingest``: ingest into ``ingest.output_dir`` and print the summary."""
     summary = run_ingest(cfg, use_spark=not args.no_spark)
     print(summarise_ingest(summary, cfg.ingest.output_dir))
     return 0
 
 
 def run_preprocess(cfg: StellarConfig, use_spark: bool = True) -> dict:
+    """Run the preprocess stage on the committed ingest tables; returns its summary."""
     from stellar.instruments import load_instrument
     from stellar.preprocess import preprocess
 
@@ -240,6 +253,8 @@ def run_preprocess(cfg: StellarConfig, use_spark: bool = True) -> dict:
 
 
 def summarise_preprocess(s: dict, root: str) -> str:
+    """What ``stellar preprocess`` prints: the version, star and join counts, split sizes, unjoined rows,
+    label cuts and the quality flags raised."""
     c = s["counts"]
     if s.get("up_to_date"):
         return f"features in {root} are up to date (version {s['version']}, from tables {s['tables_version']})"
@@ -260,18 +275,22 @@ def summarise_preprocess(s: dict, root: str) -> str:
 
 
 def cmd_preprocess(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    """``stellar preprocess``: build the features table and print the summary."""
     summary = run_preprocess(cfg, use_spark=not args.no_spark)
     print(summarise_preprocess(summary, cfg.preprocess.output_dir))
     return 0
 
 
 def run_select(cfg: StellarConfig, use_spark: bool = True) -> dict:
+    """Run the selection stage on the committed features; returns its summary."""
     from stellar.selection import select
 
     return _staged(cfg, "select", use_spark, lambda m: select(cfg.select, cfg.preprocess.output_dir, mapper=m))
 
 
 def cmd_select(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    """``stellar select``: build the selection map and print one line (fit set, placement, observed
+    train-unlike stars)."""
     s = run_select(cfg, use_spark=not args.no_spark)
     if s.get("up_to_date"):
         print(f"selection in {cfg.select.output_dir} is up to date (version {s['version']})")
@@ -283,6 +302,8 @@ def cmd_select(cfg: StellarConfig, args: argparse.Namespace) -> int:
 
 
 def run_train(cfg: StellarConfig, use_spark: bool = True) -> dict:
+    """Train, calibrate and register the ensemble; returns the train summary (the ``Ensemble`` itself under
+    ``ensemble``)."""
     from stellar.instruments import load_instrument
     from stellar.train import train_ensemble
 
@@ -291,6 +312,8 @@ def run_train(cfg: StellarConfig, use_spark: bool = True) -> dict:
 
 
 def summarise_train(s: dict) -> str:
+    """What ``stellar train`` prints: members kept and dropped, the registered version and alias, and per
+    label the test-split RMSE, bias, RMSE at S/N > 50, z-score spread and 68 % coverage."""
     m = s["metrics"]
     ens = s["ensemble"]
     lines = [f"ensemble: {s['kept']} of {s['members']} members kept (dropped: {s['dropped'] or 'none'}); "
@@ -307,12 +330,15 @@ def summarise_train(s: dict) -> str:
 
 
 def cmd_train(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    """``stellar train``: train the ensemble and print the summary."""
     summary = run_train(cfg, use_spark=not args.no_spark)
     print(summarise_train(summary))
     return 0
 
 
 def run_predict(cfg: StellarConfig, use_spark: bool = True) -> dict:
+    """Resolve ``predict.model`` once, before any task (the alias may move meanwhile), then predict every
+    star; returns the predict summary."""
     from stellar.predict import predict, resolve_model
 
     bundle = resolve_model(cfg)  # once, before any task runs: the alias may move meanwhile
@@ -328,6 +354,8 @@ def run_predict(cfg: StellarConfig, use_spark: bool = True) -> dict:
 
 
 def summarise_predict(s: dict, root: str) -> str:
+    """What ``stellar predict`` prints: version and model, rows predicted and quarantined, train-like
+    counts, labels outside the training range, ood counts by reason and quarantine reasons."""
     m = s["model"]
     if s.get("up_to_date"):
         return (f"predictions in {root} are up to date (version {s['version']}, model {m['name']} "
@@ -345,11 +373,14 @@ def summarise_predict(s: dict, root: str) -> str:
 
 
 def cmd_predict(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    """``stellar predict``: predict with the resolved model and print the summary."""
     print(summarise_predict(run_predict(cfg, use_spark=not args.no_spark), cfg.predict.output_dir))
     return 0
 
 
 def cmd_export(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    """``stellar export``: write the committed predictions (filtered by ``--where``) to FITS, VOTable or
+    CSV and print what was written."""
     from stellar.export import export
 
     s = export(cfg.predict.output_dir, args.output, args.format, args.where, args.max_rows, args.overwrite)
@@ -359,6 +390,8 @@ def cmd_export(cfg: StellarConfig, args: argparse.Namespace) -> int:
 
 
 def summarise_promote(r: dict) -> str:
+    """What ``stellar promote`` prints: the decision (or the rollback), each label's challenger and
+    champion test metrics, and why a challenger was not promoted."""
     if r["decision"] == "rolled back":
         return f"@champion rolled back from version {r['from']} to version {r['to']}"
     head = f"challenger version {r['challenger']} vs champion " + (
@@ -378,6 +411,8 @@ def summarise_promote(r: dict) -> str:
 
 
 def cmd_promote(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    """``stellar promote``: evaluate the challenger and move the champion alias if it wins (``--dry-run``:
+    change nothing), or ``--rollback``; prints the decision."""
     from stellar.promote import promote, rollback
 
     r = rollback(cfg) if args.rollback else promote(cfg, dry_run=args.dry_run)
@@ -386,6 +421,8 @@ def cmd_promote(cfg: StellarConfig, args: argparse.Namespace) -> int:
 
 
 def summarise_report(r: dict) -> str:
+    """What ``stellar report`` prints: where the report went (or that it is up to date), its figures, the
+    MLflow run it was logged to, and the [alpha/M] bimodality peaks."""
     if r.get("up_to_date"):
         return (f"report {r['path']} is up to date ({len(r['figures'])} figures of the same tables and model): "
                 "nothing to rebuild (--force rebuilds it)")
@@ -399,6 +436,8 @@ def summarise_report(r: dict) -> str:
 
 
 def cmd_report(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    """``stellar report``: build the science report (logged to MLflow unless ``--no-mlflow``) and print
+    the summary."""
     from stellar.report import build_report
 
     print(summarise_report(build_report(cfg, args.report_output, log_mlflow=not args.no_mlflow, force=args.force)))
@@ -424,6 +463,10 @@ def _stage_text(run, cfg: StellarConfig) -> str:
 
 
 def cmd_pipeline(cfg: StellarConfig, args: argparse.Namespace) -> int:
+    """``stellar pipeline`` and ``stellar demo``: run the chosen stages in order, print each stage's
+    outcome as it ends and write ``pipeline-summary.json`` in the work folder.
+
+    Returns 2 when a stage failed (a rerun resumes from it), else 0."""
     from stellar.pipeline import choose_stages, run_pipeline
 
     only = [x.strip() for item in (args.only or []) for x in item.split(",") if x.strip()]
@@ -461,6 +504,9 @@ COMMANDS = {"doctor": cmd_doctor, "synth": cmd_synth, "ingest": cmd_ingest, "pre
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``stellar`` command: parse, load the config, check the MLflow store for the
+    stages that use it, run the subcommand. Errors a user can fix (StellarError, OSError) print one
+    line and return 2."""
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one-line logs, not bars

@@ -54,6 +54,9 @@ class StrictModel(BaseModel):
 
 
 class SparkConfig(StrictModel):
+    """The ``spark`` section: master, app name, driver memory, log level and extra ``spark.*`` settings of
+    the sessions stellar builds."""
+
     master: str = "local[*]"
     app_name: str = "stellar"
     driver_memory: str = "4g"
@@ -88,6 +91,9 @@ def _spark_str(value: Any) -> str:
 
 
 class MlflowConfig(StrictModel):
+    """The ``mlflow`` section: the tracking store, where new experiments keep artifacts, the experiment and
+    the registered model name."""
+
     # MLFLOW_TRACKING_URI in the environment wins over the file (--set wins over both)
     tracking_uri: str = "sqlite:///{work_dir}/mlflow.db"
     # where new experiments keep artifacts; null: the tracking server's own store (mlflow server
@@ -158,6 +164,8 @@ DEFAULT_ASTROMETRY_COLUMNS = [
 
 
 class LabelInput(StrictModel):
+    """One entry of ``ingest.labels``: a label catalogue file and the catalogue preset that maps its columns."""
+
     path: str
     catalogue: str = "apogee_dr17"  # preset under conf/catalogues/ (or a path to one)
 
@@ -211,6 +219,8 @@ class LabelCuts(StrictModel):
 
 
 class SplitConfig(StrictModel):
+    """The ``preprocess.split`` section: train / validation / test shares (summing to 1) and the hash seed."""
+
     train: float = Field(0.8, gt=0, lt=1)
     validation: float = Field(0.1, ge=0, lt=1)
     test: float = Field(0.1, ge=0, lt=1)
@@ -347,6 +357,9 @@ class PromoteConfig(StrictModel):
 
 
 class StellarConfig(StrictModel):
+    """The whole YAML config: work folder, instrument preset and one section per stage; ``{work_dir}`` in
+    its strings is expanded on validation."""
+
     work_dir: str = "./work"
     instrument: str = "gaia_rvs"
     spark: SparkConfig = Field(default_factory=SparkConfig)

@@ -17,6 +17,8 @@ from stellar.errors import StellarError
 
 
 def task_gpu_addresses() -> list[str]:
+    """The GPU addresses Spark assigned to the current task; empty outside a Spark task or without GPU
+    scheduling."""
     try:
         from pyspark import TaskContext
     except ImportError:  # pragma: no cover - pyspark is a dependency

@@ -15,6 +15,7 @@ PACKAGES = ("stellar", "pyspark", "torch", "pyarrow", "numpy", "pandas", "astrop
 
 
 def gpu_report() -> list[str]:
+    """One line per CUDA device torch sees, or one line saying why there is none."""
     try:
         import torch
     except ImportError:

@@ -130,11 +130,14 @@ class SpectrumEmulator:
         return np.where(n_all > 0, chi2, np.nan), np.where(n_win > 0, line, np.nan)
 
     def to_tensors(self) -> dict[str, np.ndarray]:
+        """The fit as C-ordered arrays for safetensors (``emulator.safetensors`` of the ensemble's files), the
+        window as uint8."""
         # C order: safetensors writes the raw buffer (theta comes out of the solve transposed, F-ordered)
         return {"theta": np.ascontiguousarray(self.theta), "scatter": np.ascontiguousarray(self.scatter),
                 "window": np.ascontiguousarray(self.window.astype(np.uint8))}
 
     @classmethod
     def from_tensors(cls, t: dict[str, np.ndarray]) -> "SpectrumEmulator":
+        """The emulator back from :meth:`to_tensors`' arrays."""
         return cls(np.asarray(t["theta"], np.float32), np.asarray(t["scatter"], np.float32),
                    np.asarray(t["window"]).astype(bool))

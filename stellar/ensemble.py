@@ -40,6 +40,9 @@ SNR_BINS = ((15.0, 25.0), (25.0, 50.0), (50.0, np.inf))
 
 @dataclass
 class Member:
+    """One trained member: index and seed, its best weights (safetensors bytes), best epoch and validation
+    loss, per-epoch losses, training time and the device it ran on."""
+
     index: int
     seed: int
     weights: bytes  # safetensors
@@ -102,6 +105,12 @@ def _forward_chunks(net: HybridNet, data: dict[str, torch.Tensor], chunk: int = 
 
 def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats: dict, index: int,
                  seed: int, threads: int | None = None, device: str = "auto") -> Member:
+    """Train one member with Adam on the Gaussian NLL, early-stopped on the validation split; returns the
+    weights of its best epoch.
+
+    Deterministic for a given ``seed`` (deterministic torch kernels; the block dropout draws from its own
+    generator), so a rerun or another executor gives the same member. ``threads`` caps torch's CPU
+    threads; ``device`` is the :func:`stellar.devices.pick_device` preference."""
     t0 = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
@@ -301,6 +310,7 @@ class Ensemble:
             self.nets.append(net)
 
     def to(self, device: str | torch.device) -> "Ensemble":
+        """Move every member network to ``device``; returns the ensemble."""
         for net in self.nets:
             net.to(device)
         return self
@@ -312,6 +322,8 @@ class Ensemble:
         return means.astype(np.float64), variances.astype(np.float64)
 
     def predict(self, data: dict[str, torch.Tensor], calibrated: bool = True) -> dict[str, np.ndarray]:
+        """Physical means and uncertainties of ``data`` (:meth:`combine`), calibrated at each star's S/N when
+        ``data`` has ``snr``."""
         means, variances = self.predict_normalised(data)
         snr = data["snr"].numpy() if "snr" in data else None
         return self.combine(means, variances, calibrated, snr)
@@ -335,6 +347,8 @@ class Ensemble:
         return np.exp(log_c)
 
     def snr_calibration(self) -> dict:
+        """The calibration's S/N and predicted-label terms as a JSON-able dict: ``snr_calibration`` in
+        ``ensemble.json``, read back by the constructor."""
         return {"kind": "loglinear_labels", "pivot": self.snr_pivot, "t_range": list(self.snr_t_range),
                 "coef": self.snr_coef.tolist(), "label_coef": self.label_coef.tolist(),
                 "label_range": self.label_range.tolist()}
@@ -462,6 +476,7 @@ class Ensemble:
         return reason
 
     def physical_labels(self, data: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """The catalogue labels of ``data`` and their errors in physical units, (N, L) each."""
         y = data["labels"].numpy().astype(np.float64) * self.label_std + self.label_mean
         e = data["label_err"].numpy().astype(np.float64) * self.label_std
         return y, e
@@ -483,6 +498,7 @@ class Ensemble:
 
     @classmethod
     def from_files(cls, files: dict[str, bytes]) -> "Ensemble":
+        """An ensemble from :meth:`to_files`' named files, without pickle; ValueError names a missing file."""
         try:
             spec = json.loads(files["ensemble.json"])
             stats = json.loads(files["stats.json"])
@@ -496,6 +512,7 @@ class Ensemble:
                    if "emulator.safetensors" in files else None)
 
     def save(self, folder: str | Path) -> Path:
+        """Write :meth:`to_files` into ``folder`` (created if needed); returns the folder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in self.to_files().items():
@@ -504,6 +521,8 @@ class Ensemble:
 
     @classmethod
     def load(cls, folder: str | Path) -> "Ensemble":
+        """An ensemble from a folder :meth:`save` wrote (the emulator where its file is there);
+        FileNotFoundError when the folder holds no ``ensemble.json``."""
         folder = Path(folder)
         if not (folder / "ensemble.json").is_file():
             raise FileNotFoundError(f"{folder} holds no ensemble.json")

@@ -38,6 +38,8 @@ DEFAULT_MAX_ROWS = 5_000_000
 
 
 class ExportError(StellarError):
+    """An export the user can fix: unknown format, existing output, a bad ``--where`` term, too many rows
+    for FITS/VOTable, an unwritable path."""
     pass
 
 
@@ -65,6 +67,11 @@ def _filter(where: str | None):
 
 def export(predictions_root: str, output: str, fmt: str | None = None, where: str | None = None,
            max_rows: int = DEFAULT_MAX_ROWS, overwrite: bool = False) -> dict:
+    """Write the committed predictions, filtered by ``where``, to ``output`` in ``fmt`` (by default
+    the one its suffix names).
+
+    The file is written beside the target and renamed into place, so the requested name never holds a
+    half-written file. Returns the rows written, the path, the format and the model from the manifest."""
     out = Path(output)
     fmt = fmt or {".fits": "fits", ".fit": "fits", ".vot": "votable", ".xml": "votable", ".csv": "csv"}.get(
         "".join(out.suffixes[-1:]).lower())

@@ -32,6 +32,9 @@ FILL_FLUX = 1.0  # masked pixels read as continuum; the mask says they are not d
 
 @dataclass(frozen=True)
 class SpectrumResult:
+    """What :func:`process_spectra` returns: rebinned flux, error and mask, and per star the S/N, the
+    masked output pixels and whether an edge spike was masked."""
+
     flux: np.ndarray  # (n, m) float32, masked pixels = FILL_FLUX
     error: np.ndarray  # (n, m) float32, masked pixels = 0
     mask: np.ndarray  # (n, m) uint8, 1 = not data
@@ -75,6 +78,10 @@ def rebin(values: np.ndarray, weights_ok: np.ndarray, factor: int) -> tuple[np.n
 
 def process_spectra(flux: np.ndarray, error: np.ndarray, factor: int, edge_pixels: int,
                     spike_excess: float, spike_sigma: float) -> SpectrumResult:
+    """Mask bad pixels and edge spikes, measure each star's S/N and rebin flux and error by ``factor``.
+
+    The S/N is the median flux/error over the unmasked input pixels; a bin's error is that of the mean
+    of its good pixels, and a bin with none is masked (flux FILL_FLUX, error 0)."""
     flux = flux.astype(np.float64)
     error = error.astype(np.float64)
     bad, spike = mask_pixels(flux, error, edge_pixels, spike_excess, spike_sigma)
@@ -142,6 +149,8 @@ def split_hash(source_id: np.ndarray, seed: int = 0) -> np.ndarray:
 
 def assign_split(source_id: np.ndarray, usable: np.ndarray, train: float, validation: float,
                  seed: int = 0) -> np.ndarray:
+    """Each star's split by :func:`split_hash`: 'train' and 'validation' take the given shares, 'test' the
+    rest; stars that are not ``usable`` are 'observed'."""
     u = split_hash(source_id, seed)
     split = np.where(u < train, "train", np.where(u < train + validation, "validation", "test"))
     return np.where(usable, split, "observed")
@@ -159,6 +168,8 @@ def partial_moments(x: np.ndarray) -> dict:
 
 
 def merge_moments(parts: list[dict]) -> dict:
+    """Combine partitions' :func:`partial_moments`: counts and sums added, minima and maxima kept. Merge in
+    a fixed order for reproducible rounding (preprocess sorts by partition)."""
     out = {"n": 0, "sum": 0.0, "sumsq": 0.0, "min": np.inf, "max": -np.inf}
     for p in parts:
         out["n"] = out["n"] + np.asarray(p["n"])
@@ -170,6 +181,8 @@ def merge_moments(parts: list[dict]) -> dict:
 
 
 def finish_moments(m: dict) -> dict:
+    """Normalisation statistics of merged moments as JSON-able lists: n, mean, population std (1 for a
+    constant feature, so z-scoring never divides by zero), min and max."""
     n = np.maximum(np.asarray(m["n"], dtype=np.float64), 1)
     mean = np.asarray(m["sum"]) / n
     var = np.maximum(np.asarray(m["sumsq"]) / n - mean**2, 0.0)
@@ -188,10 +201,13 @@ class Normaliser:
 
     @classmethod
     def from_stats(cls, stats: dict) -> "Normaliser":
+        """A normaliser of one entry of ``stats.json`` (its ``mean`` and ``std``)."""
         return cls(np.asarray(stats["mean"], dtype=np.float64), np.asarray(stats["std"], dtype=np.float64))
 
     def normalise(self, x: np.ndarray) -> np.ndarray:
+        """(x - mean) / std as float32, the dtype the network is fed."""
         return ((x - self.mean) / self.std).astype(np.float32)
 
     def denormalise(self, z: np.ndarray) -> np.ndarray:
+        """z * std + mean in float64: normalised values back in physical units."""
         return (np.asarray(z, dtype=np.float64) * self.std + self.mean)

@@ -26,6 +26,7 @@ def healpix_index(source_id: np.ndarray, order: int) -> np.ndarray:
 
 
 def npix(order: int) -> int:
+    """Number of HEALPix pixels at ``order`` (12 * 4**order)."""
     return 12 * 4**order
 
 
@@ -44,6 +45,8 @@ def lonlat_of_pixels(order: int, pix: np.ndarray, dx: np.ndarray | float = 0.5, 
 
 
 def pixels_of_lonlat(order: int, ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
+    """Nested HEALPix index at ``order`` of ICRS positions (degrees): the check on the pixel a source_id
+    encodes (:func:`healpix_index`)."""
     import astropy.units as u
     from astropy_healpix import HEALPix
 

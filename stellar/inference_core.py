@@ -203,6 +203,8 @@ class StackedEnsemble(torch.nn.Module):
         return x
 
     def bound(self, mean: torch.Tensor) -> torch.Tensor:
+        """The members' means bounded as each member bounds its own (:meth:`stellar.model.HybridNet.bound`);
+        identity when the members are unbounded."""
         if not self.bounded:
             return mean
         from stellar.trust import bound_outputs

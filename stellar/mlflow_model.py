@@ -18,12 +18,16 @@ from mlflow.pyfunc import PythonModel
 
 
 class StellarEnsembleModel(PythonModel):
+    """The pyfunc model MLflow loads: an :class:`~stellar.ensemble.Ensemble` from the logged artifacts."""
+
     def load_context(self, context) -> None:
+        """Load the ensemble from the ``ensemble`` artifact folder (safetensors and JSON, nothing unpickled)."""
         from stellar.ensemble import Ensemble
 
         self.ensemble = Ensemble.load(context.artifacts["ensemble"])
 
     def predict(self, context, model_input, params=None):
+        """Raw feature arrays -> ``mean`` and calibrated ``sigma``, (N, L) float64 in physical units."""
         from stellar.inference_core import features_to_tensors
 
         data = features_to_tensors(self.ensemble.stats, model_input)

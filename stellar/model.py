@@ -19,12 +19,17 @@ from stellar.config import StrictModel, load_preset
 
 
 class ConvLayer(StrictModel):
+    """One convolution layer of the spectrum branch: filters, kernel width and max-pool size (1: none)."""
+
     filters: int = Field(gt=0)
     kernel: int = Field(gt=0)
     pool: int = Field(1, ge=1)
 
 
 class ModelConfig(StrictModel):
+    """A network and its training settings (a preset under ``conf/models/``): branches, layer widths,
+    activation, output bounds, block dropout, optimiser, early stopping and label balancing."""
+
     name: str = "hybrid"
     use_spectrum: bool = True
     use_xp: bool = True
@@ -64,6 +69,8 @@ class ModelConfig(StrictModel):
     label_balance_cap: float = Field(5.0, ge=1, le=100)
 
     def model_post_init(self, _ctx) -> None:
+        """Refuse an architecture without an input branch, and input dropout of unknown blocks or at rates
+        outside [0, 0.5]."""
         if not (self.use_spectrum or self.use_xp or self.use_scalars):
             raise ValueError("at least one input branch must be on")
         blocks = ("xp", "bp", "rp", "parallax")
@@ -76,6 +83,7 @@ class ModelConfig(StrictModel):
 
 
 def load_model_preset(name: str, conf_dir: str | None = None) -> ModelConfig:
+    """Load and validate a model preset by name (hybrid, rave2020, gaia_eso2023) or YAML path."""
     return load_preset("models", name, ModelConfig, conf_dir, "model")
 
 
@@ -141,6 +149,11 @@ class HybridNet(nn.Module):
 
     def forward(self, spectrum: torch.Tensor, mask: torch.Tensor, xp: torch.Tensor,
                 scalars: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Means (bounded where the net has bounds) and log-variances of the normalised labels, (B, L) each.
+
+        On CPU the conv stack runs in the faster channels-last layout (:meth:`_conv_channels_last`), on
+        other devices as the (B, C, L) modules: same weights, same result. Without ``heteroscedastic`` the
+        log-variance is 0."""
         parts = []
         if self.cfg.use_spectrum:
             keep = (~mask).to(spectrum.dtype)

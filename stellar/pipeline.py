@@ -31,11 +31,14 @@ STAGES = ("synth", "ingest", "preprocess", "select", "train", "promote", "predic
 
 
 class PipelineError(StellarError):
+    """A pipeline request that cannot run, such as an unknown stage name."""
     pass
 
 
 @dataclass
 class StageRun:
+    """One stage of a pipeline run: its status, seconds, the stage's summary and, when it failed, the error."""
+
     name: str
     status: str = "pending"  # ran | skipped | failed | not selected
     seconds: float = 0.0
@@ -44,6 +47,9 @@ class StageRun:
 
 
 def choose_stages(cfg: StellarConfig, start: str | None = None, only: list[str] | None = None) -> list[str]:
+    """The stages to run, in pipeline order: from ``start`` on, and only those in ``only``. ``synth`` is
+    left out unless ingest reads the synthetic survey's folder (the demo) or ``only`` names it.
+    Raises PipelineError for an unknown stage."""
     for s in [start, *(only or [])]:
         if s is not None and s not in STAGES:
             raise PipelineError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
@@ -75,6 +81,8 @@ class Progress:
         self.stage, self.stars, self.t0 = "", None, 0.0
 
     def start(self, stage: str, stars: int | None) -> None:
+        """Report on ``stage`` (``stars``: the catalogue size, for the stars estimate); a polling thread runs
+        only when a SparkSession is attached."""
         self.stage, self.stars, self.t0 = stage, stars, time.perf_counter()
         self._stop.clear()
         if self.spark is not None:
@@ -82,6 +90,7 @@ class Progress:
             self._thread.start()
 
     def stop(self) -> None:
+        """Stop the polling thread and clear the live line on a terminal."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -91,6 +100,8 @@ class Progress:
             self.stream.flush()
 
     def line(self) -> str | None:
+        """The progress text of the active Spark jobs (tasks done, elapsed, estimated stars and rate, ETA);
+        None when no task is running."""
         tracker = self.spark.sparkContext.statusTracker()
         done = total = 0
         for job in tracker.getActiveJobsIds():

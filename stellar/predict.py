@@ -52,6 +52,8 @@ PASS_THROUGH = ("source_id", "hpx", "split", "snr", "quality")
 
 
 class PredictError(StellarError):
+    """A predict run that cannot go on: no features, a selection of other features, no feature parts, or
+    row accounting that does not add up."""
     pass
 
 
@@ -66,6 +68,8 @@ class ModelBundle:
 
     @cached_property
     def digest(self) -> str:
+        """A short hash of the model's files: the key of the worker's predictor cache and part of the
+        predictions' settings digest."""
         h = hashlib.sha256()
         for k in sorted(self.files):
             h.update(k.encode())
@@ -74,12 +78,16 @@ class ModelBundle:
 
     @property
     def labels(self) -> list[str]:
+        """The ensemble's label names, from its ``ensemble.json``."""
         return json.loads(self.files["ensemble.json"])["labels"]
 
     def identity(self) -> dict:
+        """Name, version, run id and digest: what the predictions' rows and manifest record of the model."""
         return {"name": self.name, "version": self.version, "run_id": self.run_id, "digest": self.digest}
 
     def ensemble(self) -> Ensemble:
+        """The :class:`~stellar.ensemble.Ensemble` built from the files (once per worker, by
+        :func:`worker_predictor`)."""
         return Ensemble.from_files(self.files)
 
 
@@ -92,6 +100,9 @@ def resolve_model(cfg: StellarConfig, alias_or_version: str | None = None) -> Mo
 
 
 def output_schema(labels: list[str]) -> pa.Schema:
+    """The ``predictions`` schema for ``labels``: pass-through columns, each label's mean and uncertainty,
+    the out-of-range bits, the problem text, the map's verdict and score, the chi-squares and the ood
+    flags (the model columns are appended when the table is written)."""
     fields = [pa.field("source_id", pa.int64()), pa.field("hpx", pa.int32()), pa.field("split", pa.string()),
               pa.field("snr", pa.float32()), pa.field("quality", pa.int32())]
     for lab in labels:
@@ -126,6 +137,7 @@ class BatchPredictor:
 
     @property
     def precision(self) -> str:
+        """The precision in use: fp32, fp16 or bf16 (``auto`` reads fp32 until the first sub-batch decides)."""
         return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
 
     def check_mixed_precision(self, data: dict[str, torch.Tensor], dtype: torch.dtype) -> float:
@@ -223,6 +235,8 @@ _PREDICTORS: dict[tuple, BatchPredictor] = {}
 
 
 def worker_predictor(bundle: ModelBundle, pcfg: PredictConfig) -> BatchPredictor:
+    """This Python worker's :class:`BatchPredictor` for the bundle and settings, built once and reused
+    across tasks (one model at a time); torch gets as many threads as the Spark task has CPUs."""
     from stellar.devices import task_cpus
 
     threads = task_cpus()

@@ -38,11 +38,16 @@ from stellar.tables import STATS, TableStore, settings_hash, write_part
 
 
 class PreprocessError(StellarError):
+    """A preprocess run that cannot go on: no ingested tables or partitions, or row accounting that does
+    not add up."""
     pass
 
 
 @dataclass(frozen=True)
 class Context:
+    """What every partition task needs: the ingested and output version folders, the stage config as a
+    dict, the instrument's labels and pixel count."""
+
     tables_vdir: str
     out_vdir: str
     cfg: dict
@@ -126,6 +131,8 @@ def label_cut_reasons(labels: pa.Table | None, rows: np.ndarray, found: np.ndarr
 
 
 def features_schema(n_spec: int, n_xp: int, labels: tuple[str, ...]) -> pa.Schema:
+    """The ``features`` schema: fixed-size spectrum, error, mask, XP and scalar arrays, S/N and quality,
+    each label with its error, the label catalogue, the label cut reason and the split."""
     fields = [pa.field("source_id", pa.int64()),
               pa.field("spectrum", pa.list_(pa.float32(), n_spec)),
               pa.field("spectrum_error", pa.list_(pa.float32(), n_spec)),
@@ -147,6 +154,11 @@ def _fixed_list(values: np.ndarray, arrow_type: pa.DataType) -> pa.FixedSizeList
 
 @with_one_blas_thread  # the stats must round alike in-process and on executors (stellar.numerics)
 def build_partition(hpx: int, ctx: Context) -> dict:
+    """Join one HEALPix partition's rvs, xp, astrometry and labels and write its features part.
+
+    One row per spectrum: missing inputs are filled and flagged in ``quality``, never dropped. Returns
+    the partition's counts and the mergeable moments of its training stars' inputs and labels (None
+    without spectra), from which the driver builds ``stats.json``."""
     cfg = ctx.cfg
     rvs = _read_partition(ctx.tables_vdir, "rvs", hpx)
     xp = _read_partition(ctx.tables_vdir, "xp", hpx)
@@ -254,6 +266,8 @@ def build_partition(hpx: int, ctx: Context) -> dict:
 
 
 def settings_digest(cfg: PreprocessConfig, instrument: Instrument, tables_version: str) -> str:
+    """The digest of what the features depend on: the stage config (not its output folder), the
+    instrument and its labels, the tables version and the code version."""
     payload = {"cfg": cfg.model_dump(exclude={"output_dir"}), "instrument": instrument.name,
                "labels": instrument.labels, "tables": tables_version, "version": __version__}
     return settings_hash(payload)

@@ -27,6 +27,8 @@ HISTORY_TAG = "champion_history"
 
 
 class PromoteError(StellarError):
+    """A promotion or rollback that cannot be decided or done: no challenger or champion, different label
+    sets, no test stars, or an unreadable champion history."""
     pass
 
 
@@ -66,6 +68,12 @@ def _summary(metrics: dict, labels: list[str]) -> dict:
 
 
 def promote(cfg: StellarConfig, dry_run: bool = False) -> dict:
+    """Evaluate ``@challenger`` and ``@champion`` on the current test split and move the champion alias
+    when :func:`decide` allows it.
+
+    The decision record (criteria, both versions' metrics, reasons) is tagged on both versions, and the
+    replaced champion joins the history :func:`rollback` walks back; ``dry_run`` changes nothing.
+    Returns the record ("unchanged" when the challenger already holds the alias)."""
     registry = Registry.from_config(cfg)
     name, p = cfg.mlflow.model_name, cfg.promote
     chal_mv = registry.version(p.challenger, missing_alias_ok=True)

@@ -68,6 +68,7 @@ class Registry:
 
     @classmethod
     def from_config(cls, cfg) -> "Registry":
+        """The registry of ``cfg.mlflow``'s tracking store and registered model name."""
         return cls(cfg.mlflow.tracking_uri, cfg.mlflow.model_name)
 
     # -- reading -------------------------------------------------------------
@@ -127,20 +128,25 @@ class Registry:
         return max(found) if found else None
 
     def model_tags(self) -> dict[str, str]:
+        """The registered model's tags (the champion history among them)."""
         return dict(self.client.get_registered_model(self.model_name).tags or {})
 
     # -- writing -------------------------------------------------------------
     def tag_version(self, version: int | str, tags: dict[str, str]) -> None:
+        """Set ``tags`` on one version of the registered model."""
         for key, value in tags.items():
             self.client.set_model_version_tag(self.model_name, str(version), key, value)
 
     def tag_model(self, key: str, value: str) -> None:
+        """Set one tag on the registered model itself."""
         self.client.set_registered_model_tag(self.model_name, key, value)
 
     def set_alias(self, alias: str, version: int | str) -> None:
+        """Point ``alias`` at ``version`` of the registered model (moving it from where it was)."""
         self.client.set_registered_model_alias(self.model_name, alias, str(version))
 
     def log_artifacts(self, run_id: str, folder: str | Path, artifact_path: str) -> None:
+        """Upload a local folder into an existing run's artifacts under ``artifact_path``."""
         self.client.log_artifacts(run_id, str(folder), artifact_path)
 
 

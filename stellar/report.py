@@ -41,6 +41,7 @@ UNITS = {"teff": "K", "logg": "dex", "m_h": "dex", "alpha_m": "dex", "fe_h": "de
 
 
 class ReportError(StellarError):
+    """A report that cannot be built, e.g. no committed predictions."""
     pass
 
 

@@ -34,6 +34,7 @@ class Executor:
     parallelism: int = 1
 
     def map(self, fn: Callable[[Any], T], items: list) -> list[T]:
+        """``fn`` applied to every item, results in item order; subclasses decide where the calls run."""
         raise NotImplementedError
 
     def share(self, value: T) -> Any:
@@ -48,6 +49,7 @@ class LocalExecutor(Executor):
     """Every item in this process, one after another (tests, ``--no-spark``, small runs)."""
 
     def map(self, fn: Callable[[Any], T], items: list) -> list[T]:
+        """``fn`` over ``items`` in this process, in order."""
         return [fn(x) for x in items]
 
 
@@ -66,12 +68,14 @@ class SparkExecutor(Executor):
         self.parallelism = self._sc.defaultParallelism
 
     def map(self, fn: Callable[[Any], T], items: list) -> list[T]:
+        """``fn`` over ``items`` as Spark tasks (one per item unless ``partitions``), collected in item order."""
         if not items:
             return []
         self._sc.setJobDescription(f"{self.description}: {len(items)} tasks")
         return self._sc.parallelize(list(items), numSlices=self.partitions or len(items)).map(fn).collect()
 
     def share(self, value: T) -> Any:
+        """A Spark broadcast of ``value``: shipped once per executor, read by tasks as ``.value``."""
         return self._sc.broadcast(value)
 
 

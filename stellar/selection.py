@@ -44,6 +44,8 @@ from stellar.tables import TableStore, settings_hash, write_part
 
 
 class SelectError(StellarError):
+    """A selection run that cannot go on: no features, too few training stars for the map, or row
+    accounting that does not add up."""
     pass
 
 
@@ -52,6 +54,8 @@ def _matrix(col: pa.ChunkedArray, n: int) -> np.ndarray:
 
 
 def feature_matrix(table: pa.Table, stats: dict, use_xp: bool) -> np.ndarray:
+    """The map's input per star: the rebinned spectrum minus 1, with (``use_xp``) the z-scored XP
+    coefficients appended at a tenth of their weight."""
     spec = _matrix(table["spectrum"], table.num_rows).astype(np.float32) - 1.0
     if not use_xp:
         return spec
@@ -61,6 +65,9 @@ def feature_matrix(table: pa.Table, stats: dict, use_xp: bool) -> np.ndarray:
 
 @dataclass
 class FittedMap:
+    """This run's fitted map: the PCA (mean, components), the 2-D embedding, the fit set's coordinates on
+    it and which fit-set stars are training stars."""
+
     pca_mean: np.ndarray
     pca_components: np.ndarray
     embedding: object  # openTSNE TSNEEmbedding or umap.UMAP (this run's own object)
@@ -69,6 +76,7 @@ class FittedMap:
     method: str
 
     def project(self, x: np.ndarray) -> np.ndarray:
+        """Features -> coordinates in the fitted PCA basis (the embedding's input)."""
         return (x - self.pca_mean) @ self.pca_components.T
 
     def place(self, z: np.ndarray) -> np.ndarray:
@@ -116,6 +124,9 @@ def _hash_sample(sid: np.ndarray, snr: np.ndarray, n: int, seed: int) -> np.ndar
 
 @with_one_blas_thread  # PCA, t-SNE and placement under one thread policy (stellar.numerics)
 def fit_map(cfg: SelectConfig, features_root: str, stats: dict) -> tuple[FittedMap, pa.Table]:
+    """Fit the map on the driver: hash-chosen, S/N-stratified samples of training and observed stars
+    (only their spectra are read), PCA fitted on the training stars, then t-SNE or UMAP.
+    Returns the map and the fit set's table, sorted by source_id."""
     cols = ["source_id", "spectrum", "xp", "split", "snr"]
     # Only ids and S/N of the whole catalogue reach the driver; spectra only for the chosen fit set.
     ids = _read(features_root, None, ["source_id", "snr", "split"])
@@ -158,6 +169,9 @@ def fit_map(cfg: SelectConfig, features_root: str, stats: dict) -> tuple[FittedM
 
 @dataclass(frozen=True)
 class Ctx:
+    """What every placement task needs: the features and output version folders, whether XP is embedded,
+    k and the train-like threshold, and the normalisation statistics."""
+
     features_vdir: str
     out_vdir: str
     use_xp: bool

@@ -38,6 +38,8 @@ def _defaults(cfg: StellarConfig, master: str) -> dict[str, str]:
 
 
 def under_spark_submit() -> bool:
+    """Whether ``spark-submit`` started this process (its JVM gateway is in the environment), so that
+    the submit command's settings win."""
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 

@@ -61,6 +61,9 @@ class StoreBusyError(StellarError):
 
 
 class TableStore:
+    """One versioned table store under ``root``: the writer lock, the committed pointer and manifest, and
+    the steps of a run (open, resume, new version, link, seal, commit)."""
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
 
@@ -93,12 +96,14 @@ class TableStore:
 
     # -- committed state -------------------------------------------------
     def current_version(self) -> str | None:
+        """The committed version's name (``v000002``); None before the first commit."""
         ptr = self.root / POINTER
         if not ptr.is_file():
             return None
         return json.loads(ptr.read_text())["version"]
 
     def current_manifest(self) -> dict | None:
+        """The committed version's manifest; None before the first commit."""
         v = self.current_version()
         if v is None:
             return None

@@ -23,6 +23,7 @@ MLFLOW_WRITERS = frozenset({"train", "promote"})  # stages that write runs, vers
 
 
 class TrackingError(StellarError):
+    """An MLflow tracking store that cannot be reached or written, or a URI of an unsupported scheme."""
     pass
 
 
@@ -37,6 +38,7 @@ def redact(uri: str) -> str:
 
 
 def is_server(uri: str) -> bool:
+    """Whether the tracking URI names a server (http or https), checked through its /health endpoint."""
     return urllib.parse.urlsplit(uri).scheme in ("http", "https")
 
 

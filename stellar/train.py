@@ -35,10 +35,14 @@ from stellar.trust import TrustThresholds
 
 
 class TrainError(StellarError):
+    """A training run that cannot go on: no features, labels missing, bad model overrides, or an empty
+    validation or test split."""
     pass
 
 
 def model_config(cfg: StellarConfig) -> ModelConfig:
+    """The resolved architecture: the ``train.model`` preset with ``train.model_overrides`` applied and
+    validated (a bad override is a TrainError naming the key)."""
     base = load_model_preset(cfg.train.model, cfg.conf_dir)
     if not cfg.train.model_overrides:
         return base
@@ -49,6 +53,7 @@ def model_config(cfg: StellarConfig) -> ModelConfig:
 
 
 def git_commit() -> str:
+    """The commit of the code's checkout (tagged on the registered version); ``unknown`` outside git."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=Path(__file__).resolve().parent)
@@ -106,6 +111,12 @@ def registered_with_digest(cfg: StellarConfig, digest: str) -> int | None:
 
 def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper: Executor | None = None,
                    log_mlflow: bool = True) -> dict:
+    """The train stage: train the members (in parallel on ``mapper``), drop outliers, fit the emulator,
+    trust thresholds and calibration on held-out stars, evaluate on the test split and, with
+    ``log_mlflow``, log and register the ensemble.
+
+    Returns the summary: members kept and dropped, calibration, trust thresholds, test metrics, timings,
+    the MLflow run and registered version when logged, and the :class:`Ensemble` under ``ensemble``."""
 
     t0 = time.perf_counter()
     mapper = mapper or LOCAL
@@ -208,6 +219,7 @@ def chi2_pool_sample(train: dict) -> dict:
 
 
 def evaluate_uncalibrated(ens: Ensemble, test) -> dict:
+    """Each label's test z-score spread before calibration (how far off the raw sigmas are), for the summary."""
     ev = evaluate(ens, test, calibrated=False)
     return {lab: round(ev[f"{lab}/all/z_std"], 3) for lab in ens.labels}
 

@@ -267,6 +267,7 @@ class TrustThresholds:
     _INF_FIELDS = ("disagreement", "spectrum_chi2", "line_chi2", "map_score", "uncertainty")
 
     def to_dict(self) -> dict:
+        """The thresholds as a JSON-able dict; an infinite threshold (test off) is null."""
         d = asdict(self)
         for k in self._INF_FIELDS:  # JSON has no infinity: null means "test off"
             d[k] = None if not np.isfinite(getattr(self, k)) else float(getattr(self, k))
@@ -274,6 +275,8 @@ class TrustThresholds:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "TrustThresholds | None":
+        """Thresholds from :meth:`to_dict`'s dict (None for None): null is infinite again, unknown keys are
+        ignored, and a model of 0.2.0 or before gets its chi-square tests off."""
         if not d:
             return None
         d = dict(d)

@@ -25,6 +25,9 @@ FLAG_NAMES = ("aspcapflag", "starflag", "extratarg", "flag_sp")
 
 
 class CataloguePreset(StrictModel):
+    """A label catalogue preset (``conf/catalogues/<name>.yaml``): the catalogue's columns of source_id,
+    its own row id, the canonical labels, their errors, the S/N and the quality flags."""
+
     name: str
     source_id: str
     catalogue_id: str | None = None
@@ -34,6 +37,8 @@ class CataloguePreset(StrictModel):
     flags: dict[str, str] = Field(default_factory=dict)
 
     def model_post_init(self, _ctx) -> None:
+        """Refuse canonical label and flag names stellar does not know, so a typo fails on load, not as a
+        column of nulls."""
         bad = [k for k in list(self.labels) + list(self.errors) if k not in KNOWN_LABELS]
         bad += [k for k in self.flags if k not in FLAG_NAMES]
         if bad:
@@ -41,10 +46,13 @@ class CataloguePreset(StrictModel):
 
 
 def load_catalogue(name: str, conf_dir: str | None = None) -> CataloguePreset:
+    """Load and validate a catalogue preset by name or YAML path."""
     return load_preset("catalogues", name, CataloguePreset, conf_dir, "label catalogue")
 
 
 def labels_schema() -> pa.Schema:
+    """The canonical ``labels`` table schema: source_id, catalogue and row id, every known label with its
+    error, the label survey's S/N, the flag columns, and the source file and line."""
     fields = [pa.field("source_id", pa.int64()), pa.field("catalogue", pa.string()),
               pa.field("catalogue_id", pa.string())]
     for lab in KNOWN_LABELS:
@@ -141,6 +149,8 @@ def read_label_fits(inp: InputFile, preset: CataloguePreset, required: tuple[str
 
 
 def normalise_labels(columns: dict[str, pa.Array], lines: np.ndarray, source_file: str) -> tuple[pa.Table, pa.Table]:
+    """One batch of label rows in the canonical schema, split into (good rows, quarantine rows): a row
+    without a positive source_id (no Gaia cross-match) goes to quarantine."""
     import pyarrow.compute as pc
 
     from stellar.ingest.products import quarantine_rows

@@ -32,6 +32,9 @@ QUARANTINE_SCHEMA = pa.schema([
 
 @dataclass(frozen=True)
 class Product:
+    """What one ingested table holds: its name, the Gaia table its column types come from, the columns
+    kept, those a file must declare, and the fixed array lengths."""
+
     table: str  # output table: rvs | xp | astrometry
     gaia_table: str  # Gaia DR3 table the columns come from
     columns: tuple[str, ...]  # columns kept, in order
@@ -39,6 +42,7 @@ class Product:
     lengths: tuple[tuple[str, int], ...]  # fixed array lengths
 
     def arrow_type(self, name: str) -> pa.DataType:
+        """The Arrow type of column ``name`` from the Gaia schema (``*_coefficients`` as float64 lists)."""
         t = gaia_table(self.gaia_table).column(name).arrow_type
         if name.endswith("_coefficients"):
             return pa.list_(pa.float64())
@@ -46,6 +50,7 @@ class Product:
 
 
 def rvs_product(n_pixels: int) -> Product:
+    """The ``rvs`` product: RVS mean spectra of ``n_pixels`` flux and flux_error values each."""
     cols = ("source_id", "solution_id", "ra", "dec", "flux", "flux_error", "combined_transits",
             "combined_ccds", "deblended_ccds")
     return Product("rvs", "rvs_mean_spectrum", cols, ("source_id", "flux", "flux_error"),
@@ -53,6 +58,8 @@ def rvs_product(n_pixels: int) -> Product:
 
 
 def xp_product(keep_correlations: bool) -> Product:
+    """The ``xp`` product: BP and RP continuous-spectrum columns, with or without the 1485-value
+    correlation arrays (``ingest.keep_xp_correlations``)."""
     cols = ["source_id", "solution_id"]
     for band in ("bp", "rp"):
         cols += [f"{band}_{c}" for c in XP_BAND_COLUMNS
@@ -70,11 +77,15 @@ ASTROMETRY_REQUIRED = ("source_id", "parallax", "parallax_error", "phot_g_mean_m
 
 
 def astrometry_product(columns: list[str]) -> Product:
+    """The ``astrometry`` product: source_id and the configured gaia_source columns, of which a file must
+    have only those in ASTROMETRY_REQUIRED."""
     cols = ["source_id"] + [c for c in columns if c != "source_id"]
     return Product("astrometry", "gaia_source", tuple(cols), tuple(c for c in cols if c in ASTROMETRY_REQUIRED), ())
 
 
 def output_schema(product: Product) -> pa.Schema:
+    """The canonical schema of a product's table: its columns, the derived ones (``n_nan_pixels`` for rvs,
+    ``has_bp`` and ``has_rp`` for xp), and the source file and line."""
     fields = [pa.field(c, product.arrow_type(c)) for c in product.columns]
     if product.table == "rvs":
         fields.append(pa.field("n_nan_pixels", pa.int16()))
@@ -90,6 +101,8 @@ def _column_of(reason: str) -> str | None:
 
 
 def quarantine_rows(table: str, source_file: str, lines, source_ids, reasons) -> pa.Table:
+    """Quarantine rows of one source file in QUARANTINE_SCHEMA; ``column`` is read off reasons of the form
+    ``column: what``."""
     reasons = list(reasons)
     return pa.table({
         "table": pa.array([table] * len(reasons), pa.string()),
@@ -182,5 +195,6 @@ def _list_count(lists: pa.Array, predicate) -> pa.Array:
 
 
 def add_hpx(table: pa.Table, order: int) -> np.ndarray:
+    """The HEALPix index at ``order`` of each row's source_id: the partition the row belongs to."""
     sid = table["source_id"].to_numpy()
     return healpix_index(sid, order)

@@ -29,6 +29,9 @@ from stellar.io.text_parse import list_from_numpy, merge_problems, parse_array, 
 
 @dataclass(frozen=True)
 class InputFile:
+    """One discovered input file: path, location-independent name, product, format, size and mtime (the
+    reuse fingerprint), the expected md5 and, for labels, the catalogue preset."""
+
     path: str
     source_file: str  # location-independent name recorded in tables ("gaia:gaia_source/GaiaSource_...csv.gz")
     product: str  # rvs | xp | astrometry | labels
@@ -41,6 +44,9 @@ class InputFile:
 
 @dataclass
 class Batch:
+    """Typed columns of some rows of a file, each row's first parse problem (None: no problems) and
+    line numbers."""
+
     columns: dict[str, pa.Array]
     problems: pa.Array | None
     lines: np.ndarray
@@ -48,6 +54,9 @@ class Batch:
 
 @dataclass
 class ReadResult:
+    """What a reader got from a file or chunk: typed batches, rows already quarantined as (line,
+    source_id, reason), the rows counted in, notes, provenance, and why the content is corrupt if it is."""
+
     batches: list[Batch] = field(default_factory=list)
     quarantine: list[tuple[int | None, int | None, str]] = field(default_factory=list)  # (line, source_id, reason)
     rows_in: int = 0
@@ -59,6 +68,7 @@ class ReadResult:
 
 
 def md5_of(path: str) -> str:
+    """Hex md5 of a file, read in 4 MiB blocks (checked against its folder's ``_MD5SUM.txt``)."""
     h = hashlib.md5()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
@@ -75,6 +85,8 @@ def _kind(dtype: str) -> str:
 
 
 def check_header(header: gaia_ecsv.EcsvHeader, product: Product) -> None:
+    """Raise HeaderError unless the header declares the product's required columns and gives every kept
+    column the kind (integer, float, array) the Gaia schema has for it."""
     missing = [c for c in product.required if c not in header.names]
     if missing:
         raise gaia_ecsv.HeaderError(f"header does not declare required column(s) {missing}")
@@ -125,6 +137,11 @@ def typed_from_text(table: pa.Table, product: Product, threads: int | None = Non
 
 
 def read_ecsv(inp: InputFile, product: Product, start: int = 0, end: int | None = None) -> ReadResult:
+    """The rows of a Gaia ECSV file (gzip or plain) that start in uncompressed bytes [start, end), typed.
+
+    A header that cannot be used sends every data line to quarantine (counted by the chunk at 0); gzip
+    damage keeps the complete lines before it and counts the cut or lost lines as quarantined rows.
+    Provenance records the header's meta and the solution ids seen."""
     res = ReadResult()
     try:
         header = gaia_ecsv.read_header(inp.path)
@@ -396,6 +413,7 @@ def read_spectra_fits(inp: InputFile, product: Product, wave: np.ndarray) -> Rea
 
 
 def sniff_csv_columns(path: str) -> list[str]:
+    """The column names on a CSV file's first line (gzip or plain): how :func:`sniff` tells its product."""
     opener = gaia_ecsv.open_file(path)
     with opener as fh:
         first = fh.readline().decode("utf-8", "replace").strip()

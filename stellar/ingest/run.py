@@ -55,11 +55,16 @@ BULK_LAYOUT = {
 
 
 class IngestError(StellarError):
+    """An ingest run that cannot go on or commit: no or missing inputs, unreadable files not allowed, too
+    many bad rows, or row accounting that does not add up."""
     pass
 
 
 @dataclass(frozen=True)
 class IngestTask:
+    """One unit of ingest work: the rows of one input file starting in uncompressed bytes [start, end);
+    ``key`` names its parts."""
+
     input: InputFile
     key: str  # short stable id of the input file (part names)
     chunk: int
@@ -68,6 +73,7 @@ class IngestTask:
 
 
 def file_key(source_file: str) -> str:
+    """A short stable id of an input's location-independent name, used in its part file names."""
     return hashlib.sha1(source_file.encode()).hexdigest()[:12]
 
 
@@ -201,6 +207,9 @@ def plan(inputs: list[InputFile], chunk_bytes: int, parallelism: int = 1) -> lis
 
 @dataclass
 class TaskContext:
+    """What every ingest task needs beside its task: HEALPix order, products, the instrument's wavelength
+    grid, conf folder, the version folder being written, md5 mismatches and the labels the run needs."""
+
     order: int
     products: dict[str, Product]
     wave: np.ndarray
@@ -321,6 +330,7 @@ def _allowed(source_file: str, allowed: list[str]) -> bool:
 
 
 def task_id(task: IngestTask) -> str:
+    """The id of a task's done marker: its file key and chunk number."""
     return f"{task.key}-{task.chunk:04d}"
 
 

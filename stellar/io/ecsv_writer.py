@@ -27,6 +27,8 @@ ROWS_PER_CHUNK = 256
 
 
 def ecsv_header(table: GaiaTable, meta: Mapping | None = None) -> str:
+    """The ``# %ECSV 1.0`` YAML header declaring every column of ``table`` (and ``meta``), as the Gaia
+    archive writes it."""
     doc: dict = {"delimiter": ",", "datatype": [c.header_entry() for c in table.columns]}
     if meta:
         doc["meta"] = dict(meta)

@@ -28,6 +28,8 @@ READ_BLOCK = 4 << 20
 
 @dataclass
 class EcsvHeader:
+    """A parsed ECSV header: declared columns, the meta block, column names and where the data start."""
+
     columns: list[dict]
     meta: dict
     names: list[str]
@@ -35,6 +37,7 @@ class EcsvHeader:
     n_header_lines: int  # lines before the first data line (YAML header + the names line)
 
     def datatype(self, name: str) -> tuple[str, str | None]:
+        """(datatype, subtype) declared for column ``name``; KeyError when it is not declared."""
         for c in self.columns:
             if c["name"] == name:
                 return c.get("datatype", "string"), c.get("subtype")
@@ -58,10 +61,13 @@ class Chunk:
 
 
 class HeaderError(ValueError):
+    """An ECSV header that is missing, not valid YAML, disagrees with its names line, or lacks what the
+    product needs: none of the file's rows can be trusted."""
     pass
 
 
 def is_gzip(path: str | Path) -> bool:
+    """Whether a file starts with the gzip magic bytes (the content decides, not the name)."""
     with open(path, "rb") as fh:
         return fh.read(2) == b"\x1f\x8b"
 
@@ -291,6 +297,8 @@ class _GzipStream:
             raise self._error
 
     def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all that is left when n < 0); the damage is raised once the bytes before it
+        are read."""
         self._fill(n if n >= 0 else 1 << 62)
         n = self._avail() if n < 0 else min(n, self._avail())
         out = bytes(memoryview(self._buf)[self._pos : self._pos + n])
@@ -306,6 +314,7 @@ class _GzipStream:
         return n
 
     def readline(self) -> bytes:
+        """The next line with its newline (the last may lack one); b'' at the end."""
         while True:
             i = self._buf.find(b"\n", self._pos)
             if i >= 0:

@@ -24,6 +24,8 @@ ECSV_TO_ARROW = {
 
 @dataclass(frozen=True)
 class GaiaColumn:
+    """One column as the archive declares it: name, ECSV datatype and array subtype, unit, description, UCD."""
+
     name: str
     datatype: str
     subtype: str | None = None
@@ -33,15 +35,18 @@ class GaiaColumn:
 
     @property
     def is_array(self) -> bool:
+        """Whether the column is an array (ECSV: a string with a ``[...]`` subtype)."""
         return self.subtype is not None and "[" in self.subtype
 
     @property
     def arrow_type(self) -> pa.DataType:
+        """The Arrow type readers convert the column to (a list for arrays)."""
         if self.is_array:
             return pa.list_(ECSV_TO_ARROW[self.subtype.split("[")[0]])
         return ECSV_TO_ARROW[self.datatype]
 
     def header_entry(self) -> dict:
+        """The column's entry in an ECSV header's ``datatype`` list."""
         entry: dict = {"name": self.name, "datatype": self.datatype}
         if self.subtype:
             entry["subtype"] = self.subtype
@@ -56,20 +61,25 @@ class GaiaColumn:
 
 @dataclass(frozen=True)
 class GaiaTable:
+    """A Gaia DR3 table's columns, in archive order."""
+
     name: str
     columns: tuple[GaiaColumn, ...]
 
     @property
     def names(self) -> list[str]:
+        """Column names in archive order."""
         return [c.name for c in self.columns]
 
     def column(self, name: str) -> GaiaColumn:
+        """The column named ``name``; KeyError when the table has none."""
         for c in self.columns:
             if c.name == name:
                 return c
         raise KeyError(f"{self.name} has no column {name!r}")
 
     def arrow_schema(self) -> pa.Schema:
+        """The table's Arrow schema, from each column's :attr:`GaiaColumn.arrow_type`."""
         return pa.schema([pa.field(c.name, c.arrow_type) for c in self.columns])
 
 

@@ -45,6 +45,10 @@ def merge_problems(*problems: pa.Array) -> pa.Array:
 
 
 def parse_scalar(text: pa.Array, target: pa.DataType, column: str) -> tuple[pa.Array, pa.Array]:
+    """Text -> ``target`` values, with a problem per row that is not a number (or boolean) or lies beyond
+    the type; null tokens become null without a problem.
+
+    Integers are range-checked on their digits, so one value beyond the type costs its row, never the batch."""
     text = pc.utf8_trim_whitespace(text.cast(pa.string()))
     null = _is_null_token(text)
     if pa.types.is_string(target):

@@ -30,6 +30,8 @@ ALLSTAR_COLUMN = {"teff": "TEFF", "logg": "LOGG", "m_h": "M_H", "alpha_m": "ALPH
 
 
 def choose_training(rng: np.random.Generator, pop: dict, fraction: float) -> np.ndarray:
+    """Which stars get training labels: about ``fraction`` of them, giants 1.4x and dwarfs 0.6x as likely
+    (a higher-resolution survey's selection), never an out-of-distribution star."""
     giant = pop["stage"] >= 2
     p = np.clip(fraction * np.where(giant, 1.4, 0.6), 0.0, 1.0)
     return (rng.random(p.size) < p) & (pop["ood_kind"] == OOD_NONE)

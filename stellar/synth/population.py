@@ -97,6 +97,7 @@ def bolometric_correction_g(teff: np.ndarray) -> np.ndarray:
 
 
 def absolute_g(teff: np.ndarray, logg: np.ndarray, mass: np.ndarray) -> np.ndarray:
+    """Absolute G magnitude from Teff, log g and mass (L ~ M Teff^4 / g, then the bolometric correction)."""
     log_l = np.log10(mass) - (logg - 4.438) + 4.0 * np.log10(teff / 5772.0)
     return 4.74 - 2.5 * log_l - bolometric_correction_g(teff)
 

@@ -126,6 +126,8 @@ class LineArrays:
 
     @classmethod
     def from_instrument(cls, inst: Instrument) -> "LineArrays":
+        """The preset's lines as arrays; those with strong wings (hydrogen, DIBs, gamma >= 0.002 nm) are
+        marked to be evaluated on the whole grid."""
         kinds = {"metal": KIND_METAL, "hydrogen": KIND_HYDROGEN, "dib": KIND_DIB}
         lines = inst.lines
         kind = np.array([kinds[ln.kind] for ln in lines])
@@ -290,6 +292,9 @@ class SpectrumModel:
         return 1.0 - sp_fft.irfft(spec, n=self.n_fft, axis=1, workers=1)[:, : flux_ext.shape[1]]
 
     def intrinsic(self, params: dict[str, np.ndarray], rv_kms: np.ndarray | None = None) -> np.ndarray:
+        """Noiseless normalised flux on the padded grid before the LSF, (B, n_ext): line depths capped at
+        MAX_DEPTH, the star's lines broadened by rotation and macroturbulence (from ``vbroad``), the
+        interstellar bands laid over them unbroadened; ``rv_kms`` Doppler-shifts the lines."""
         # Line cores never reach zero flux in real stars (scattering, non-LTE source
         # functions): cap the depth at MAX_DEPTH, Schuster-Schwarzschild style.
         n = params["teff"].shape[0]

@@ -52,6 +52,8 @@ MANIFEST = "survey.json"
 
 @dataclass(frozen=True)
 class FileTask:
+    """One synthetic bulk file: its index, inclusive HEALPix level-8 range, star count and the survey seed."""
+
     index: int
     hp8_lo: int
     hp8_hi: int  # inclusive
@@ -60,6 +62,7 @@ class FileTask:
 
     @property
     def range_name(self) -> str:
+        """The file's level-8 range suffix (``000000-003111``), as in Gaia bulk file names."""
         return level8_range_name(self.hp8_lo, self.hp8_hi)
 
 

@@ -49,6 +49,9 @@ def upper_triangle(matrix: np.ndarray) -> np.ndarray:
 
 
 class XpModel:
+    """Gaia-like XP coefficients: each band's response, sampled Hermite basis and the Cholesky factor of
+    its coefficient correlation, built once per generator."""
+
     def __init__(self) -> None:
         self.grid = {}
         self.basis = {}
