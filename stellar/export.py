@@ -58,6 +58,8 @@ def _filter(where: str | None):
             key, _, value = term.partition("=")
             if key not in ("hpx", "model_version", "split"):
                 raise ExportError(f"--where: cannot filter on {key!r} (hpx, model_version, split)")
+            if key != "split" and not value.strip().lstrip("+-").isdigit():
+                raise ExportError(f"--where: {key} takes a whole number, got {value!r}")
             e = pc.field(key) == (value if key == "split" else int(value))
         else:
             raise ExportError(f"--where: unknown term {term!r} (train_like, good, hpx=N, model_version=N, split=S)")

@@ -1,7 +1,7 @@
 """Model promotion in the MLflow registry: a challenger replaces the champion only on evidence.
 
 Both versions are evaluated on the same held-out test stars of the current
-features with the metrics of the train stage (``training.evaluate``: per
+features with the metrics of the train stage (``ensemble.evaluate``: per
 label RMSE, bias, z-score spread, 68 % coverage). The challenger takes the
 champion alias when, for every label, its RMSE is at most
 ``max_rmse_ratio`` times the champion's and its z-score spread is within

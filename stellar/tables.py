@@ -51,8 +51,8 @@ MANIFEST = "_manifest.json"
 RESUME = "_resume.json"  # in an uncommitted version: the plan it belongs to (resumable runs)
 DONE = "_done"  # ... and one marker per finished task
 SEALED = "_sealed"  # ... past the resumable phase
-LOCK = "_LOCK"
-STATS = "stats.json"  # in a features version: the normalisation statistics the network was fed with  # the writer lock (TableStore.writing): flock'ed by the run writing the store
+LOCK = "_LOCK"  # the writer lock (TableStore.writing): flock'ed by the run writing the store
+STATS = "stats.json"  # in a features version: the normalisation statistics the network was fed with
 _VERSION_RE = re.compile(r"^v(\d{6})$")
 
 

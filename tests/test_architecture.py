@@ -75,3 +75,4 @@ def test_the_pipeline_looks_every_stage_up_in_one_table():
     from stellar.pipeline import STAGE_RUNNERS, STAGES
 
     assert list(STAGE_RUNNERS) == list(STAGES)
+

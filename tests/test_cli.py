@@ -44,3 +44,17 @@ def test_job_scripts_do_not_shadow_the_standard_library():
     for folder in ("jobs", "benchmarks"):
         scripts = {p.stem for p in (root / folder).glob("*.py")}
         assert scripts and not scripts & set(sys.stdlib_module_names), folder
+
+
+def test_export_where_terms_fail_in_one_line():
+    """A bad --where value is a StellarError (one line, exit 2), never a ValueError traceback."""
+    import pytest
+
+    from stellar.errors import StellarError
+    from stellar.export import _filter
+
+    assert _filter("hpx=17,train_like") is not None
+    for bad, msg in (("hpx=abc", "hpx takes a whole number"), ("ra=1", "cannot filter on 'ra'"),
+                     ("bogus", "unknown term 'bogus'")):
+        with pytest.raises(StellarError, match=msg):
+            _filter(bad)
