@@ -37,6 +37,30 @@ def _restore_tracking_uri() -> None:
         os.environ["MLFLOW_TRACKING_URI"] = _SESSION_TRACKING_URI
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _spark_scratch_inside_the_test_folder(tmp_path_factory):
+    """Every JVM the suite starts (the in-process SparkSession, ``stellar`` subprocesses, spark-submit
+    drivers, standalone workers) keeps its scratch under this session's base folder, never in /tmp:
+    a driver killed on purpose by a fault test cannot run its shutdown hook, and each one left a
+    ~2.7 GB ``/tmp/spark-*`` folder (the packed environment, copied and unpacked) behind, which over a
+    few runs filled the disk. The folder is removed when the session ends, whatever happened."""
+    import shutil
+
+    scratch = tmp_path_factory.getbasetemp() / "spark-scratch"
+    scratch.mkdir(exist_ok=True)
+    saved = {k: os.environ.get(k) for k in ("SPARK_LOCAL_DIRS", "SPARK_SUBMIT_OPTS")}
+    os.environ["SPARK_LOCAL_DIRS"] = str(scratch)  # block manager, userFiles, pyspark scratch
+    os.environ["SPARK_SUBMIT_OPTS"] = " ".join(  # the launcher JVM's own temp folder (archive copies)
+        filter(None, [saved["SPARK_SUBMIT_OPTS"], f"-Djava.io.tmpdir={scratch}"]))
+    yield scratch
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     if not REAL.is_dir():

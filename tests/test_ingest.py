@@ -22,6 +22,7 @@ import pytest
 from stellar.config import load_config
 from stellar.errors import StellarError
 from stellar.ingest.run import IngestTask, ingest
+from stellar.runtime import LocalExecutor
 from stellar.synth.survey import RVS_DIR, run_survey
 from stellar.tables import TableStore, done_results, read_table
 
@@ -433,12 +434,15 @@ def test_resume_needs_the_same_plan(tmp_path, survey, rvs_instrument):
     cfg = ingest_cfg(tmp_path, survey, **{"ingest.chunk_mb": 1})
     calls = []
 
-    def dying(fn, items):  # runs three parse tasks, then the 'driver' dies (the checksum pass runs whole)
-        if items and not isinstance(items[0], IngestTask):
-            return [fn(item) for item in items]
-        for item in items[:3]:
-            calls.append(fn(item))
-        raise KeyboardInterrupt
+    class Dying(LocalExecutor):  # runs three parse tasks, then the 'driver' dies (the checksum pass runs whole)
+        def map(self, fn, items):
+            if items and not isinstance(items[0], IngestTask):
+                return [fn(item) for item in items]
+            for item in items[:3]:
+                calls.append(fn(item))
+            raise KeyboardInterrupt
+
+    dying = Dying()
 
     with pytest.raises(KeyboardInterrupt):
         ingest(cfg.ingest, rvs_instrument, cfg.conf_dir, mapper=dying)
