@@ -10,8 +10,8 @@ exactly as a resolved registry version). Then, in the same run:
     member's forward over all stars in sub-batches of 64, members one after
     another, torch.inference_mode, all CPU threads: stars/s;
   * the stacked forward used by the job (all members as one network), same data;
-  * the predict job, Spark local[*] (read Parquet, Arrow batches to the Python
-    workers, forward, join the selection flags, write Parquet): stars/s and the
+  * the predict job, Spark local[*] (each features part a Spark task: read it and its
+    selection part with pyarrow, forward, write the predictions part): stars/s and the
     ratio to bare torch (targets: >= 0.7x and >= 10,000 stars/s on 2 cores);
   * the same job without Spark (one process);
   * the Spark job again with an ensemble without the spectrum-consistency emulator, to show what
