@@ -6,7 +6,7 @@ written + quarantined = the rows the input really holds. The rest of the corpus 
 code it exercises: ``tests/test_ingest.py`` (bad values and fields, source_ids beyond Gaia's range
 or int64, '+' integers, inf and float32 overflow, BOM, checksums, a label FITS that is not FITS or
 lacks TEFF, column subsets, two ingests at once, a killed run) and ``tests/test_predict.py`` (a
-registry predict never writes).
+registry predict never writes, and a predict run as an unprivileged user on a registry it cannot write).
 """
 
 from __future__ import annotations

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
+import subprocess
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -75,6 +80,53 @@ def test_loading_a_registered_model_writes_nothing_into_the_registry(registry):
         assert len(ens.nets) == len(ensembles[info["version"]].nets) == 2
     assert _store_files(root) == before
     assert not any(k.endswith("registered_model_meta") for k in before)  # no load ever wrote one
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to run predict as an unprivileged user")
+def test_predict_on_a_registry_it_cannot_write(registry, tmp_path):
+    """``stellar predict`` as the unprivileged user ``nobody``, for whom the MLflow store (SQLite file
+    and artifacts), the features and the selection are readable and not writable (root's files, mode
+    644/755): it succeeds, writes only its own predictions folder, and predicts what a predict with
+    every right does. (Root ignores file modes, so only another user makes a store truly read-only.)"""
+    from stellar.predict import predict
+
+    tmp, cfg, _ = registry
+    ref = predict(load_config(ROOT / "conf" / "local.yaml", [f"work_dir={tmp}",
+                                                             f"predict.output_dir={tmp_path / 'ref'}"]))
+    out = Path(tempfile.mkdtemp(prefix="stellar-ro-predict-"))  # outside root's private pytest folder
+    chain = [p for p in [tmp, *tmp.parents] if p != Path("/")]
+    modes = {p: p.stat().st_mode & 0o7777 for p in chain}
+    before = _store_files(tmp / "mlartifacts")
+    db_before = (tmp / "mlflow.db").stat().st_mtime_ns
+    try:
+        for p in chain:  # let nobody traverse to the store; reading its files is what 644 allows
+            p.chmod(modes[p] | 0o001)
+        out.chmod(0o755)
+        for d in (out / "predictions", out / "home"):
+            d.mkdir()
+            os.chown(d, 65534, 65534)
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI",)}
+        env.update(HOME=str(out / "home"), TMPDIR=str(out / "home"))
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                            str(ROOT / ".venv" / "bin" / "stellar"), "--config", str(ROOT / "conf" / "local.yaml"),
+                            "predict", "--no-spark", "--set", f"work_dir={tmp}",
+                            "--set", f"predict.output_dir={out / 'predictions'}"],
+                           env=env, capture_output=True, text=True, timeout=600, cwd=out / "home")
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                                "touch", str(tmp / "mlartifacts" / "probe")], capture_output=True)
+        assert probe.returncode != 0  # the store really was read-only for that user
+        assert _store_files(tmp / "mlartifacts") == before and (tmp / "mlflow.db").stat().st_mtime_ns == db_before
+        mine = read_table(out / "predictions", "predictions").sort_by("source_id")
+        theirs = read_table(tmp_path / "ref", "predictions").sort_by("source_id")
+        assert mine.num_rows == theirs.num_rows == ref["rows"] > 0
+        for col in ("source_id", "teff", "logg_err", "ood", "model_version"):
+            assert mine[col].equals(theirs[col]), col
+    finally:
+        for p, m in modes.items():
+            p.chmod(m)
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def direct_forward(cfg, ens) -> dict:
