@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from stellar import __version__
 from stellar.config import StellarConfig
 from stellar.errors import StellarError
+from stellar.figures import coverage_figure
 from stellar.tables import TableStore, read_table, settings_hash
 
 R_BINS = ((0.0, 7.0), (7.0, 9.0), (9.0, 20.0))  # kpc
@@ -228,7 +229,6 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
         from stellar.ensemble import coverage_curve
 
         fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3), squeeze=False)
-        figc, axc = plt.subplots(figsize=(4.5, 4))
         res_data, cal_data = {}, {}
         for j, lab in enumerate(labels):
             y = test[f"{lab}_label"].to_numpy(dtype=float)
@@ -244,15 +244,10 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
                           + np.nan_to_num(test[f"{lab}_err_label"].to_numpy(dtype=float)[fin]) ** 2)
             zs = r / err
             cover = coverage_curve(zs)
-            axc.plot(qs, cover, label=lab)
             res_data[lab] = {"n": int(fin.sum()), "rmse": float(np.sqrt(np.mean(r**2))), "bias": float(np.mean(r))}
             cal_data[lab] = {"expected": qs.round(3).tolist(), "observed": cover}
-        axc.plot([0, 1], [0, 1], "k--", lw=0.8)
-        axc.set_xlabel("expected coverage")
-        axc.set_ylabel("observed coverage (test split)")
-        axc.legend(fontsize=7)
         fig.tight_layout()
-        figc.tight_layout()
+        figc = coverage_figure({lab: c["observed"] for lab, c in cal_data.items()}, "observed coverage (test split)")
         figures.append((_save(fig, out / "residuals_snr.png"), "Residuals vs S/N (test split)",
                         "Prediction minus label for held-out labelled stars: the scatter should shrink with S/N "
                         "and scatter about zero."))

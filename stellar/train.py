@@ -22,12 +22,13 @@ import torch
 from stellar.config import StellarConfig
 from stellar.emulator import MAX_FIT_STARS, line_window
 from stellar.errors import StellarError
+from stellar.figures import coverage_figure
 from stellar.features import split_hash
 from stellar.instruments import Instrument
 from stellar.model import ModelConfig, load_model_preset
 from stellar.tables import load_stats
 from stellar.tables import TableStore, settings_hash
-from stellar.ensemble import (COVERAGE_LEVELS, Ensemble, coverage_curve, evaluate, load_split, outlier_members,
+from stellar.ensemble import (Ensemble, coverage_curve, evaluate, load_split, outlier_members,
                               train_member)
 from stellar.registry import Registry, log_training_run
 from stellar.runtime import LOCAL, Executor
@@ -234,7 +235,7 @@ def _figures(ens: Ensemble, test):
     truth, err = ens.physical_labels(test)
     n = len(ens.labels)
     fig_r, axes = plt.subplots(1, n, figsize=(3.2 * n, 3), squeeze=False)
-    fig_c, axc = plt.subplots(1, 1, figsize=(4, 3.5))
+    curves = {}
     for j, lab in enumerate(ens.labels):
         ok = np.isfinite(truth[:, j])
         ax = axes[0, j]
@@ -243,11 +244,6 @@ def _figures(ens: Ensemble, test):
         ax.set_xlabel(f"{lab} (label)")
         ax.set_ylabel("prediction - label")
         z = (pred["mean"][ok, j] - truth[ok, j]) / np.sqrt(pred["sigma"][ok, j] ** 2 + np.nan_to_num(err[ok, j]) ** 2)
-        axc.plot(COVERAGE_LEVELS, coverage_curve(z), label=lab)
-    axc.plot([0, 1], [0, 1], "k--", lw=0.8)
-    axc.set_xlabel("expected coverage")
-    axc.set_ylabel("observed coverage (test)")
-    axc.legend(fontsize=7)
+        curves[lab] = coverage_curve(z)
     fig_r.tight_layout()
-    fig_c.tight_layout()
-    return fig_r, fig_c
+    return fig_r, coverage_figure(curves, "observed coverage (test)", figsize=(4, 3.5))

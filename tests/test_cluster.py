@@ -115,7 +115,10 @@ def cluster(tmp_path_factory):
 def submit_cmd(cluster, env_archive: Path, stage: str, work: Path, *sets: str, ui_port: int | None = None):
     cmd = [str(ROOT / "deploy" / "submit"), "--master", cluster["url"], "--env", str(env_archive),
            "--conf", "spark.executor.memory=2g", "--conf", "spark.task.maxFailures=4",
-           "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.driver.bindAddress=127.0.0.1"]
+           "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.driver.bindAddress=127.0.0.1",
+           # executors fetch the packed environment into java.io.tmpdir: a killed one leaves ~0.7 GB there,
+           # so it goes to the suite's scratch folder (conftest), not /tmp
+           "--conf", f"spark.executor.extraJavaOptions=-Djava.io.tmpdir={os.environ['SPARK_LOCAL_DIRS']}"]
     if ui_port:
         cmd += ["--conf", f"spark.ui.port={ui_port}"]
     cmd += [stage, "--config", str(ROOT / "conf" / "local.yaml"), "--set", f"work_dir={work}",

@@ -241,15 +241,22 @@ def _typed_from_astropy(t, product: Product) -> tuple[dict[str, pa.Array], pa.Ar
     return cols, None
 
 
+def _lacks_required(res: ReadResult, product: Product, columns: list[str], n_rows: int) -> bool:
+    """A file without a column the product requires cannot give one usable row: ``res`` becomes one
+    quarantine row that names the columns and counts the file's rows (True), else nothing changes."""
+    missing = [c for c in product.required if c not in columns]
+    if missing:
+        res.quarantine = [(None, None, f"header: file lacks required column(s) {missing} ({n_rows} rows)")]
+        res.rows_in = 1
+    return bool(missing)
+
+
 def read_table_file(inp: InputFile, product: Product) -> ReadResult:
     """XP / gaia_source as FITS, VOTable, CSV or Parquet (DataLink and query products)."""
     res = ReadResult()
     if inp.fmt in ("fits", "votable"):
         t = _table_from_astropy(inp.path, inp.fmt)
-        missing = [c for c in product.required if c not in t.colnames]
-        if missing:
-            res.quarantine = [(None, None, f"header: file lacks required column(s) {missing} ({len(t)} rows)")]
-            res.rows_in = 1
+        if _lacks_required(res, product, t.colnames, len(t)):
             return res
         cols, problems = _typed_from_astropy(t, product)
         lines = np.arange(1, len(t) + 1, dtype=np.int64)
@@ -266,10 +273,7 @@ def read_table_file(inp: InputFile, product: Product) -> ReadResult:
                 column_types={c: pa.string() for c in gaia_table(product.gaia_table).names},
                 strings_can_be_null=False, quoted_strings_can_be_null=False))
             lines = np.arange(2, text.num_rows + 2, dtype=np.int64)  # line 1 is the header
-        missing = [c for c in product.required if c not in text.column_names]
-        if missing:
-            res.quarantine = [(None, None, f"header: file lacks required column(s) {missing} ({text.num_rows} rows)")]
-            res.rows_in = 1
+        if _lacks_required(res, product, text.column_names, text.num_rows):
             return res
         cols, problems = typed_from_text(text, product)
     res.rows_in = len(lines)
