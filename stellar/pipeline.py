@@ -26,6 +26,8 @@ from typing import Callable
 
 from stellar.config import StellarConfig
 from stellar.errors import StellarError
+from stellar.runtime import LOCAL, Executor
+from stellar.stage import StageResult
 
 STAGES = ("synth", "ingest", "preprocess", "select", "train", "promote", "predict", "report")
 
@@ -145,18 +147,6 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def _synth_up_to_date(cfg: StellarConfig, instrument) -> dict | None:
-    from stellar import __version__
-
-    path = Path(cfg.synth.output_dir) / "survey.json"
-    if not path.is_file():
-        return None
-    m = json.loads(path.read_text())
-    same = m.get("config") == json.loads(json.dumps(cfg.synth.model_dump(exclude={"output_dir"}))) and \
-        m.get("instrument") == instrument.name and m.get("stellar_version") == __version__
-    return {**m, "path": str(path.parent), "up_to_date": True} if same else None
-
-
 def run_pipeline(cfg: StellarConfig, stages: list[str], use_spark: bool = True,
                  report: Callable[[StageRun], None] | None = None, progress: Progress | None = None) -> list[StageRun]:
     """Run the stages in order; stop at the first failure (later stages are left pending)."""
@@ -191,8 +181,9 @@ def run_pipeline(cfg: StellarConfig, stages: list[str], use_spark: bool = True,
             progress.start(run.name, n_stars() if run.name in ("synth", "ingest", "preprocess", "select",
                                                                "predict") else None)
             try:
-                run.summary = _stage(run.name, cfg, instrument, session)
-                run.status = "skipped" if run.summary.get("up_to_date") else "ran"
+                result = _stage(run.name, cfg, instrument, session)
+                run.summary = result.as_dict()
+                run.status = "skipped" if result.up_to_date else "ran"
             except StellarError as exc:
                 run.status, run.error = "failed", str(exc)
             finally:
@@ -208,76 +199,53 @@ def run_pipeline(cfg: StellarConfig, stages: list[str], use_spark: bool = True,
     return runs
 
 
-def _run_synth(cfg: StellarConfig, instrument, session) -> dict:
-    done = _synth_up_to_date(cfg, instrument)
-    if done:
-        return done
-    from stellar.runtime import SparkExecutor
-    from stellar.synth.survey import run_survey
+def _stage_module(name: str):
+    """The module of stage ``name``: each exposes ``run(cfg, instrument, executor) -> StageResult``
+    (:mod:`stellar.stage`). Imported on first use, so a pipeline that runs only some stages never loads the
+    others (torch, MLflow, matplotlib)."""
+    import importlib
 
-    spark, _ = session()
-    return run_survey(cfg.synth, instrument, executor=SparkExecutor(spark, "stellar synth") if spark else None)
+    return importlib.import_module(STAGE_MODULES[name])
 
 
-def _run_ingest(cfg: StellarConfig, instrument, session) -> dict:
-    from stellar.ingest.run import ingest
-
-    return ingest(cfg.ingest, instrument, cfg.conf_dir, mapper=session()[1])
-
-
-def _run_preprocess(cfg: StellarConfig, instrument, session) -> dict:
-    from stellar.preprocess import preprocess
-
-    return preprocess(cfg.preprocess, instrument, cfg.ingest.output_dir, mapper=session()[1])
+# Every stage, by name: the module whose ``run`` carries it out.
+STAGE_MODULES = {"synth": "stellar.synth.survey", "ingest": "stellar.ingest.run", "preprocess": "stellar.preprocess",
+                 "select": "stellar.selection", "train": "stellar.train", "promote": "stellar.promote",
+                 "predict": "stellar.predict", "report": "stellar.report"}
 
 
-def _run_select(cfg: StellarConfig, instrument, session) -> dict:
-    from stellar.selection import select
-
-    return select(cfg.select, cfg.preprocess.output_dir, mapper=session()[1])
-
-
-def _run_train(cfg: StellarConfig, instrument, session) -> dict:
-    """Up to date when a registered version was trained on exactly these inputs (its train_digest tag)."""
-    from stellar.tables import TableStore
-    from stellar.train import registered_with_digest, train_digest, train_ensemble
-
-    digest = train_digest(cfg, instrument.name, TableStore(cfg.preprocess.output_dir).current_version())
-    version = registered_with_digest(cfg, digest)
-    if version is not None:
-        return {"up_to_date": True, "version": version, "train_digest": digest}
-    s = train_ensemble(cfg, instrument, mapper=session()[1])
-    return {**s, "train_digest": digest}
+def _stage(name: str, cfg: StellarConfig, instrument, session) -> StageResult:
+    """Run stage ``name`` through its contract. ``session()`` builds the Spark session on first use and
+    returns (spark, executor), or (None, None) for an in-process run; it is called only when the stage
+    maps tasks."""
+    if name not in STAGE_MODULES:
+        raise PipelineError(f"unknown stage {name!r}")
+    return _stage_module(name).run(cfg, instrument, _OnFirstUse(lambda: session()[1]))
 
 
-def _run_promote(cfg: StellarConfig, instrument, session) -> dict:
-    from stellar.promote import promote
+class _OnFirstUse(Executor):
+    """The pipeline's executor, built when a stage first maps tasks (or asks its parallelism): a stage
+    that finds its output up to date, or maps nothing, never starts Spark. In-process runs (``build``
+    returns None) get :data:`stellar.runtime.LOCAL`."""
 
-    r = promote(cfg)
-    return {**r, "up_to_date": r["decision"] == "unchanged"}
+    def __init__(self, build: Callable[[], Executor | None]):
+        self._build = build
+        self._executor: Executor | None = None
 
+    def _get(self) -> Executor:
+        if self._executor is None:
+            self._executor = self._build() or LOCAL
+        return self._executor
 
-def _run_predict(cfg: StellarConfig, instrument, session) -> dict:
-    from stellar.predict import predict, resolve_model
+    @property
+    def parallelism(self) -> int:  # type: ignore[override]
+        """The task slots of the executor (built now if it was not yet)."""
+        return self._get().parallelism
 
-    return predict(cfg, resolve_model(cfg), spark=session()[0])
+    def map(self, fn, items):
+        """``fn`` over ``items`` on the executor (built now if it was not yet)."""
+        return self._get().map(fn, items)
 
-
-def _run_report(cfg: StellarConfig, instrument, session) -> dict:
-    from stellar.report import build_report
-
-    return build_report(cfg)
-
-
-# Each stage's runner: (config, instrument, session()) -> its summary. ``session()`` builds the Spark
-# session on first use and returns (spark, executor), or (None, None) for an in-process run.
-STAGE_RUNNERS = {"synth": _run_synth, "ingest": _run_ingest, "preprocess": _run_preprocess, "select": _run_select,
-                 "train": _run_train, "promote": _run_promote, "predict": _run_predict, "report": _run_report}
-
-
-def _stage(name: str, cfg: StellarConfig, instrument, session) -> dict:
-    try:
-        runner = STAGE_RUNNERS[name]
-    except KeyError:
-        raise PipelineError(f"unknown stage {name!r}") from None
-    return runner(cfg, instrument, session)
+    def share(self, value):
+        """``value`` shared through the executor (built now if it was not yet)."""
+        return self._get().share(value)

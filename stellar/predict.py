@@ -43,6 +43,7 @@ from stellar.config import PredictConfig, StellarConfig
 from stellar.devices import pick_device
 from stellar.errors import StellarError
 from stellar.inference_core import StackedEnsemble, arrow_features, features_to_tensors, forward_members
+from stellar.stage import StageResult, StoreRun
 from stellar.runtime import LOCAL, Executor, SparkExecutor
 from stellar.tables import TableStore, settings_hash, write_part
 from stellar.ensemble import Ensemble
@@ -278,38 +279,32 @@ def predict(cfg: StellarConfig, bundle: ModelBundle | None = None, spark=None,
     """Predict every star of the current features with ``bundle`` (resolved from cfg.predict.model when None).
 
     The parts are scored as tasks of ``mapper`` (default: Spark tasks of ``spark`` when given, else this
-    process). Holds the predictions store's writer lock throughout (``TableStore.writing``)."""
-    mapper = mapper or (SparkExecutor(spark, "stellar predict") if spark is not None else LOCAL)
-    with TableStore(cfg.predict.output_dir).writing("predict"):
-        return _predict(cfg, bundle, mapper)
-
-
-def _predict(cfg: StellarConfig, bundle: ModelBundle | None, mapper: Executor) -> dict:
+    process). Holds the predictions store's writer lock throughout (:class:`stellar.stage.StoreRun`)."""
     t0 = time.perf_counter()
+    mapper = mapper or (SparkExecutor(spark, "stellar predict") if spark is not None else LOCAL)
     fstore, fversion = _features_version(cfg.preprocess.output_dir)
     sel_dir, sel_version = _selection_dir(cfg, fversion)
     bundle = bundle or resolve_model(cfg)
-    labels = bundle.labels
-    pcfg = cfg.predict
     digest = settings_hash({"model": bundle.digest, "features": fversion, "selection": sel_version,
-                            "cfg": pcfg.model_dump(exclude={"output_dir", "model"}), "v": __version__})
-    store = TableStore(pcfg.output_dir)
-    cur = store.committed_with(digest)
-    if cur:
-        return {**cur["summary"], "up_to_date": True}
-    version = store.new_version()
-    out_dir = store.root / version / "predictions"
-    features_dir = fstore.root / fversion / "features"
-    _predict_parts(mapper, bundle, pcfg, features_dir, sel_dir, out_dir)
-    summary = _account(out_dir, store.root / version, fstore.current_manifest()["summary"]["counts"]["stars"])
-    summary.update({"version": version, "features_version": fversion, "selection_version": sel_version,
-                    "model": bundle.identity(), "labels": labels, "settings_digest": digest,
-                    "seconds": round(time.perf_counter() - t0, 2)})
-    store.commit(version, {"stellar_version": __version__, "settings_digest": digest, "model": bundle.identity(),
-                           "healpix_order": fstore.healpix_order(),
-                           "summary": summary, "columns": output_schema(labels).names + [
-                               "model_name", "model_version", "model_run_id"]})
-    return summary
+                            "cfg": cfg.predict.model_dump(exclude={"output_dir", "model"}), "v": __version__})
+    with StoreRun("predict", cfg.predict.output_dir, digest) as run:
+        cur = run.committed()
+        if cur:
+            return {**cur, "up_to_date": True}
+        version = run.new_version()
+        out_dir = run.store.root / version / "predictions"
+        _predict_parts(mapper, bundle, cfg.predict, fstore.root / fversion / "features", sel_dir, out_dir)
+        summary = _account(out_dir, run.store.root / version, fstore.current_manifest()["summary"]["counts"]["stars"])
+        summary.update({"version": version, "features_version": fversion, "selection_version": sel_version,
+                        "model": bundle.identity(), "labels": bundle.labels, "settings_digest": digest,
+                        "seconds": round(time.perf_counter() - t0, 2)})
+        return run.commit(summary, fstore.healpix_order(), model=bundle.identity(),
+                          columns=output_schema(bundle.labels).names + ["model_name", "model_version", "model_run_id"])
+
+
+def run(cfg: StellarConfig, instrument=None, executor: Executor | None = None, spark=None) -> StageResult:
+    """The stage contract (:mod:`stellar.stage`): the champion (``predict.model``) on the committed features."""
+    return StageResult.from_summary("predict", predict(cfg, resolve_model(cfg), spark=spark, mapper=executor))
 
 
 def _identity_columns(table: pa.Table, bundle: ModelBundle) -> pa.Table:

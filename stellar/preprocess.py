@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stellar import __version__
-from stellar.config import PreprocessConfig
+from stellar.config import PreprocessConfig, StellarConfig
 from stellar.errors import StellarError
 from stellar.features import (QUALITY_BITS, SCALAR_NAMES, Q_EDGE_SPIKE, Q_LOW_SNR, Q_MANY_MASKED, Q_NEGATIVE_PARALLAX,
                               Q_NO_ASTROMETRY, Q_NO_BP, Q_NO_PARALLAX, Q_NO_PHOTOMETRY, Q_NO_RP, Q_NO_XP,
@@ -33,6 +33,7 @@ from stellar.features import (QUALITY_BITS, SCALAR_NAMES, Q_EDGE_SPIKE, Q_LOW_SN
 from stellar.instruments import Instrument
 from stellar.numerics import with_one_blas_thread
 from stellar.runtime import LOCAL, Executor
+from stellar.stage import StageResult, StoreRun
 from stellar.tables import STATS, TableStore, settings_hash, write_part
 
 
@@ -276,30 +277,35 @@ def settings_digest(cfg: PreprocessConfig, instrument: Instrument, tables_versio
 def preprocess(cfg: PreprocessConfig, instrument: Instrument, tables_root: str,
                mapper: Executor | None = None) -> dict:
     """Run the stage; returns the summary. Skips when the committed features match inputs and config.
-    Holds the features store's writer lock throughout (``TableStore.writing``)."""
-    with TableStore(cfg.output_dir).writing("preprocess"):
-        return _preprocess(cfg, instrument, tables_root, mapper)
-
-
-def _preprocess(cfg: PreprocessConfig, instrument: Instrument, tables_root: str, mapper: Executor | None) -> dict:
+    Holds the features store's writer lock throughout (:class:`stellar.stage.StoreRun`)."""
     t0 = time.perf_counter()
     mapper = mapper or LOCAL
     source = TableStore(tables_root)
     tables_version = source.current_version()
     if tables_version is None:
         raise PreprocessError(f"no ingested tables under {tables_root} (run 'stellar ingest' first)")
-    digest = settings_digest(cfg, instrument, tables_version)
-    store = TableStore(cfg.output_dir)
-    current = store.committed_with(digest)
-    if current:
-        return {**current["summary"], "up_to_date": True, "version": store.current_version(),
-                "seconds": time.perf_counter() - t0}
+    with StoreRun("preprocess", cfg.output_dir, settings_digest(cfg, instrument, tables_version)) as run:
+        current = run.committed()
+        if current:
+            return {**current, "up_to_date": True, "seconds": time.perf_counter() - t0}
+        return _build(run, cfg, instrument, source, tables_version, mapper, t0)
+
+
+def run(cfg: StellarConfig, instrument: Instrument, executor: Executor | None = None) -> StageResult:
+    """The stage contract (:mod:`stellar.stage`): features from the committed ingest tables."""
+    return StageResult.from_summary("preprocess", preprocess(cfg.preprocess, instrument, cfg.ingest.output_dir,
+                                                             mapper=executor))
+
+
+def _build(run: StoreRun, cfg: PreprocessConfig, instrument: Instrument, source: TableStore, tables_version: str,
+           mapper: Executor, t0: float) -> dict:
     vdir_in = source.root / tables_version
     hpxs = sorted({int(p.name.split("=", 1)[1]) for t in ("rvs", "xp", "astrometry", "labels")
                    for p in (vdir_in / t).glob("hpx=*") if p.is_dir()})
     if not hpxs:
         raise PreprocessError(f"ingested tables {vdir_in} hold no partitions")
-    version = store.new_version()
+    store = run.store
+    version = run.new_version()
     ctx = Context(str(vdir_in), str(store.root / version), cfg.model_dump(), tuple(instrument.labels),
                   instrument.n_pixels)
     n_groups = max(1, min(len(hpxs), 4 * mapper.parallelism))
@@ -322,13 +328,10 @@ def _preprocess(cfg: PreprocessConfig, instrument: Instrument, tables_root: str,
     for key in ("xp", "scalars", "labels", "spectrum"):
         stats[key] = finish_moments(merge_moments([m[key] for m in moments]))
     (store.root / version / STATS).write_text(json.dumps(stats, indent=1) + "\n")
-    summary = {"version": version, "tables_version": tables_version, "settings_digest": digest,
+    summary = {"version": version, "tables_version": tables_version, "settings_digest": run.digest,
                "partitions": len(hpxs), "counts": dict(sorted(counts.items())),
                "seconds": round(time.perf_counter() - t0, 3)}
-    store.commit(version, {"stellar_version": __version__, "settings_digest": digest,
-                           "tables_version": tables_version, "summary": summary,
-                           "healpix_order": source.healpix_order()})
-    return summary
+    return run.commit(summary, source.healpix_order(), tables_version=tables_version)
 
 
 def _rebinned_wave(instrument: Instrument, factor: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from stellar.config import StellarConfig
 from stellar.errors import StellarError
 from stellar.tables import load_stats
 from stellar.registry import Registry
+from stellar.stage import StageResult
 from stellar.ensemble import Ensemble, evaluate, load_split
 
 HISTORY_TAG = "champion_history"
@@ -142,3 +143,10 @@ def rollback(cfg: StellarConfig) -> dict:
     registry.tag_version(current.version, {"rolled_back": json.dumps({"time": stamp, "champion_now": previous})})
     registry.tag_version(previous, {"restored": json.dumps({"time": stamp, "replacing": int(current.version)})})
     return {"decision": "rolled back", "from": int(current.version), "to": previous, "time": stamp}
+
+
+def run(cfg: StellarConfig, instrument=None, executor=None) -> StageResult:
+    """The stage contract (:mod:`stellar.stage`): up to date when the decision leaves the aliases unchanged."""
+    r = promote(cfg)
+    return StageResult("promote", "up_to_date" if r["decision"] == "unchanged" else "ran", r.get("version"),
+                       None, r)

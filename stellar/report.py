@@ -31,6 +31,7 @@ from stellar import __version__
 from stellar.config import StellarConfig
 from stellar.errors import StellarError
 from stellar.figures import coverage_figure
+from stellar.stage import StageResult
 from stellar.tables import TableStore, read_table, settings_hash
 
 R_BINS = ((0.0, 7.0), (7.0, 9.0), (9.0, 20.0))  # kpc
@@ -507,3 +508,8 @@ td,th{{border:1px solid #ccc;padding:0.3em 0.8em;text-align:right}}</style></hea
 {figs}
 </body></html>
 """
+
+
+def run(cfg: StellarConfig, instrument=None, executor=None) -> StageResult:
+    """The stage contract (:mod:`stellar.stage`): the page and figures, unless made from these very inputs."""
+    return StageResult.from_summary("report", build_report(cfg))

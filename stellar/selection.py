@@ -34,12 +34,13 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from stellar import __version__
-from stellar.config import SelectConfig
+from stellar.config import SelectConfig, StellarConfig
 from stellar.errors import StellarError
 from stellar.features import Normaliser, split_hash
 from stellar.numerics import with_one_blas_thread
 from stellar.tables import load_stats
 from stellar.runtime import LOCAL, Executor
+from stellar.stage import StageResult, StoreRun
 from stellar.tables import TableStore, settings_hash, write_part
 
 
@@ -225,30 +226,34 @@ def place_group(parts: list[str], shared, ctx: Ctx) -> list[dict]:
 
 def select(cfg: SelectConfig, features_root: str, mapper: Executor | None = None) -> dict:
     """Run the selection stage; returns the summary. Holds the selection store's writer lock throughout
-    (``TableStore.writing``)."""
-    with TableStore(cfg.output_dir).writing("select"):
-        return _select(cfg, features_root, mapper)
-
-
-def _select(cfg: SelectConfig, features_root: str, mapper: Executor | None) -> dict:
-
+    (:class:`stellar.stage.StoreRun`)."""
     t0 = time.perf_counter()
-    mapper = mapper or LOCAL
     fstore = TableStore(features_root)
     fversion = fstore.current_version()
     if fversion is None:
         raise SelectError(f"no features under {features_root} (run 'stellar preprocess' first)")
     digest = settings_hash({"cfg": cfg.model_dump(exclude={"output_dir"}), "features": fversion, "v": __version__})
-    store = TableStore(cfg.output_dir)
-    cur = store.committed_with(digest)
-    if cur:
-        return {**cur["summary"], "up_to_date": True}
+    with StoreRun("select", cfg.output_dir, digest) as run:
+        cur = run.committed()
+        if cur:
+            return {**cur, "up_to_date": True}
+        return _build(run, cfg, features_root, fstore, fversion, mapper or LOCAL, t0)
+
+
+def run(cfg: StellarConfig, instrument=None, executor: Executor | None = None) -> StageResult:
+    """The stage contract (:mod:`stellar.stage`): the map and train-like flags of the committed features."""
+    return StageResult.from_summary("select", select(cfg.select, cfg.preprocess.output_dir, mapper=executor))
+
+
+def _build(run: StoreRun, cfg: SelectConfig, features_root: str, fstore: TableStore, fversion: str,
+           mapper: Executor, t0: float) -> dict:
+    store = run.store
     stats = load_stats(features_root)
     manifest = fstore.current_manifest()
     t_fit = time.perf_counter()
     fmap, fit = fit_map(cfg, features_root, stats)
     t_fit = time.perf_counter() - t_fit
-    version = store.new_version()
+    version = run.new_version()
     vdir_in = fstore.root / fversion
     parts = sorted(str(p.relative_to(vdir_in / "features")) for p in (vdir_in / "features").rglob("part-*.parquet"))
     ctx = Ctx(str(vdir_in), str(store.root / version), cfg.use_xp, cfg.neighbours, cfg.threshold, stats)
@@ -276,16 +281,14 @@ def _select(cfg: SelectConfig, features_root: str, mapper: Executor | None) -> d
     n_features = manifest["summary"]["counts"]["stars"]
     if c["rows"] != n_features:
         raise SelectError(f"row accounting: {n_features} feature rows, {c['rows']} selection rows")
-    summary = {"version": version, "features_version": fversion, "settings_digest": digest, "rows": c["rows"],
+    summary = {"version": version, "features_version": fversion, "settings_digest": run.digest, "rows": c["rows"],
                "fit_set": len(fit_ids), "fit_training": int(fmap.ref_is_train.sum()), "placed": c["placed"],
                "observed": c["observed"], "observed_train_unlike": c["observed_train_unlike"],
                "fit_seconds": round(t_fit, 2), "place_seconds": round(t_place, 2), "groups": len(groups),
                **{k: round(c[k], 2) for k in ("task_seconds", "map_load_seconds", "transform_seconds")},
                "seconds": round(time.perf_counter() - t0, 2)}
     _figure(store.root / version / "map.png", store.root / version / "selection")
-    store.commit(version, {"stellar_version": __version__, "settings_digest": digest, "summary": summary,
-                           "healpix_order": fstore.healpix_order()})
-    return summary
+    return run.commit(summary, fstore.healpix_order())
 
 
 def _figure(path: Path, table_dir: Path) -> None:

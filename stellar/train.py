@@ -32,6 +32,7 @@ from stellar.ensemble import (Ensemble, coverage_curve, evaluate, load_split, ou
                               train_member)
 from stellar.registry import Registry, log_training_run
 from stellar.runtime import LOCAL, Executor
+from stellar.stage import StageResult
 from stellar.trust import TrustThresholds
 
 
@@ -170,6 +171,19 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper: Executor 
                                         {"figures/residuals.png": fig_r, "figures/calibration.png": fig_c}))
     summary["ensemble"] = ens
     return summary
+
+
+def run(cfg: StellarConfig, instrument: Instrument, executor: Executor | None = None) -> StageResult:
+    """The stage contract (:mod:`stellar.stage`). Up to date when a registered version was trained on
+    exactly these inputs (its ``train_digest`` tag); the result's version is the registry version and its
+    summary leaves the live ensemble out."""
+    digest = train_digest(cfg, instrument.name, TableStore(cfg.preprocess.output_dir).current_version())
+    version = registered_with_digest(cfg, digest)
+    if version is not None:
+        return StageResult("train", "up_to_date", version, digest, {"train_digest": digest})
+    s = train_ensemble(cfg, instrument, mapper=executor)
+    return StageResult("train", "ran", s.get("version"), digest,
+                       {**{k: v for k, v in s.items() if k != "ensemble"}, "train_digest": digest})
 
 
 def fit_trust_and_calibration(cfg: StellarConfig, ens: Ensemble, instrument: Instrument, selection: Path | None,

@@ -90,3 +90,34 @@ def test_old_versions_are_pruned_and_damage_is_found(tmp_path):
     _VERIFIED.clear()
     with pytest.raises(StoreDamagedError, match="does not match its manifest"):
         store.table_path("t")
+
+
+def test_a_stage_run_commits_once_then_is_up_to_date(tmp_path):
+    """The stage skeleton (stellar.stage.StoreRun): the first run with a digest commits a version whose
+    manifest records the digest, code version and HEALPix order; a run with the same digest finds it
+    up to date and writes nothing; another digest commits the next version; a leftover is swept."""
+    from stellar import __version__
+    from stellar.stage import StageResult, StoreRun
+
+    root = tmp_path / "s"
+    with StoreRun("select", root, "d1") as run:
+        assert run.committed() is None
+        v = run.new_version()
+        _part(run.store, v, "t/hpx=3/part-a.parquet", [1])
+        summary = run.commit({"rows": 1, "version": v}, healpix_order=1, extra="x")
+    m = TableStore(root).current_manifest()
+    assert (m["settings_digest"], m["stellar_version"], m["healpix_order"], m["extra"]) == ("d1", __version__, 1, "x")
+    assert m["summary"] == summary == {"rows": 1, "version": "v000001"}
+    TableStore(root).new_version()  # a killed run's leftover v000002
+    with StoreRun("select", root, "d1") as run:
+        assert run.committed() == {"rows": 1, "version": "v000001"}
+    assert not (root / "v000002").exists()
+    r = StageResult.from_summary("select", {**run.committed(), "up_to_date": True})
+    assert r.up_to_date and r.version == "v000001" and r.as_dict() == {"rows": 1, "version": "v000001",
+                                                                        "up_to_date": True}
+    with StoreRun("select", root, "d2") as run:
+        assert run.committed() is None
+        assert run.new_version() == "v000002"
+        with pytest.raises(StoreBusyError):
+            with StoreRun("select", root, "d2"):
+                pass

@@ -33,10 +33,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stellar import __version__
-from stellar.config import IngestConfig
+from stellar.config import IngestConfig, StellarConfig
 from stellar.errors import StellarError
 from stellar.healpix import healpix_index
 from stellar.runtime import LOCAL, Executor
+from stellar.stage import StageResult, StoreRun
 from stellar.ingest import labels as label_io
 from stellar.ingest.products import (QUARANTINE_SCHEMA, Product, astrometry_product, normalise,
                                      quarantine_rows, rvs_product, xp_product)
@@ -44,7 +45,7 @@ from stellar.ingest.readers import (InputFile, ReadResult, md5_of, read_ecsv, re
                                     read_rvs_pixel_csv, read_spectra_fits, read_table_file, sniff)
 from stellar.instruments import Instrument
 from stellar.io.gaia_ecsv import uncompressed_size_hint
-from stellar.tables import TableStore, done_results, mark_done, settings_hash, write_part
+from stellar.tables import done_results, mark_done, settings_hash, write_part
 
 TABLES = ("rvs", "xp", "astrometry", "labels")
 BULK_LAYOUT = {
@@ -384,18 +385,27 @@ def dedup_partition(version_dir: str, rel_dir: str) -> dict:
 def ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None = None,
            mapper: Executor | None = None) -> dict:
     """Run the ingest stage; returns the summary (also written beside the tables). Holds the store's
-    writer lock throughout (``TableStore.writing``): a second ingest on the same store refuses."""
-    with TableStore(cfg.output_dir).writing("ingest"):
-        return _ingest(cfg, instrument, conf_dir, mapper)
+    writer lock throughout (:class:`stellar.stage.StoreRun`): a second ingest on the same store refuses.
+
+    Unlike the other stages, ingest is incremental per input file: "up to date" means every input file
+    is unchanged since the committed version (size, mtime, format, settings), and a run re-reads only
+    the files that changed, carrying the others' parts over."""
+    with StoreRun("ingest", cfg.output_dir, settings_digest(cfg, instrument)) as run:
+        return _ingest(run, cfg, instrument, conf_dir, mapper)
 
 
-def _ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None, mapper: Executor | None) -> dict:
+def run(cfg: StellarConfig, instrument: Instrument, executor: Executor | None = None) -> StageResult:
+    """The stage contract (:mod:`stellar.stage`): the Gaia files and label catalogues into the tables store."""
+    return StageResult.from_summary("ingest", ingest(cfg.ingest, instrument, cfg.conf_dir, mapper=executor))
+
+
+def _ingest(run: StoreRun, cfg: IngestConfig, instrument: Instrument, conf_dir: str | None,
+            mapper: Executor | None) -> dict:
     t0 = time.perf_counter()
     mapper = mapper or LOCAL
-    store = TableStore(cfg.output_dir)
-    store.root.mkdir(parents=True, exist_ok=True)
+    store = run.store
     previous = store.current_manifest()
-    digest = settings_digest(cfg, instrument)
+    digest = run.digest
     inputs = discover(cfg, instrument.name)
     if not inputs:
         raise IngestError("no input files found (check ingest.gaia_root, ingest.datalink, ingest.labels)")
@@ -426,7 +436,8 @@ def _ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None, map
     version = store.resumable(plan_digest)
     cleaned = store.clean_uncommitted(keep=version)
     resumed = version is not None
-    version = version or store.new_version(plan_digest)
+    version = version or run.new_version(plan_digest)
+    run.version = version
     vdir = store.root / version
     prev_version = store.current_version()
     for inp in unchanged:
@@ -508,10 +519,8 @@ def _ingest(cfg: IngestConfig, instrument: Instrument, conf_dir: str | None, map
             f"ingest.max_bad_fraction={cfg.max_bad_fraction:.1%}; nothing was committed. Worst files: "
             + "; ".join(f"{k} ({v['quarantined']} bad, e.g. {v['example']})" for k, v in worst if v["quarantined"])
             + f". Details: {store.root / '_runs' / (version + '-failed.json')}")
-    manifest = {"stellar_version": __version__, "schema_version": 1, "files": files,
-                "healpix_order": cfg.healpix_order,
-                "summary": {k: v for k, v in summary.items() if k not in ("seconds", "cleaned")}}
-    store.commit(version, manifest)
+    run.commit({k: v for k, v in summary.items() if k not in ("seconds", "cleaned")}, cfg.healpix_order,
+               schema_version=1, files=files)
     (store.root / "_runs" / f"{version}.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
     return summary
 

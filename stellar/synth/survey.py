@@ -23,13 +23,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stellar import __version__
-from stellar.config import RealismConfig, SynthConfig
+from stellar.config import RealismConfig, StellarConfig, SynthConfig
 from stellar.healpix import NPIX_L8, level8_range_name, lonlat_of_pixels
 from stellar.instruments import Instrument
 from stellar.io.ecsv_writer import write_ecsv_gz
 from stellar.io.gaia_schema import gaia_table
 from stellar.numerics import fingerprint, with_one_blas_thread
 from stellar.runtime import LOCAL, Executor
+from stellar.stage import StageResult
 from stellar.synth import labels_catalogue
 from stellar.synth.population import (
     OOD_NAMES, OOD_NONE, OOD_SB2, ZP_BP, ZP_G, ZP_RP, draw_population,
@@ -454,3 +455,24 @@ def run_survey(cfg: SynthConfig, instrument: Instrument, executor: Executor | No
     manifest["path"] = str(final)
     return manifest
 
+
+
+def committed_survey(cfg: SynthConfig, instrument: Instrument) -> dict | None:
+    """The manifest of the survey already in ``cfg.output_dir`` when it was generated with exactly these
+    settings, instrument and code version (``survey.json``), else None."""
+    path = Path(cfg.output_dir) / "survey.json"
+    if not path.is_file():
+        return None
+    m = json.loads(path.read_text())
+    same = m.get("config") == json.loads(json.dumps(cfg.model_dump(exclude={"output_dir"}))) and \
+        m.get("instrument") == instrument.name and m.get("stellar_version") == __version__
+    return {**m, "path": str(path.parent)} if same else None
+
+
+def run(cfg: StellarConfig, instrument: Instrument, executor: Executor | None = None) -> StageResult:
+    """The stage contract (:mod:`stellar.stage`): the survey, unless the one on disk has these settings."""
+    done = committed_survey(cfg.synth, instrument)
+    if done is not None:
+        return StageResult("synth", "up_to_date", None, done.get("digest"), done)
+    manifest = run_survey(cfg.synth, instrument, executor=executor)
+    return StageResult("synth", "ran", None, manifest.get("digest"), manifest)
