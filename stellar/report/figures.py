@@ -1,38 +1,20 @@
-"""The science report: one HTML page with PNG figures beside it, logged to the model's MLflow run.
-
-Figures (each also saved as the numbers it plots, in ``report.json``, so tests
-and users can check content, not pixels):
-
-* Kiel diagram (Teff-log g coloured by [M/H]) of train-like stars;
-* [alpha/M] vs [M/H] density in bins of Galactocentric R and |Z| (astropy
-  coordinates from ra, dec and parallax): the thin/thick disc bimodality;
-* the [alpha/M] histogram at fixed [M/H], predictions beside the training labels;
-* residuals vs S/N per label on the test split, and calibration curves;
-* the selection map (training, observed train-like, train-unlike);
-* saliency: mean d(label)/d(flux) over the spectrum, lines marked;
-* counts per stage (in, out, quarantined, flagged).
-
-A report whose inputs (the committed table versions, the model, where it is
-logged, the stellar version) have not changed since its last complete build is
-not rebuilt: ``_built.json`` records them once the page is written and logged.
-"""
+"""The report's figures: each one a function of the page's inputs that saves its PNG, appends
+(file, title, caption) to the page's figure list and records the numbers it plots in the page's data
+(``report.json``), so tests and users check content, not pixels."""
 
 from __future__ import annotations
 
-import html
-import json
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
 
-from stellar import __version__
 from stellar.config import StellarConfig
 from stellar.errors import StellarError
 from stellar.figures import coverage_figure
-from stellar.stage import StageResult
-from stellar.tables import TableStore, read_table, settings_hash
+from stellar.tables import TableStore, read_table
 
 R_BINS = ((0.0, 7.0), (7.0, 9.0), (9.0, 20.0))  # kpc
 Z_BINS = ((0.0, 0.5), (0.5, 1.0), (1.0, 3.0))  # kpc
@@ -42,9 +24,31 @@ ALPHA_EDGES = np.linspace(-0.2, 0.5, 36)
 UNITS = {"teff": "K", "logg": "dex", "m_h": "dex", "alpha_m": "dex", "fe_h": "dex", "a_li": "dex"}
 
 
-class ReportError(StellarError):
-    """A report that cannot be built, e.g. no committed predictions."""
-    pass
+@dataclass
+class Page:
+    """What every figure of one report reads and adds to.
+
+    Attributes:
+        cfg: the run's settings (the stores the figures read).
+        out: the report folder (PNGs go there).
+        labels: the model's labels.
+        preds: the predictions (pandas); ``ok`` rows have no problem, ``like`` are also train-like.
+        feats: the labelled stars' labels and label errors from the features (split, labels, *_err).
+        data: the numbers behind the figures (``report.json``).
+        figures: (file, title, caption) of each figure drawn, in page order.
+        plt: matplotlib.pyplot on the Agg backend.
+    """
+
+    cfg: StellarConfig
+    out: Path
+    labels: list[str]
+    preds: Any
+    ok: np.ndarray
+    like: np.ndarray
+    feats: Any
+    data: dict = field(default_factory=dict)
+    figures: list[tuple[str, str, str]] = field(default_factory=list)
+    plt: Any = None
 
 
 def galactocentric(ra: np.ndarray, dec: np.ndarray, parallax_mas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,57 +95,10 @@ def bimodality(counts: np.ndarray, edges: np.ndarray = ALPHA_EDGES, min_sep: flo
     return {"peaks": [float(centres[a]), float(centres[b])], "dip_ratio": float(dip)}
 
 
-BUILT = "_built.json"
-
-
-def report_inputs_digest(cfg: StellarConfig, model: dict, log_mlflow: bool) -> str:
-    """What a report depends on: every committed table it reads, the model, and where it is logged."""
-    versions = {name: TableStore(root).current_version() for name, root in (
-        ("ingest", cfg.ingest.output_dir), ("preprocess", cfg.preprocess.output_dir),
-        ("select", cfg.select.output_dir), ("predict", cfg.predict.output_dir))}
-    return settings_hash({"tables": versions, "model": model.get("digest"), "run": model.get("run_id"),
-                          "mlflow": cfg.mlflow.tracking_uri if log_mlflow else None, "v": __version__})
-
-
-def _built_report(out: Path, digest: str) -> dict | None:
-    """The last complete build in ``out`` if it was made from the same inputs and its files are all there."""
-    try:
-        built = json.loads((out / BUILT).read_text())
-        data = json.loads((out / "report.json").read_text())
-    except (OSError, ValueError):
-        return None
-    files = [out / "index.html", *(out / f for f in built.get("figures", []))]
-    if built.get("inputs_digest") != digest or not all(f.is_file() for f in files):
-        return None
-    return {"path": str(out / "index.html"), "figures": built["figures"], **data,
-            "logged_to_run": built.get("logged_to_run"), "up_to_date": True}
-
-
-def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlflow: bool = True,
-                 force: bool = False) -> dict:
-    """Write the report into ``out_dir`` (default WORK_DIR/report) unless an up-to-date one is there
-    (``force`` rebuilds it anyway)."""
-    t0 = time.perf_counter()
-    pstore = TableStore(cfg.predict.output_dir)
-    pman = pstore.current_manifest()
-    if pman is None:
-        raise ReportError(f"no predictions under {cfg.predict.output_dir} (run 'stellar predict' first)")
-    out = Path(out_dir or Path(cfg.work_dir) / "report")
-    labels = pman["summary"]["labels"]
-    model = pman["model"]
-    digest = report_inputs_digest(cfg, model, log_mlflow)
-    if not force and (done := _built_report(out, digest)):
-        return done
-    out.mkdir(parents=True, exist_ok=True)
-    (out / BUILT).unlink(missing_ok=True)  # a build that dies from here on is not taken for a finished one
-    preds = read_table(cfg.predict.output_dir, "predictions").to_pandas()
-    ok = preds["problem"].isna().to_numpy()
-    like = preds["train_like"].fillna(False).to_numpy(dtype=bool) & ok
-    data: dict = {"model": model, "labels": labels, "rows": len(preds), "train_like": int(like.sum())}
-    figures: list[tuple[str, str, str]] = []  # (file, title, caption)
-    plt = _plt()
-
-    # Kiel diagram
+def kiel(page: Page) -> None:
+    """Kiel diagram (Teff-log g coloured by [M/H]) of the train-like stars."""
+    (out, labels, preds, like, data, figures, plt) = \
+        (page.out, page.labels, page.preds, page.like, page.data, page.figures, page.plt)
     if {"teff", "logg", "m_h"} <= set(labels):
         fig, ax = plt.subplots(figsize=(5.5, 4.5))
         p = preds[like]
@@ -157,11 +114,12 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
                         "sequence, turn-off and red-giant branch should be sharp, metal-poor giants bluer."))
         data["kiel"] = {"n": int(len(p))}
 
-    # the labelled stars' labels, read once: the training-label histogram and the test-split residuals
-    feats = read_table(cfg.preprocess.output_dir, "features",
-                       ["source_id", "split", *labels, *[f"{lab}_err" for lab in labels]]).to_pandas()
 
-    # [alpha/M] vs [M/H] across the disc
+
+def alpha_mh(page: Page) -> None:
+    """[alpha/M] vs [M/H] in bins of Galactocentric R and |Z|, and the [alpha/M] histogram at fixed [M/H] beside the training labels'."""
+    (cfg, out, labels, preds, like, feats, data, figures, plt) = \
+        (page.cfg, page.out, page.labels, page.preds, page.like, page.feats, page.data, page.figures, page.plt)
     if {"alpha_m", "m_h"} <= set(labels):
         ast = read_table(cfg.ingest.output_dir, "astrometry", ["source_id", "ra", "dec", "parallax",
                                                                 "parallax_error"]).to_pandas()
@@ -223,7 +181,12 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
         data["alpha_mh"]["training_labels"] = {"alpha_hist": lab_counts.tolist(), "bimodality": bimodality(lab_counts),
                                                "n": int(in_band.sum())}
 
-    # residuals vs S/N and calibration on the test split
+
+
+def residuals_snr(page: Page) -> None:
+    """Residuals against S/N per label and the calibration (coverage) curves, on the test split."""
+    (out, labels, preds, ok, feats, data, figures, plt) = \
+        (page.out, page.labels, page.preds, page.ok, page.feats, page.data, page.figures, page.plt)
     test = feats[feats["split"] == "test"].merge(preds[ok], on="source_id", suffixes=("_label", ""))
     if len(test):
         from stellar.ensemble import COVERAGE_LEVELS as qs
@@ -258,7 +221,11 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
         data["residuals"] = res_data
         data["calibration"] = cal_data
 
-    # selection map
+
+
+def selection_map(page: Page) -> None:
+    """The selection map: training, observed train-like and train-unlike stars."""
+    cfg, out, data, figures, plt = page.cfg, page.out, page.data, page.figures, page.plt
     sstore = TableStore(cfg.select.output_dir)
     if sstore.current_version() is not None:
         sel = read_table(cfg.select.output_dir, "selection", ["x", "y", "train_like", "split"]).to_pandas()
@@ -276,31 +243,6 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
         data["selection"] = {"training": int(tr.sum()), "observed_train_like": int((~tr & sl).sum()),
                              "observed_train_unlike": int((~tr & ~sl).sum())}
 
-    # saliency and the residual spectra of flagged stars: where the network looks, and where the
-    # spectra of stars it should not be trusted on leave the emulated ones
-    ens = _ensemble(cfg, model)
-    figures_sal, sal = _saliency(cfg, ens, preds[like]["source_id"].to_numpy()[:512], out, labels)
-    if figures_sal:
-        figures.append(figures_sal)
-        data["saliency"] = sal
-    figures_res, res = _residuals(cfg, ens, preds[ok], out, labels)
-    if figures_res:
-        figures.append(figures_res)
-        data["residual_spectra"] = res
-
-    data["counts"] = stage_counts(cfg)
-    data["seconds"] = round(time.perf_counter() - t0, 2)
-    (out / "report.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
-    (out / "index.html").write_text(_html(data, figures))
-    if log_mlflow and model.get("run_id") not in (None, "", "none"):
-        from stellar.registry import Registry
-
-        Registry.from_config(cfg).log_artifacts(model["run_id"], out, "report")
-        data["logged_to_run"] = model["run_id"]
-    names = [f for f, _, _ in figures]
-    (out / BUILT).write_text(json.dumps({"inputs_digest": digest, "figures": names,
-                                         "logged_to_run": data.get("logged_to_run")}) + "\n")
-    return {"path": str(out / "index.html"), "figures": names, **data}
 
 
 def _ensemble(cfg: StellarConfig, model: dict):
@@ -460,56 +402,3 @@ def _saliency(cfg: StellarConfig, ens, ids: np.ndarray, out: Path, labels: list[
     return (name, "Saliency", "Mean derivative of each predicted label with respect to the flux of each pixel, over "
             "train-like stars: where in the spectrum the network looks (Ca II triplet in red)."), sal
 
-
-def stage_counts(cfg: StellarConfig) -> list[dict]:
-    """Rows in / out / quarantined / flagged per stage, from the committed manifests."""
-    rows = []
-    man = TableStore(cfg.ingest.output_dir).current_manifest()
-    if man:
-        s = man["summary"]
-        rows.append({"stage": "ingest", "in": s.get("rows_in"), "out": s.get("written"),
-                     "quarantined": s.get("quarantined"), "flagged": None})
-    man = TableStore(cfg.preprocess.output_dir).current_manifest()
-    if man:
-        c = man["summary"]["counts"]
-        rows.append({"stage": "preprocess", "in": c.get("stars"), "out": c.get("stars"), "quarantined": 0,
-                     "flagged": sum(v for k, v in c.items() if k.startswith("quality:"))})
-    man = TableStore(cfg.select.output_dir).current_manifest()
-    if man:
-        s = man["summary"]
-        rows.append({"stage": "select", "in": s.get("rows"), "out": s.get("rows"), "quarantined": 0,
-                     "flagged": s.get("observed_train_unlike")})
-    man = TableStore(cfg.predict.output_dir).current_manifest()
-    if man:
-        s = man["summary"]
-        rows.append({"stage": "predict", "in": s.get("rows"), "out": s.get("predicted"),
-                     "quarantined": s.get("quarantined"), "flagged": s.get("out_of_range")})
-    return rows
-
-
-def _html(data: dict, figures: list[tuple[str, str, str]]) -> str:
-    e = html.escape
-    m = data["model"]
-    rows = "".join(f"<tr><td>{e(str(r['stage']))}</td>" + "".join(
-        f"<td>{'' if r[k] is None else r[k]}</td>" for k in ("in", "out", "quarantined", "flagged")) + "</tr>"
-        for r in data["counts"])
-    figs = "".join(f'<figure><img src="{e(f)}" alt="{e(t)}"><figcaption><b>{e(t)}.</b> {e(c)}</figcaption></figure>'
-                   for f, t, c in figures)
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>stellar report: {e(str(m.get('name')))} v{m.get('version')}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-figure{{margin:2em 0}}img{{max-width:100%}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:0.3em 0.8em;text-align:right}}</style></head>
-<body><h1>stellar report</h1>
-<p>Model <b>{e(str(m.get('name')))}</b> version {m.get('version')} (MLflow run {e(str(m.get('run_id')))});
-{data['rows']} stars, {data['train_like']} train-like with a prediction.</p>
-<h2>Counts per stage</h2>
-<table><tr><th>stage</th><th>in</th><th>out</th><th>quarantined</th><th>flagged</th></tr>{rows}</table>
-{figs}
-</body></html>
-"""
-
-
-def run(cfg: StellarConfig, instrument=None, executor=None) -> StageResult:
-    """The stage contract (:mod:`stellar.stage`): the page and figures, unless made from these very inputs."""
-    return StageResult.from_summary("report", build_report(cfg))

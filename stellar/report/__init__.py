@@ -1,0 +1,166 @@
+"""The science report: one HTML page with PNG figures beside it, logged to the model's MLflow run.
+
+Figures (each also saved as the numbers it plots, in ``report.json``, so tests
+and users can check content, not pixels):
+
+* Kiel diagram (Teff-log g coloured by [M/H]) of train-like stars;
+* [alpha/M] vs [M/H] density in bins of Galactocentric R and |Z| (astropy
+  coordinates from ra, dec and parallax): the thin/thick disc bimodality;
+* the [alpha/M] histogram at fixed [M/H], predictions beside the training labels;
+* residuals vs S/N per label on the test split, and calibration curves;
+* the selection map (training, observed train-like, train-unlike);
+* saliency: mean d(label)/d(flux) over the spectrum, lines marked;
+* counts per stage (in, out, quarantined, flagged).
+
+The figures are ``figures.py`` (one function each); the page is the ``page.html`` template (Jinja2,
+autoescaped).
+
+A report whose inputs (the committed table versions, the model, where it is
+logged, the stellar version) have not changed since its last complete build is
+not rebuilt: ``_built.json`` records them once the page is written and logged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from stellar import __version__
+from stellar.config import StellarConfig
+from stellar.errors import StellarError
+from stellar.report.figures import (ALPHA_EDGES, BIMODAL_MH, UNITS, Page, _ensemble, _plt, _residuals,  # noqa: F401
+                                    _saliency, alpha_mh, bimodality, galactocentric, kiel, residuals_snr,
+                                    selection_map)
+from stellar.stage import StageResult
+from stellar.tables import TableStore, read_table, settings_hash
+
+
+class ReportError(StellarError):
+    """A report that cannot be built, e.g. no committed predictions."""
+
+
+BUILT = "_built.json"
+
+# The figures of the page, in page order (each draws nothing where its inputs are absent).
+FIGURES = (kiel, alpha_mh, residuals_snr, selection_map)
+
+
+def report_inputs_digest(cfg: StellarConfig, model: dict, log_mlflow: bool) -> str:
+    """What a report depends on: every committed table it reads, the model, and where it is logged."""
+    versions = {name: TableStore(root).current_version() for name, root in (
+        ("ingest", cfg.ingest.output_dir), ("preprocess", cfg.preprocess.output_dir),
+        ("select", cfg.select.output_dir), ("predict", cfg.predict.output_dir))}
+    return settings_hash({"tables": versions, "model": model.get("digest"), "run": model.get("run_id"),
+                          "mlflow": cfg.mlflow.tracking_uri if log_mlflow else None, "v": __version__})
+
+
+def _built_report(out: Path, digest: str) -> dict | None:
+    """The last complete build in ``out`` if it was made from the same inputs and its files are all there."""
+    try:
+        built = json.loads((out / BUILT).read_text())
+        data = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    files = [out / "index.html", *(out / f for f in built.get("figures", []))]
+    if built.get("inputs_digest") != digest or not all(f.is_file() for f in files):
+        return None
+    return {"path": str(out / "index.html"), "figures": built["figures"], **data,
+            "logged_to_run": built.get("logged_to_run"), "up_to_date": True}
+
+
+def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlflow: bool = True,
+                 force: bool = False) -> dict:
+    """Write the report into ``out_dir`` (default WORK_DIR/report) unless an up-to-date one is there
+    (``force`` rebuilds it anyway). Returns the page's path, its figure files and the numbers behind them."""
+    t0 = time.perf_counter()
+    pstore = TableStore(cfg.predict.output_dir)
+    pman = pstore.current_manifest()
+    if pman is None:
+        raise ReportError(f"no predictions under {cfg.predict.output_dir} (run 'stellar predict' first)")
+    out = Path(out_dir or Path(cfg.work_dir) / "report")
+    labels = pman["summary"]["labels"]
+    model = pman["model"]
+    digest = report_inputs_digest(cfg, model, log_mlflow)
+    if not force and (done := _built_report(out, digest)):
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    (out / BUILT).unlink(missing_ok=True)  # a build that dies from here on is not taken for a finished one
+    preds = read_table(cfg.predict.output_dir, "predictions").to_pandas()
+    ok = preds["problem"].isna().to_numpy()
+    like = preds["train_like"].fillna(False).to_numpy(dtype=bool) & ok
+    # the labelled stars' labels, read once: the training-label histogram and the test-split residuals
+    feats = read_table(cfg.preprocess.output_dir, "features",
+                       ["source_id", "split", *labels, *[f"{lab}_err" for lab in labels]]).to_pandas()
+    page = Page(cfg, out, labels, preds, ok, like, feats, plt=_plt(),
+                data={"model": model, "labels": labels, "rows": len(preds), "train_like": int(like.sum())})
+    for draw in FIGURES:
+        draw(page)
+    data, figures = page.data, page.figures
+
+    # saliency and the residual spectra of flagged stars: where the network looks, and where the
+    # spectra of stars it should not be trusted on leave the emulated ones
+    ens = _ensemble(cfg, model)
+    figures_sal, sal = _saliency(cfg, ens, preds[like]["source_id"].to_numpy()[:512], out, labels)
+    if figures_sal:
+        figures.append(figures_sal)
+        data["saliency"] = sal
+    figures_res, res = _residuals(cfg, ens, preds[ok], out, labels)
+    if figures_res:
+        figures.append(figures_res)
+        data["residual_spectra"] = res
+
+    data["counts"] = stage_counts(cfg)
+    data["seconds"] = round(time.perf_counter() - t0, 2)
+    (out / "report.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    (out / "index.html").write_text(render_page(data, figures))
+    if log_mlflow and model.get("run_id") not in (None, "", "none"):
+        from stellar.registry import Registry
+
+        Registry.from_config(cfg).log_artifacts(model["run_id"], out, "report")
+        data["logged_to_run"] = model["run_id"]
+    names = [f for f, _, _ in figures]
+    (out / BUILT).write_text(json.dumps({"inputs_digest": digest, "figures": names,
+                                         "logged_to_run": data.get("logged_to_run")}) + "\n")
+    return {"path": str(out / "index.html"), "figures": names, **data}
+
+
+def stage_counts(cfg: StellarConfig) -> list[dict]:
+    """Rows in / out / quarantined / flagged per stage, from the committed manifests."""
+    rows = []
+    man = TableStore(cfg.ingest.output_dir).current_manifest()
+    if man:
+        s = man["summary"]
+        rows.append({"stage": "ingest", "in": s.get("rows_in"), "out": s.get("written"),
+                     "quarantined": s.get("quarantined"), "flagged": None})
+    man = TableStore(cfg.preprocess.output_dir).current_manifest()
+    if man:
+        c = man["summary"]["counts"]
+        rows.append({"stage": "preprocess", "in": c.get("stars"), "out": c.get("stars"), "quarantined": 0,
+                     "flagged": sum(v for k, v in c.items() if k.startswith("quality:"))})
+    man = TableStore(cfg.select.output_dir).current_manifest()
+    if man:
+        s = man["summary"]
+        rows.append({"stage": "select", "in": s.get("rows"), "out": s.get("rows"), "quarantined": 0,
+                     "flagged": s.get("observed_train_unlike")})
+    man = TableStore(cfg.predict.output_dir).current_manifest()
+    if man:
+        s = man["summary"]
+        rows.append({"stage": "predict", "in": s.get("rows"), "out": s.get("predicted"),
+                     "quarantined": s.get("quarantined"), "flagged": s.get("out_of_range")})
+    return rows
+
+
+def render_page(data: dict, figures: list[tuple[str, str, str]]) -> str:
+    """The HTML page (template ``page.html``, autoescaped) for the report's numbers and figures."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("stellar.report", "."), autoescape=True,
+                             keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    return env.get_template("page.html").render(model=data["model"], rows=data["rows"], train_like=data["train_like"],
+                                                counts=data["counts"], figures=figures)
+
+
+def run(cfg: StellarConfig, instrument=None, executor=None) -> StageResult:
+    """The stage contract (:mod:`stellar.stage`): the page and figures, unless made from these very inputs."""
+    return StageResult.from_summary("report", build_report(cfg))
