@@ -39,7 +39,8 @@ import torch  # noqa: E402
 
 from stellar.config import TrainConfig, load_config  # noqa: E402
 from stellar.devices import pick_device  # noqa: E402
-from stellar.inference_core import StackedEnsemble, features_to_tensors, forward_members  # noqa: E402
+from stellar.inference_core import features_to_tensors, forward_members  # noqa: E402
+from stellar.model import StackedEnsemble  # noqa: E402
 from stellar.instruments import load_instrument  # noqa: E402
 from stellar.model import load_model_preset  # noqa: E402
 from stellar.predict import ModelBundle, predict  # noqa: E402

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import torch
 
 from stellar.features import Normaliser
+from stellar.model import StackedEnsemble
 
 INPUTS = ("spectrum", "spectrum_mask", "xp", "scalars")
 
@@ -135,110 +136,3 @@ def forward_members(model: "StackedEnsemble | list[torch.nn.Module]", data: dict
             means[:, lo:lo + rows] = mu[:, :rows].float().cpu().numpy()
             variances[:, lo:lo + rows] = log_var[:, :rows].float().exp().cpu().numpy()
     return means, variances
-
-
-class StackedEnsemble(torch.nn.Module):
-    """All members of an ensemble as one network: the first conv and dense layers of shared inputs
-    concatenated, later convs grouped by member, dense layers as batched matmuls. Same arithmetic
-    as the members one by one (up to float rounding), but a few large kernels instead of many
-    small ones, which is what makes the CPU fast on small convolutions.
-
-    The conv stack runs channels-last, spectra held as (B, L, C): oneDNN's 1-D convolutions
-    in that layout (as a height-1 2-D convolution) take less than half the time of the
-    (B, C, L) kernels here, and pooling becomes an elementwise max of neighbouring rows.
-    A monotonic activation (ReLU, leaky ReLU) runs after the pool, on half the values: it
-    commutes with max, so the result is the members' own."""
-
-    def __init__(self, nets: list[torch.nn.Module]):
-        super().__init__()
-        from stellar.model import activation
-
-        cfg = nets[0].cfg
-        self.cfg = cfg
-        self.m = len(nets)
-        self.n_labels = nets[0].n_labels
-        self.act = activation(cfg.activation)
-        self.monotonic = cfg.activation in ("relu", "leaky_relu")  # commutes with max-pooling
-        cat = lambda ts: torch.nn.Parameter(torch.cat([t.detach() for t in ts]), requires_grad=False)  # noqa: E731
-        stack = lambda ts: torch.nn.Parameter(torch.stack([t.detach() for t in ts]), requires_grad=False)  # noqa: E731
-        if cfg.use_spectrum:
-            self.convs = torch.nn.ModuleList()
-            self.pools = []
-            convs = [[mod for mod in net.conv if isinstance(mod, torch.nn.Conv1d)] for net in nets]
-            for i, layer in enumerate(cfg.conv):
-                first = convs[0][i]
-                conv = torch.nn.Conv2d(first.in_channels * (1 if i == 0 else self.m), first.out_channels * self.m,
-                                       (1, first.kernel_size[0]), groups=1 if i == 0 else self.m)
-                conv.weight = torch.nn.Parameter(torch.cat([c[i].weight.detach() for c in convs])[:, :, None, :]
-                                                 .contiguous(memory_format=torch.channels_last), requires_grad=False)
-                conv.bias = cat([c[i].bias for c in convs])
-                self.convs.append(conv)
-                self.pools.append(layer.pool)
-            self.spec_dense = self._dense([net.spec_dense for net in nets], stack)
-        if cfg.use_xp:
-            self.xp_dense = self._dense([net.xp_dense for net in nets], stack)
-        if cfg.use_scalars:
-            self.scalar_dense = self._dense([net.scalar_dense for net in nets], stack)
-        self.head = self._dense([net.head for net in nets], stack)
-        self.out_w = stack([net.out.weight.t() for net in nets])
-        self.out_b = stack([net.out.bias[None, :] for net in nets])
-        # every member shares the statistics, hence the output bounds (stellar.trust.bound_outputs)
-        self.bounded = nets[0].bounded
-        for key in ("lo", "hi", "m_lo", "m_hi"):
-            self.register_buffer(f"bound_{key}", getattr(nets[0], f"bound_{key}").detach().clone(), persistent=False)
-
-    @staticmethod
-    def _dense(seqs, stack) -> torch.nn.ParameterList:
-        layers = [[mod for mod in seq if isinstance(mod, torch.nn.Linear)] for seq in seqs]
-        params = torch.nn.ParameterList()
-        for i in range(len(layers[0])):
-            params.append(stack([lay[i].weight.t() for lay in layers]))  # (M, in, out)
-            params.append(stack([lay[i].bias[None, :] for lay in layers]))  # (M, 1, out)
-        return params
-
-    def _mlp(self, params, x: torch.Tensor) -> torch.Tensor:
-        """x: (M, B, in) -> (M, B, out); activation after every layer, as in the members."""
-        for i in range(0, len(params), 2):
-            x = self.act(torch.baddbmm(params[i + 1], x, params[i]))
-        return x
-
-    def bound(self, mean: torch.Tensor) -> torch.Tensor:
-        """The members' means bounded as each member bounds its own (:meth:`stellar.model.HybridNet.bound`);
-        identity when the members are unbounded."""
-        if not self.bounded:
-            return mean
-        from stellar.trust import bound_outputs
-
-        return bound_outputs(mean, self.bound_lo, self.bound_hi, self.bound_m_lo, self.bound_m_hi)
-
-    def forward(self, spectrum, mask, xp, scalars) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns means and log-variances of the normalised labels, (M, B, L) each."""
-        b = spectrum.shape[0]
-        parts = []
-        if self.cfg.use_spectrum:
-            keep = (~mask).to(spectrum.dtype)
-            x = torch.stack([(spectrum - 1.0) * keep, 1.0 - keep], dim=2)  # (B, L, C)
-            for conv, pool in zip(self.convs, self.pools):
-                # (B, L, C) is the channels-last storage of (B, C, 1, L): views both ways, no copies
-                x = conv(x.unsqueeze(1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).squeeze(1)
-                if not self.monotonic:
-                    x = self.act(x)
-                if pool > 1:
-                    length = x.shape[1] // pool
-                    v = x[:, : length * pool].reshape(b, length, pool, x.shape[2])
-                    x = torch.maximum(v[:, :, 0], v[:, :, 1]) if pool == 2 else v.amax(2)
-                if self.monotonic:
-                    x = self.act(x)
-            # (B, L, M*C) -> (M, B, C*L): each member's own flatten order
-            x = x.reshape(b, x.shape[1], self.m, -1).permute(2, 0, 3, 1).reshape(self.m, b, -1)
-            parts.append(self._mlp(self.spec_dense, x))
-        if self.cfg.use_xp:
-            parts.append(self._mlp(self.xp_dense, xp.to(self.out_w.dtype).expand(self.m, -1, -1)))
-        if self.cfg.use_scalars:
-            parts.append(self._mlp(self.scalar_dense, scalars.to(self.out_w.dtype).expand(self.m, -1, -1)))
-        h = self._mlp(self.head, torch.cat(parts, dim=2))
-        out = torch.baddbmm(self.out_b, h, self.out_w)
-        n = self.n_labels
-        if self.cfg.heteroscedastic:
-            return self.bound(out[..., :n]), out[..., n:].clamp(-12.0, 8.0)
-        return self.bound(out), torch.zeros_like(out)

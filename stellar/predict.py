@@ -42,7 +42,8 @@ from stellar import __version__
 from stellar.config import PredictConfig, StellarConfig
 from stellar.devices import pick_device
 from stellar.errors import StellarError
-from stellar.inference_core import StackedEnsemble, arrow_features, features_to_tensors, forward_members
+from stellar.inference_core import arrow_features, features_to_tensors, forward_members
+from stellar.model import StackedEnsemble
 from stellar.stage import StageResult, StoreRun
 from stellar.runtime import LOCAL, Executor, SparkExecutor
 from stellar.tables import TableStore, settings_hash, write_part

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from stellar.inference_core import StackedEnsemble, forward_members
+from stellar.inference_core import forward_members
+from stellar.model import StackedEnsemble
 from stellar.model import HybridNet, load_model_preset
 
 

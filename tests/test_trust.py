@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from stellar.features import Q_NO_BP, Q_NO_PARALLAX, Q_NO_XP, SCALAR_NAMES
-from stellar.inference_core import StackedEnsemble, forward_members
+from stellar.inference_core import forward_members
+from stellar.model import StackedEnsemble
 from stellar.model import HybridNet, ModelConfig
 from stellar.trust import (OOD_DISAGREEMENT, OOD_ENVELOPE, OOD_IMPRECISE, OOD_INPUT_RANGE, OOD_LABEL_RANGE,
                            OOD_LINES, OOD_MAP, OOD_MISSING_INPUT, OOD_SPECTRUM, OOD_UNCERTAINTY, PHYSICAL_ENVELOPE,

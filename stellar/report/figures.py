@@ -358,7 +358,8 @@ def _saliency(cfg: StellarConfig, ens, ids: np.ndarray, out: Path, labels: list[
     """Mean gradient of each label's ensemble mean with respect to the flux, over train-like stars."""
     import torch
 
-    from stellar.inference_core import StackedEnsemble, features_to_tensors
+    from stellar.inference_core import features_to_tensors
+    from stellar.model import StackedEnsemble
 
     if not len(ids) or ens is None or not ens.cfg.use_spectrum:
         return None, None
