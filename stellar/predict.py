@@ -309,10 +309,15 @@ def run(cfg: StellarConfig, instrument=None, executor: Executor | None = None, s
 
 
 def _identity_columns(table: pa.Table, bundle: ModelBundle) -> pa.Table:
+    """The model's identity on every row, typed as the table has always had it (plain non-null string
+    and int32 columns: Parquet dictionary-encodes the repeated values on disk anyway)."""
     n = table.num_rows
-    table = table.append_column("model_name", pa.repeat(pa.scalar(bundle.name), n).dictionary_encode())
-    table = table.append_column("model_version", pa.array(np.full(n, bundle.version, np.int32)))
-    return table.append_column("model_run_id", pa.repeat(pa.scalar(bundle.run_id), n).dictionary_encode())
+    table = table.append_column(pa.field("model_name", pa.string(), nullable=False),
+                                pa.repeat(pa.scalar(bundle.name, pa.string()), n))
+    table = table.append_column(pa.field("model_version", pa.int32(), nullable=False),
+                                pa.array(np.full(n, bundle.version, np.int32)))
+    return table.append_column(pa.field("model_run_id", pa.string(), nullable=False),
+                               pa.repeat(pa.scalar(bundle.run_id, pa.string()), n))
 
 
 FEATURE_COLUMNS = ["source_id", "split", "snr", "quality", "spectrum", "spectrum_error", "spectrum_mask", "xp",
