@@ -494,7 +494,8 @@ def cmd_pipeline(cfg: StellarConfig, args: argparse.Namespace) -> int:
     out.write_text(json.dumps(summary, indent=1, default=str) + "\n")
     failed = [r for r in runs if r.status == "failed"]
     print(f"[pipeline] {'FAILED at ' + failed[0].name if failed else 'done'} in {summary['seconds']} s; "
-          f"summary: {out}" + ("; rerun to resume from the failed stage" if failed else ""))
+          f"summary: {out}" + (f"; the stages before {failed[0].name} are kept: once its error above is dealt "
+                               f"with, a rerun goes on from {failed[0].name}" if failed else ""))
     return 2 if failed else 0
 
 

@@ -81,7 +81,7 @@ class Registry:
 
         name = self.model_name
         try:
-            self.client.get_registered_model(name)
+            model = self.client.get_registered_model(name)
         except MlflowException:
             raise RegistryError(f"no registered model {name!r} in {self.tracking_uri} (run 'stellar train' "
                                 "first)") from None
@@ -92,7 +92,36 @@ class Registry:
             if not ref.isdigit() and missing_alias_ok:
                 return None
             raise RegistryError(f"model {name!r} has no {'version' if ref.isdigit() else 'alias'} {ref!r} in "
-                                f"{self.tracking_uri}") from None
+                                f"{self.tracking_uri}" + self._next_steps(model, ref)) from None
+
+    def _next_steps(self, model, ref: str) -> str:
+        """What a user can do about a missing alias or version: which aliases and versions exist, why the
+        newest version holds no alias (its promotion decision), and the two ways on. A rerun alone never
+        helps here: promotion decides the same way on the same data."""
+        aliases = dict(getattr(model, "aliases", None) or {})
+        try:
+            versions = sorted(self.client.search_model_versions(f"name = '{self.model_name}'"),
+                              key=lambda v: int(v.version))
+        except Exception:  # noqa: BLE001 - the message is a courtesy; the error stands without it
+            versions = []
+        held = ", ".join(f"@{a} = version {v}" for a, v in sorted(aliases.items())) or "none"
+        text = f" (aliases: {held}; versions: {', '.join(str(v.version) for v in versions) or 'none'})"
+        if not versions:
+            return text
+        newest = versions[-1]
+        tags = newest.tags or {}
+        if tags.get("promotion_decision") == "rejected":
+            try:
+                reasons = json.loads(tags.get("promotion", "{}")).get("reasons", [])
+            except ValueError:
+                reasons = []
+            text += (f". Promotion rejected version {newest.version}" +
+                     (f" ({'; '.join(str(r) for r in reasons[:2])})" if reasons else ""))
+        example = next(iter(sorted(aliases)), None) or newest.version
+        text += (f". To go on: predict with another model (--model ALIAS|VERSION, e.g. --model {example}), or promote "
+                 "a version ('stellar promote --challenger VERSION'; a rejected one only with the promote.* "
+                 "criteria relaxed); rerunning as it is decides the same way")
+        return text
 
     def load(self, ref: str):
         """Resolve ``ref`` once and load its ensemble, pickle-free; returns (Ensemble, identity).

@@ -205,6 +205,7 @@ def test_missing_alias_is_a_clear_error(registry, capsys):
     rc = main(["predict", "--no-spark", "--model", "nosuch", "--set", f"work_dir={tmp}"])
     err = capsys.readouterr().err
     assert rc == 2 and "has no alias 'nosuch'" in err and "stellar-hybrid" in err
+    assert "(aliases: " in err and "@champion = version " in err and "To go on: predict with another model" in err
     rc = main(["predict", "--no-spark", "--model", "99", "--set", f"work_dir={tmp}"])
     assert rc == 2 and "has no version '99'" in capsys.readouterr().err
 
@@ -310,6 +311,11 @@ def test_promote_reject_promote_rollback(registry, capsys):
     tag = json.loads(client.get_model_version(name, "2").tags["promotion"])
     assert tag["decision"] == "rejected" and tag["champion"] == 1 and "teff" in tag["metrics"]["champion"]
     assert json.loads(client.get_model_version(name, "1").tags["challenged_by"])["version"] == 2
+    # asking for a model that is not there says why the newest version holds no alias and what to do
+    assert main(["predict", "--no-spark", "--model", "nosuch", *base]) == 2
+    err = capsys.readouterr().err
+    assert "Promotion rejected version 2 (" in err and "rmse" in err.lower(), err
+    assert "--model challenger" in err and "rerunning as it is decides the same way" in err
     # a dry run changes nothing
     assert main(["promote", *base, "--set", "promote.max_rmse_ratio=100", "--dry-run"]) == 0
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"

@@ -117,7 +117,8 @@ def kiel(page: Page) -> None:
 
 
 def alpha_mh(page: Page) -> None:
-    """[alpha/M] vs [M/H] in bins of Galactocentric R and |Z|, and the [alpha/M] histogram at fixed [M/H] beside the training labels'."""
+    """[alpha/M] vs [M/H] in bins of Galactocentric R and |Z|, and the [alpha/M] histogram at fixed [M/H]
+    beside the training labels'."""
     (cfg, out, labels, preds, like, feats, data, figures, plt) = \
         (page.cfg, page.out, page.labels, page.preds, page.like, page.feats, page.data, page.figures, page.plt)
     if {"alpha_m", "m_h"} <= set(labels):
