@@ -143,6 +143,29 @@ def test_quotes_across_lines_cost_only_their_row(tmp_path, survey, rvs_instrumen
     assert rvs.num_rows == s["tables"]["rvs"]["written"] == 400 - 2
 
 
+def test_bytes_that_are_not_utf8_cost_only_their_line(tmp_path, survey, rvs_instrument):
+    """The archive writes ASCII. A byte that is not UTF-8 (a disk or transfer error) inside a flux array,
+    or a line of such bytes, made the CSV parser refuse the whole file ("file unreadable", the run
+    failed); now exactly the damaged rows are quarantined with the reason and the rest are read."""
+    root, target, n_true = _copy(survey, tmp_path)
+    head, data = split_gz(target)
+    first = len(head) + 1
+    d = [ln.encode() for ln in data]
+    k = d[4].index(b"[") + 3
+    d[4] = d[4][:k] + b"\xe9" + d[4][k + 1:]  # one digit of the flux array replaced by a Latin-1 byte
+    d.insert(20, b"\xff\xfe\x00garbage,\xe9\n")  # a line of bytes that are not text
+    target.write_bytes(gzip.compress(b"".join(ln.encode() for ln in head) + b"".join(d), mtime=0))
+    cfg = ingest_cfg(tmp_path, root, **{"ingest.max_bad_fraction": 1.0})
+    s = ingest(cfg.ingest, rvs_instrument, cfg.conf_dir)
+    f = s["per_file"][f"gaia:{RVS_DIR}/{target.name}"]
+    assert f["rows_in"] == n_true + 1 and f["written"] == n_true - 1 and f["quarantined"] == 2
+    q = {r["line"]: r["reason"] for r in read_table(tmp_path / "tables", "quarantine").to_pylist()
+         if r["source_file"].endswith(target.name)}
+    assert set(q) == {first + 4, first + 20}
+    assert all(r.startswith("not UTF-8 text") for r in q.values()), q
+    assert read_table(tmp_path / "tables", "rvs").num_rows == 400 - 1
+
+
 @pytest.mark.parametrize("damage", ["truncated", "no_table"])
 def test_a_damaged_label_fits_keeps_what_it_can(tmp_path, survey, rvs_instrument, damage):
     """A label FITS cut short keeps its complete rows and quarantines each missing one by its row number

@@ -543,22 +543,54 @@ def parse_text_table(chunk: Chunk, names: list[str], include: list[str]) -> tupl
         empty = pa.table({n: pa.array([], pa.string()) for n in include})
         return empty, np.zeros(0, dtype=np.int64), [], []
     lines = np.arange(chunk.first_line, chunk.first_line + chunk.n_lines, dtype=np.int64)
+    data, not_utf8 = chunk.data, {}
+    if not data.isascii():  # the archive writes ASCII (a fast check): only damaged text is decoded
+        data, not_utf8 = _invalid_utf8_lines(data, chunk.first_line)
     try:
-        table, bad = _read_csv_lines(chunk.data, chunk.first_line, names, include)
+        table, bad = _read_csv_lines(data, chunk.first_line, names, include)
     except pa.ArrowInvalid:  # e.g. a quote left open at the end of the chunk
         table, bad = None, []
     if table is not None:
         good = np.setdiff1d(lines, np.array([ln for ln, _ in bad], dtype=np.int64)) if bad else lines
         if len(good) == table.num_rows:
-            return table, good, bad, []
-    data, numbers, stray, notes = _unbalanced_quotes(chunk.data, chunk.first_line)
+            return (*_give_up_lines(table, good, bad, not_utf8), [])
+    data, numbers, stray, notes = _unbalanced_quotes(data, chunk.first_line)
     # line numbers of the clean data map back through ``numbers`` (its k-th line is numbers[k])
     table, bad = _read_csv_lines(data, 1, names, include)
     bad = [(int(numbers[ln - 1]), why) for ln, why in bad]
     good = np.setdiff1d(numbers, np.array([ln for ln, _ in bad], dtype=np.int64)) if bad else numbers
     if len(good) != table.num_rows:
         raise RuntimeError(f"line accounting failed: {len(good)} lines vs {table.num_rows} rows")
-    return table, good, sorted(bad + stray), notes
+    return (*_give_up_lines(table, good, sorted(bad + stray), not_utf8), notes)
+
+
+def _give_up_lines(table: pa.Table, good: np.ndarray, bad: list[tuple[int, str]], damaged: dict[int, str]
+                   ) -> tuple[pa.Table, np.ndarray, list[tuple[int, str]]]:
+    """Make the row (or bad line) that each ``damaged`` line belongs to a bad line with that reason, and
+    only that one: a row is dropped from ``table``/``good``, a bad line's reason is replaced."""
+    if not damaged:
+        return table, good, bad
+    starts = np.sort(np.concatenate([good, np.array([ln for ln, _ in bad], dtype=np.int64)]))
+    owner = {int(starts[max(0, np.searchsorted(starts, ln, side="right") - 1)]): why for ln, why in damaged.items()}
+    drop = np.isin(good, np.array(sorted(owner), dtype=np.int64))
+    bad = [(ln, why) for ln, why in bad if ln not in owner] + sorted(owner.items())
+    return table.filter(pa.array(~drop)), good[~drop], sorted(bad)
+
+
+def _invalid_utf8_lines(data: bytes | bytearray, first_line: int) -> tuple[bytes | bytearray, dict[int, str]]:
+    """``data`` with every byte sequence that is not UTF-8 replaced (U+FFFD), and the line numbers of the
+    lines that held one. The archive writes ASCII; one such byte (a disk or transfer error) would make the
+    CSV parser refuse the whole chunk, so only its line is given up. Runs only on text that is not ASCII."""
+    raw = bytes(data)
+    try:
+        raw.decode("utf-8")
+        return data, {}
+    except UnicodeDecodeError:
+        pass
+    text = raw.decode("utf-8", errors="replace")
+    damaged = {first_line + i: "not UTF-8 text: a byte the archive never writes (damaged line)"
+               for i, line in enumerate(text.split("\n")) if "\ufffd" in line}
+    return text.encode("utf-8"), damaged
 
 
 def _read_csv_lines(data, first_line: int, names: list[str], include: list[str]) -> tuple[pa.Table, list[tuple[int, str]]]:
