@@ -113,6 +113,8 @@ def test_bad_input_corpus_quarantined_with_reasons(tmp_path, survey, rvs_instrum
     d[13] = edit(d[13], 1, lambda s: "9300000000000000000")                      # beyond int64
     plus_id = int(next(csv.reader([d[14]]))[1])
     d[14] = edit(edit(d[14], 1, lambda s: "+" + s), 0, lambda s: "+" + s)       # '+5' is valid text: kept
+    d[15] = edit(d[15], 5, lambda s: "[-0.01" + s[s.index(","):])               # a negative flux error
+    d[16] = edit(d[16], 1, lambda s: "-5")                                        # a negative source_id
     write_gz(edit_file, head + d)
     expected = {first + 1: "flux: 2400 values, expected 2401", first + 2: "flux: unparseable number in array",
                 first + 3: "source_id: missing", first + 5: "source_id: duplicate",
@@ -120,7 +122,9 @@ def test_bad_input_corpus_quarantined_with_reasons(tmp_path, survey, rvs_instrum
                 first + 9: "source_id: at or above 6917529027641081856, beyond Gaia's range",
                 first + 10: "flux: infinite value (inf, or beyond float32)",
                 first + 11: "flux: infinite value", first + 12: "ra: infinite value",
-                first + 13: "source_id: integer beyond the range of int64"}
+                first + 13: "source_id: integer beyond the range of int64",
+                first + 15: "flux_error: negative value (an uncertainty is positive)",
+                first + 16: "source_id: zero or negative, not a Gaia source_id"}
 
     raw = trunc_file.read_bytes()
     trunc_file.write_bytes(raw[: int(len(raw) * 0.6)])  # truncated gzip stream

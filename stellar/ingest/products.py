@@ -120,8 +120,10 @@ def normalise(product: Product, columns: dict[str, pa.Array], problems: pa.Array
     n = len(lines)
     checks = [problems] if problems is not None else []
     sid = columns["source_id"]
-    checks.append(pc.if_else(pc.or_kleene(pc.is_null(sid), pc.less_equal(sid, 0)),
-                             pa.scalar("source_id: missing"), pa.scalar(None, pa.string())))
+    checks.append(pc.if_else(pc.is_null(sid), pa.scalar("source_id: missing"), pa.scalar(None, pa.string())))
+    checks.append(pc.if_else(pc.fill_null(pc.less_equal(sid, 0), False),
+                             pa.scalar("source_id: zero or negative, not a Gaia source_id"),
+                             pa.scalar(None, pa.string())))
     checks.append(pc.if_else(pc.fill_null(pc.greater_equal(sid, SOURCE_ID_END), False),
                              pa.scalar(f"source_id: at or above {SOURCE_ID_END}, beyond Gaia's range (its "
                                        "HEALPix level-12 index is not one of the 12 * 4^12 pixels)"),
@@ -138,6 +140,14 @@ def normalise(product: Product, columns: dict[str, pa.Array], problems: pa.Array
             continue
         checks.append(pc.if_else(inf, pa.scalar(f"{name}: infinite value (inf, or beyond float32)"),
                                  pa.scalar(None, pa.string())))
+        if name.endswith(("_error", "_errors")):  # an uncertainty is positive: anything else is damage
+            if pa.types.is_floating(arr.type):
+                impossible, what = pc.fill_null(pc.less_equal(arr, 0), False), "zero or negative"
+            else:  # per pixel or coefficient: negative (a pixel may carry no error: NaN)
+                impossible, what = pc.greater(_list_count(arr, lambda v: pc.fill_null(pc.less(v, 0), False)), 0), \
+                    "negative value"
+            checks.append(pc.if_else(impossible, pa.scalar(f"{name}: {what} (an uncertainty is positive)"),
+                                     pa.scalar(None, pa.string())))
     for name, expected in product.lengths:
         arr = columns.get(name)
         if arr is None:
