@@ -35,6 +35,7 @@ from stellar.numerics import with_one_blas_thread
 from stellar.runtime import LOCAL, Executor
 from stellar.stage import StageResult, StoreRun
 from stellar.tables import STATS, TableStore, settings_hash, write_part
+from stellar.trust import PHYSICAL_ENVELOPE
 
 
 
@@ -115,6 +116,11 @@ def label_cut_reasons(labels: pa.Table | None, rows: np.ndarray, found: np.ndarr
 
     for lab in required:
         flag(~np.isfinite(_column(labels, lab, rows, found)), f"missing label {lab}")
+    for lab in required:  # a catalogue's sentinel (-9999) or a damaged value must never train the model
+        v, err = _column(labels, lab, rows, found), _column(labels, f"{lab}_err", rows, found)
+        lo, hi = PHYSICAL_ENVELOPE.get(lab, (-np.inf, np.inf))
+        flag(np.isfinite(v) & ((v < lo) | (v > hi)), f"label {lab} outside the physical envelope")
+        flag(np.isfinite(err) & (err < 0), f"label {lab}_err negative")
     if cuts["min_snr"] is not None:
         snr = _column(labels, "snr", rows, found)
         flag(np.isfinite(snr) & (snr < cuts["min_snr"]), f"label S/N below {cuts['min_snr']:g}")

@@ -128,6 +128,37 @@ def test_label_cuts_remove_exactly_the_flagged_rows(built):
     assert np.allclose(f.loc[common, "teff"], lab.loc[common, "teff"])
 
 
+def test_impossible_catalogue_labels_never_train(tmp_path, survey, built):
+    """A catalogue's sentinel (-9999) or a damaged value outside the physical envelope, and a negative
+    label error, make the star unusable for training with the reason (it stays an observed star); the
+    other stars' splits do not move."""
+    from astropy.io import fits
+
+    root = tmp_path / "gaia"
+    shutil.copytree(survey, root)
+    path = root / "labels" / "allStar-synth.fits"
+    with fits.open(path) as hdul:
+        t = hdul[1].data.copy()
+        header = hdul[1].header
+    _, _, feats, _ = built
+    f = feats.to_pandas().set_index("source_id")
+    usable = [int(x) for x in f.index[f.split != "observed"][:3]]
+    row = {int(sid): i for i, sid in enumerate(t["GAIAEDR3_SOURCE_ID"])}
+    t["TEFF"][row[usable[0]]] = -9999.0
+    t["LOGG"][row[usable[1]]] = 99.0
+    t["M_H_ERR"][row[usable[2]]] = -1.0
+    fits.BinTableHDU(t, header=header).writeto(path, overwrite=True)
+    cfg, summary = pipeline(tmp_path, root)
+    g = read_table(cfg.preprocess.output_dir, "features").to_pandas().set_index("source_id")
+    assert g.loc[usable[0], "label_cut_reason"] == "label teff outside the physical envelope"
+    assert g.loc[usable[1], "label_cut_reason"] == "label logg outside the physical envelope"
+    assert g.loc[usable[2], "label_cut_reason"] == "label m_h_err negative"
+    assert (g.loc[usable, "split"] == "observed").all()
+    others = f.index.difference(usable)
+    assert (g.loc[others, "split"] == f.loc[others, "split"]).all()
+    assert summary["counts"]["usable_labels"] == built[1]["counts"]["usable_labels"] - 3
+
+
 def test_split_is_stable_across_partitionings(tmp_path, survey, built):
     _, _, feats, _ = built
     cfg2, s2 = pipeline(tmp_path, survey, **{"ingest.healpix_order": 3})
