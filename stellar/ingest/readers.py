@@ -456,10 +456,8 @@ def sniff(path: Path) -> tuple[str, str] | None:
 
         with fits.open(path) as hdul:
             cols = [c.lower() for c in hdul[1].columns.names] if len(hdul) > 1 else []
-        if "bp_coefficients" in cols:
+        if "bp_coefficients" in cols:  # (wavelength + flux alone is not RVS: XP_SAMPLED has them too)
             return "xp", "fits"
-        if "wavelength" in cols and "flux" in cols and name.startswith("rvs"):
-            return "rvs", "rvs_fits"
         return None
     if suffix in (".xml", ".vot"):
         if "xp_continuous" in name or name.startswith("xp_continuous"):
