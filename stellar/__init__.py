@@ -8,3 +8,11 @@ pipeline driver and ``doctor``. See ARCHITECTURE.md.
 """
 
 __version__ = "0.2.0"
+
+
+def load_model(uri, tracking_uri=None, device="cpu"):
+    """A trained model ready to predict from Gaia archive arrays or files (:func:`stellar.api.load_model`;
+    imported on first use, so ``import stellar`` stays light)."""
+    from stellar.api import load_model as _load
+
+    return _load(uri, tracking_uri=tracking_uri, device=device)

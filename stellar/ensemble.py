@@ -31,6 +31,7 @@ from stellar.devices import make_deterministic, pick_device
 from stellar.emulator import SpectrumEmulator
 from stellar.inference_core import INPUTS, forward_members
 from stellar.loader import FeatureDataset
+from stellar.mapping import MAP_FILE, MapReference
 from stellar.model import HybridNet, ModelConfig, gaussian_nll
 from stellar.trust import (TrustThresholds, assess, blocks_read, drop_blocks, fit_precision_limits, fit_thresholds,
                            label_bounds)
@@ -279,7 +280,7 @@ class Ensemble:
     def __init__(self, cfg: ModelConfig, labels: list[str], stats: dict, weights: list[bytes],
                  calibration: np.ndarray | None = None, meta: dict | None = None,
                  snr_calibration: dict | None = None, trust: TrustThresholds | None = None,
-                 emulator: SpectrumEmulator | None = None):
+                 emulator: SpectrumEmulator | None = None, selection_map: MapReference | None = None):
         self.cfg = cfg
         self.labels = list(labels)
         self.stats = stats
@@ -298,6 +299,8 @@ class Ensemble:
                                       dtype=float).reshape(len(labels), 2)
         self.trust = trust
         self.emulator = emulator
+        # the training run's selection map (stellar.mapping): train_like for stars of any survey
+        self.selection_map = selection_map
         self.meta = dict(meta or {})
         idx = [stats["label_names"].index(k) for k in self.labels]
         self.label_mean = np.asarray(stats["labels"]["mean"])[idx]
@@ -494,6 +497,8 @@ class Ensemble:
         files["stats.json"] = json.dumps(self.stats).encode()
         if self.emulator is not None:
             files["emulator.safetensors"] = np_save(self.emulator.to_tensors())
+        if self.selection_map is not None:
+            files.update(self.selection_map.to_files())
         return files
 
     @classmethod
@@ -509,7 +514,8 @@ class Ensemble:
                    np.asarray(spec["calibration"]), spec.get("meta"), spec.get("snr_calibration"),
                    TrustThresholds.from_dict(spec.get("trust")),
                    SpectrumEmulator.from_tensors(np_load(files["emulator.safetensors"]))
-                   if "emulator.safetensors" in files else None)
+                   if "emulator.safetensors" in files else None,
+                   MapReference.from_files(files) if MAP_FILE in files else None)
 
     def save(self, folder: str | Path) -> Path:
         """Write :meth:`to_files` into ``folder`` (created if needed); returns the folder."""
@@ -528,7 +534,7 @@ class Ensemble:
             raise FileNotFoundError(f"{folder} holds no ensemble.json")
         n = json.loads((folder / "ensemble.json").read_text())["n_members"]
         names = ["ensemble.json", "stats.json"] + [f"member_{i:02d}.safetensors" for i in range(n)]
-        names += [name for name in ("emulator.safetensors",) if (folder / name).is_file()]
+        names += [name for name in ("emulator.safetensors", MAP_FILE) if (folder / name).is_file()]
         return cls.from_files({name: (folder / name).read_bytes() for name in names})
 
 

@@ -137,6 +137,76 @@ def scalar_features(g: np.ndarray, bp: np.ndarray, rp: np.ndarray, parallax: np.
     return np.where(np.isfinite(x), x, 0.0).astype(np.float32)
 
 
+# The preprocess settings the features depend on: stored with the features' statistics (and so with
+# every model trained on them), so the model alone can rebuild its inputs from archive arrays.
+FEATURE_SETTINGS = ("rebin", "edge_pixels", "spike_excess", "spike_sigma", "max_masked_fraction", "low_snr",
+                    "xp_scale", "xp_truncate", "xp_bases")
+G_FLUX_ZERO_POINT = 25.6874  # Gaia DR3 G-band zero point (mag): the G flux of a star whose flux is not given
+
+
+@dataclass(frozen=True)
+class RawStars:
+    """A batch of stars as the Gaia archive gives them, NaN where a value is missing.
+
+    ``flux``/``flux_error`` (n, pixels) on the instrument grid; ``bp``/``rp`` (n, 55) coefficients
+    (rows of NaN: no band); the rest (n,). ``has_xp`` / ``has_astrometry``: whether the star has an
+    XP row / an astrometry row at all (a join found one), which the quality bits tell apart from a
+    row whose values are missing."""
+
+    flux: np.ndarray
+    flux_error: np.ndarray
+    bp: np.ndarray
+    rp: np.ndarray
+    bp_n_relevant: np.ndarray
+    rp_n_relevant: np.ndarray
+    g: np.ndarray
+    g_flux: np.ndarray
+    bp_mag: np.ndarray
+    rp_mag: np.ndarray
+    parallax: np.ndarray
+    parallax_error: np.ndarray
+    snr: np.ndarray  # the archive's rvs_spec_sig_to_noise (NaN: measure it from the spectrum)
+    has_xp: np.ndarray
+    has_astrometry: np.ndarray
+
+
+def star_features(raw: RawStars, settings: dict) -> dict[str, np.ndarray]:
+    """The model's inputs of a batch of stars: the one feature computation of the preprocess stage and
+    of a model applied to archive arrays (``stellar.api``), so both give the same numbers.
+
+    ``settings``: the FEATURE_SETTINGS (a PreprocessConfig's values). Returns ``spectrum``,
+    ``spectrum_error``, ``spectrum_mask``, ``xp``, ``scalars``, ``snr``, ``n_masked`` and ``quality``.
+    Per star, never per batch: a star's features do not depend on the other stars in the batch."""
+    spec = process_spectra(raw.flux, raw.flux_error, settings["rebin"], settings["edge_pixels"],
+                           settings["spike_excess"], settings["spike_sigma"])
+    g = np.asarray(raw.g, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        g_flux = np.where(np.isfinite(raw.g_flux), raw.g_flux, 10 ** (-0.4 * (g - G_FLUX_ZERO_POINT)))
+    xp = scale_xp(raw.bp, raw.rp, raw.bp_n_relevant, raw.rp_n_relevant, g_flux, settings["xp_scale"],
+                  settings["xp_truncate"], settings["xp_bases"])
+    scalars = scalar_features(g, raw.bp_mag, raw.rp_mag, raw.parallax, raw.parallax_error)
+    snr_gaia = np.asarray(raw.snr, dtype=np.float64)
+    snr = np.where(np.isfinite(snr_gaia) & (snr_gaia > 0), snr_gaia, spec.snr).astype(np.float32)
+    xf, af = np.asarray(raw.has_xp, dtype=bool), np.asarray(raw.has_astrometry, dtype=bool)
+    has_bp, has_rp = np.isfinite(raw.bp[:, 0]), np.isfinite(raw.rp[:, 0])
+    plx = raw.parallax
+    phot = np.isfinite(g) & np.isfinite(raw.bp_mag) & np.isfinite(raw.rp_mag)
+    q = np.zeros(len(snr), dtype=np.int32)
+    q |= np.where(~xf, Q_NO_XP, 0)
+    q |= np.where(xf & ~has_bp, Q_NO_BP, 0)
+    q |= np.where(xf & ~has_rp, Q_NO_RP, 0)
+    q |= np.where(~af, Q_NO_ASTROMETRY, 0)
+    q |= np.where(af & ~np.isfinite(plx), Q_NO_PARALLAX, 0)
+    with np.errstate(invalid="ignore"):
+        q |= np.where(np.isfinite(plx) & (plx <= 0), Q_NEGATIVE_PARALLAX, 0)
+    q |= np.where(af & ~phot, Q_NO_PHOTOMETRY, 0)
+    q |= np.where(snr < settings["low_snr"], Q_LOW_SNR, 0)
+    q |= np.where(spec.n_masked > settings["max_masked_fraction"] * spec.flux.shape[1], Q_MANY_MASKED, 0)
+    q |= np.where(spec.spike, Q_EDGE_SPIKE, 0)
+    return {"spectrum": spec.flux, "spectrum_error": spec.error, "spectrum_mask": spec.mask, "xp": xp,
+            "scalars": scalars, "snr": snr, "n_masked": spec.n_masked, "quality": q}
+
+
 def split_hash(source_id: np.ndarray, seed: int = 0) -> np.ndarray:
     """Uniform [0, 1) from source_id by SplitMix64: stable across runs, machines and partitionings."""
     with np.errstate(over="ignore"):

@@ -44,6 +44,7 @@ from stellar.devices import pick_device
 from stellar.errors import StellarError
 from stellar.inference_core import arrow_features, features_to_tensors, forward_members
 from stellar.model import StackedEnsemble
+from stellar.numerics import with_one_blas_thread
 from stellar.stage import StageResult, StoreRun
 from stellar.runtime import LOCAL, Executor, SparkExecutor
 from stellar.tables import TableStore, settings_hash, write_part
@@ -334,10 +335,27 @@ def predict_part(predictor: BatchPredictor, features_dir: str, rel: str, batch_r
     sel_part = Path(selection_dir) / rel if selection_dir else None
     selection = pq.read_table(sel_part, columns=["source_id", "train_like", "score"]) \
         if sel_part is not None and sel_part.exists() else None
+    if selection_dir is None and predictor.ens.selection_map is not None:
+        selection = model_map_selection(predictor.ens, pq.read_table(Path(features_dir) / rel,
+                                                                     columns=["source_id", "spectrum", "xp"]))
     pf = pq.ParquetFile(Path(features_dir) / rel)
     for batch in pf.iter_batches(batch_size=batch_rows, columns=FEATURE_COLUMNS):
         batch = batch.append_column("hpx", pa.array(np.full(batch.num_rows, hpx, np.int32)))
         yield predictor.predict_batch(batch, selection)
+
+
+@with_one_blas_thread  # t-SNE placement under the selection stage's thread policy (stellar.numerics)
+def model_map_selection(ens: Ensemble, features: pa.Table) -> pa.Table:
+    """The map verdict (source_id, train_like, score) of stars that have no selection of their own
+    features, from the training run's map the model carries: how a survey the model never saw (no
+    labels, no select stage) gets ``train_like`` and the map test of ``ood``."""
+    n = features.num_rows
+    sid = features["source_id"].to_numpy()
+    spectrum = features["spectrum"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+    xp = features["xp"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+    score, like = ens.selection_map.verdict(spectrum, xp, ens.stats, sid)
+    return pa.table({"source_id": pa.array(sid), "train_like": pa.array(like),
+                     "score": pa.array(score.astype(np.float32))})
 
 
 def _parts(features_dir: Path) -> list[str]:

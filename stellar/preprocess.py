@@ -26,10 +26,8 @@ import pyarrow.parquet as pq
 from stellar import __version__
 from stellar.config import PreprocessConfig, StellarConfig
 from stellar.errors import StellarError
-from stellar.features import (QUALITY_BITS, SCALAR_NAMES, Q_EDGE_SPIKE, Q_LOW_SNR, Q_MANY_MASKED, Q_NEGATIVE_PARALLAX,
-                              Q_NO_ASTROMETRY, Q_NO_BP, Q_NO_PARALLAX, Q_NO_PHOTOMETRY, Q_NO_RP, Q_NO_XP,
-                              assign_split, finish_moments, merge_moments, partial_moments, process_spectra,
-                              scalar_features, scale_xp)
+from stellar.features import (FEATURE_SETTINGS, QUALITY_BITS, SCALAR_NAMES, RawStars, assign_split, finish_moments,
+                              merge_moments, partial_moments, star_features)
 from stellar.instruments import Instrument
 from stellar.numerics import with_one_blas_thread
 from stellar.runtime import LOCAL, Executor
@@ -180,40 +178,21 @@ def build_partition(hpx: int, ctx: Context) -> dict:
     rvs = rvs.sort_by("source_id")
     sid = rvs["source_id"].to_numpy()
     n = sid.size
-    spec = process_spectra(_fixed(rvs["flux"], ctx.n_pixels, np.arange(n), np.ones(n, bool), np.float32),
-                           _fixed(rvs["flux_error"], ctx.n_pixels, np.arange(n), np.ones(n, bool), np.float32),
-                           cfg["rebin"], cfg["edge_pixels"], cfg["spike_excess"], cfg["spike_sigma"])
     xi, xf = _lookup(sid, xp)
     ai, af = _lookup(sid, ast)
     li, lf = _lookup(sid, lab)
-    nb = cfg["xp_bases"]
-    bp = _fixed(xp["bp_coefficients"], 55, xi, xf) if xp is not None else np.full((n, 55), np.nan)
-    rp = _fixed(xp["rp_coefficients"], 55, xi, xf) if xp is not None else np.full((n, 55), np.nan)
-    has_bp = np.isfinite(bp[:, 0])
-    has_rp = np.isfinite(rp[:, 0])
-    g = _column(ast, "phot_g_mean_mag", ai, af)
-    g_flux = _column(ast, "phot_g_mean_flux", ai, af)
-    if not np.isfinite(g_flux).any():
-        g_flux = 10 ** (-0.4 * (g - 25.6874))
-    xp_feat = scale_xp(bp, rp, _column(xp, "bp_n_relevant_bases", xi, xf), _column(xp, "rp_n_relevant_bases", xi, xf),
-                       g_flux, cfg["xp_scale"], cfg["xp_truncate"], nb)
-    bpm, rpm = _column(ast, "phot_bp_mean_mag", ai, af), _column(ast, "phot_rp_mean_mag", ai, af)
-    plx, plx_err = _column(ast, "parallax", ai, af), _column(ast, "parallax_error", ai, af)
-    scalars = scalar_features(g, bpm, rpm, plx, plx_err)
-    snr_gaia = _column(ast, "rvs_spec_sig_to_noise", ai, af)
-    snr = np.where(np.isfinite(snr_gaia) & (snr_gaia > 0), snr_gaia, spec.snr).astype(np.float32)
-
-    q = np.zeros(n, dtype=np.int32)
-    q |= np.where(~xf, Q_NO_XP, 0)
-    q |= np.where(xf & ~has_bp, Q_NO_BP, 0)
-    q |= np.where(xf & ~has_rp, Q_NO_RP, 0)
-    q |= np.where(~af, Q_NO_ASTROMETRY, 0)
-    q |= np.where(af & ~np.isfinite(plx), Q_NO_PARALLAX, 0)
-    q |= np.where(np.isfinite(plx) & (plx <= 0), Q_NEGATIVE_PARALLAX, 0)
-    q |= np.where(af & ~(np.isfinite(g) & np.isfinite(bpm) & np.isfinite(rpm)), Q_NO_PHOTOMETRY, 0)
-    q |= np.where(snr < cfg["low_snr"], Q_LOW_SNR, 0)
-    q |= np.where(spec.n_masked > cfg["max_masked_fraction"] * spec.flux.shape[1], Q_MANY_MASKED, 0)
-    q |= np.where(spec.spike, Q_EDGE_SPIKE, 0)
+    rows, every = np.arange(n), np.ones(n, bool)
+    feat = star_features(RawStars(
+        flux=_fixed(rvs["flux"], ctx.n_pixels, rows, every, np.float32),
+        flux_error=_fixed(rvs["flux_error"], ctx.n_pixels, rows, every, np.float32),
+        bp=_fixed(xp["bp_coefficients"], 55, xi, xf) if xp is not None else np.full((n, 55), np.nan),
+        rp=_fixed(xp["rp_coefficients"], 55, xi, xf) if xp is not None else np.full((n, 55), np.nan),
+        bp_n_relevant=_column(xp, "bp_n_relevant_bases", xi, xf), rp_n_relevant=_column(xp, "rp_n_relevant_bases", xi, xf),
+        g=_column(ast, "phot_g_mean_mag", ai, af), g_flux=_column(ast, "phot_g_mean_flux", ai, af),
+        bp_mag=_column(ast, "phot_bp_mean_mag", ai, af), rp_mag=_column(ast, "phot_rp_mean_mag", ai, af),
+        parallax=_column(ast, "parallax", ai, af), parallax_error=_column(ast, "parallax_error", ai, af),
+        snr=_column(ast, "rvs_spec_sig_to_noise", ai, af), has_xp=xf, has_astrometry=af), cfg)
+    q, xp_feat, scalars, snr = feat["quality"], feat["xp"], feat["scalars"], feat["snr"]
 
     required = tuple(cfg["label_cuts"]["required_labels"] or ctx.labels)
     reason = label_cut_reasons(lab, li, lf, cfg, required)
@@ -222,12 +201,12 @@ def build_partition(hpx: int, ctx: Context) -> dict:
 
     cols: dict[str, pa.Array] = {
         "source_id": pa.array(sid),
-        "spectrum": _fixed_list(spec.flux, pa.float32()),
-        "spectrum_error": _fixed_list(spec.error, pa.float32()),
-        "spectrum_mask": _fixed_list(spec.mask, pa.uint8()),
+        "spectrum": _fixed_list(feat["spectrum"], pa.float32()),
+        "spectrum_error": _fixed_list(feat["spectrum_error"], pa.float32()),
+        "spectrum_mask": _fixed_list(feat["spectrum_mask"], pa.uint8()),
         "xp": _fixed_list(xp_feat, pa.float32()),
         "scalars": _fixed_list(scalars, pa.float32()),
-        "snr": pa.array(snr), "n_masked": pa.array(spec.n_masked), "quality": pa.array(q),
+        "snr": pa.array(snr), "n_masked": pa.array(feat["n_masked"]), "quality": pa.array(q),
     }
     label_values = {}
     for name in ctx.labels:
@@ -241,7 +220,7 @@ def build_partition(hpx: int, ctx: Context) -> dict:
     cols["label_catalogue"] = pa.array(cat, pa.string())
     cols["label_cut_reason"] = pa.array(reason, pa.string())
     cols["split"] = pa.array(split, pa.string())
-    schema = features_schema(spec.flux.shape[1], xp_feat.shape[1], ctx.labels)
+    schema = features_schema(feat["spectrum"].shape[1], xp_feat.shape[1], ctx.labels)
     table = pa.table([cols[f.name] for f in schema], schema=schema)
     write_part(Path(ctx.out_vdir) / "features" / f"hpx={hpx}" / f"part-{hpx:06d}.parquet", table,
                {"stellar.table": "features", "stellar.scalars": json.dumps(SCALAR_NAMES)})
@@ -261,8 +240,8 @@ def build_partition(hpx: int, ctx: Context) -> dict:
         matched = int(found.sum())
         counts[f"{name}_without_spectrum"] += (0 if t is None else t.num_rows) - matched
     train = split == "train"
-    good_pix = spec.mask[train] == 0
-    flux_train = spec.flux[train][good_pix]
+    good_pix = feat["spectrum_mask"][train] == 0
+    flux_train = feat["spectrum"][train][good_pix]
     moments = {
         "xp": partial_moments(xp_feat[train]),
         "scalars": partial_moments(scalars[train]),
@@ -330,6 +309,9 @@ def _build(run: StoreRun, cfg: PreprocessConfig, instrument: Instrument, source:
         "xp_bases": cfg.xp_bases, "rebin": cfg.rebin, "n_spectrum": (instrument.n_pixels // cfg.rebin),
         "wavelength": _rebinned_wave(instrument, cfg.rebin).tolist(),
         "quality_bits": QUALITY_BITS,
+        # what a model needs to rebuild these features from archive arrays (stellar.api)
+        "preprocess": {**{k: getattr(cfg, k) for k in FEATURE_SETTINGS}, "instrument": instrument.name,
+                       "n_pixels": instrument.n_pixels, "input_wavelength": instrument.wave.tolist()},
     }
     for key in ("xp", "scalars", "labels", "spectrum"):
         stats[key] = finish_moments(merge_moments([m[key] for m in moments]))

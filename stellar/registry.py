@@ -190,9 +190,6 @@ def log_training_run(cfg, ens, members, dropped, metrics: dict, figures: dict) -
     when ``train.register_model``. ``figures``: artifact path -> matplotlib figure. Returns the run
     id, model URI and, when registered, the version."""
     import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
     use_tracking_uri(cfg.mlflow.tracking_uri)
     exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is None:
@@ -221,14 +218,9 @@ def log_training_run(cfg, ens, members, dropped, metrics: dict, figures: dict) -
         mlflow.log_dict({"calibration": dict(zip(ens.labels, ens.calibration.tolist())), **meta}, "ensemble_meta.json")
         for path, fig in figures.items():
             mlflow.log_figure(fig, path)
-        n_pix = ens.stats["n_spectrum"]
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_pix), "spectrum"),
-                           TensorSpec(np.dtype(np.bool_), (-1, n_pix), "spectrum_mask"),
-                           TensorSpec(np.dtype(np.float32), (-1, 2 * ens.stats["xp_bases"]), "xp"),
-                           TensorSpec(np.dtype(np.float32), (-1, len(ens.stats["scalar_names"])), "scalars")]),
-            outputs=Schema([TensorSpec(np.dtype(np.float64), (-1, len(ens.labels)), "mean"),
-                            TensorSpec(np.dtype(np.float64), (-1, len(ens.labels)), "sigma")]))
+        from stellar.api import pyfunc_signature
+
+        signature = pyfunc_signature(ens.labels)
         with tempfile.TemporaryDirectory() as tmp:
             folder = ens.save(Path(tmp) / "ensemble")
             info = mlflow.pyfunc.log_model(

@@ -36,7 +36,9 @@ import pyarrow.parquet as pq
 from stellar import __version__
 from stellar.config import SelectConfig, StellarConfig
 from stellar.errors import StellarError
-from stellar.features import Normaliser, split_hash
+from stellar.features import split_hash
+from stellar.mapping import MapReference, gradient_descent_settings
+from stellar.mapping import feature_matrix as map_features
 from stellar.numerics import with_one_blas_thread
 from stellar.tables import load_stats
 from stellar.runtime import LOCAL, Executor
@@ -55,50 +57,47 @@ def _matrix(col: pa.ChunkedArray, n: int) -> np.ndarray:
 
 
 def feature_matrix(table: pa.Table, stats: dict, use_xp: bool) -> np.ndarray:
-    """The map's input per star: the rebinned spectrum minus 1, with (``use_xp``) the z-scored XP
-    coefficients appended at a tenth of their weight."""
-    spec = _matrix(table["spectrum"], table.num_rows).astype(np.float32) - 1.0
-    if not use_xp:
-        return spec
-    xp = Normaliser.from_stats(stats["xp"]).normalise(_matrix(table["xp"], table.num_rows))
-    return np.concatenate([spec, 0.1 * xp], axis=1)
+    """The map's input per star of a features table (:func:`stellar.mapping.feature_matrix`)."""
+    n = table.num_rows
+    return map_features(_matrix(table["spectrum"], n), _matrix(table["xp"], n) if use_xp else None, stats, use_xp)
 
 
 @dataclass
 class FittedMap:
-    """This run's fitted map: the PCA (mean, components), the 2-D embedding, the fit set's coordinates on
-    it and which fit-set stars are training stars."""
+    """This run's fitted map: the arrays every placement reads (:class:`~stellar.mapping.MapReference`,
+    also what the model carries) and, for UMAP only, the fitted object its ``transform`` needs."""
 
-    pca_mean: np.ndarray
-    pca_components: np.ndarray
-    embedding: object  # openTSNE TSNEEmbedding or umap.UMAP (this run's own object)
-    ref_xy: np.ndarray  # fit-set coordinates
-    ref_is_train: np.ndarray
-    method: str
+    reference: MapReference
+    umap: object = None
+
+    @property
+    def ref_xy(self) -> np.ndarray:
+        return self.reference.ref_xy
+
+    @property
+    def ref_is_train(self) -> np.ndarray:
+        return self.reference.ref_is_train
 
     def project(self, x: np.ndarray) -> np.ndarray:
         """Features -> coordinates in the fitted PCA basis (the embedding's input)."""
-        return (x - self.pca_mean) @ self.pca_components.T
+        return self.reference.project(x)
 
     def place(self, z: np.ndarray) -> np.ndarray:
-        """Place new points on the map. A fresh copy of the fitted embedding per call: transform
-        keeps optimiser state in it, and each group must start from the same state wherever it runs."""
+        """Place new points on the map: t-SNE through the stored arrays (the path a model applied to a
+        new survey takes); UMAP through a fresh copy of this run's own fitted object."""
+        if self.umap is None:
+            return self.reference.place(z)
         if len(z) == 0:
             return np.zeros((0, 2))
-        # pickle round trip of this run's own object (deepcopy drops the ndarray subclass's state)
-        fresh = pickle.loads(pickle.dumps(self.embedding))  # noqa: S301 - our own in-memory object
+        fresh = pickle.loads(pickle.dumps(self.umap))  # noqa: S301 - our own in-memory object
         return np.asarray(fresh.transform(z))
 
 
 def scores(fmap: FittedMap, xy: np.ndarray, k: int) -> np.ndarray:
     """Share of training stars among the k nearest fit-set stars on the map, relative to their share
-    in the whole fit set: ~1 where training stars are as common as anywhere, 0 where there are none.
-    (Relative, so the threshold does not depend on how many observed stars were sampled.)"""
-    from scipy.spatial import cKDTree
-
-    tree = cKDTree(fmap.ref_xy)
-    _, idx = tree.query(xy, k=k)
-    return fmap.ref_is_train[idx].mean(axis=1) / max(fmap.ref_is_train.mean(), 1e-9)
+    in the whole fit set (:meth:`stellar.mapping.MapReference.scores`)."""
+    assert k == fmap.reference.settings["neighbours"], "k is the map's own setting"
+    return fmap.reference.scores(xy)
 
 
 def _read(root: str, flt, columns: list[str]) -> pa.Table:
@@ -148,6 +147,8 @@ def fit_map(cfg: SelectConfig, features_root: str, stats: dict) -> tuple[FittedM
 
     pca = PCA(cfg.pca_components, random_state=cfg.seed).fit(x[is_train])
     z = pca.transform(x)
+    settings = {"method": cfg.method, "use_xp": cfg.use_xp, "perplexity": cfg.perplexity,
+                "neighbours": cfg.neighbours, "threshold": cfg.threshold, "seed": cfg.seed}
     if cfg.method == "tsne":
         from openTSNE import TSNE
 
@@ -158,14 +159,17 @@ def fit_map(cfg: SelectConfig, features_root: str, stats: dict) -> tuple[FittedM
         # placement by FFT interpolation whatever the group size: openTSNE's "auto" takes Barnes-Hut
         # below 10,000 points, several times slower for the same result
         emb.gradient_descent_params["negative_gradient_method"] = cfg.place_gradient
-        xy = np.asarray(emb)
+        settings["gradient_descent"] = gradient_descent_settings(emb.gradient_descent_params)
+        xy, fitted_umap = np.asarray(emb), None
     else:
         import umap
 
-        emb = umap.UMAP(n_neighbors=cfg.perplexity, random_state=cfg.seed, n_jobs=1).fit(z)
-        xy = emb.embedding_
-    fmap = FittedMap(pca.mean_, pca.components_, emb, xy, is_train, cfg.method)
-    return fmap, fit
+        fitted_umap = umap.UMAP(n_neighbors=cfg.perplexity, random_state=cfg.seed, n_jobs=1).fit(z)
+        xy = fitted_umap.embedding_
+    ref = MapReference(np.asarray(pca.mean_, np.float64), np.asarray(pca.components_, np.float64),
+                       np.asarray(z, np.float64), np.asarray(xy, np.float64), is_train,
+                       fit["source_id"].to_numpy().astype(np.int64), settings)
+    return FittedMap(ref, fitted_umap), fit
 
 
 @dataclass(frozen=True)
@@ -184,9 +188,9 @@ class Ctx:
 @with_one_blas_thread
 def place_group(parts: list[str], shared, ctx: Ctx) -> list[dict]:
     """Place the stars of several partitions with one ``transform`` call (it has a high fixed cost).
-    ``shared.value`` is (fitted map, sorted fit-set ids), shipped to each executor once."""
+    ``shared.value`` is the fitted map (its t-SNE reference already built), shipped to each executor once."""
     t0 = time.perf_counter()
-    fmap, fit_ids = shared.value
+    fmap = shared.value
     t_load = time.perf_counter() - t0
     tables = [pq.read_table(Path(ctx.features_vdir) / "features" / p, columns=["source_id", "spectrum", "xp", "split"])
               for p in parts]
@@ -194,10 +198,7 @@ def place_group(parts: list[str], shared, ctx: Ctx) -> list[dict]:
         return []
     allt = pa.concat_tables(tables)
     sid = allt["source_id"].to_numpy()
-    pos = np.minimum(np.searchsorted(fit_ids, sid), max(len(fit_ids) - 1, 0))
-    in_fit = (fit_ids[pos] == sid) if len(fit_ids) else np.zeros(len(sid), bool)
-    xy = np.zeros((len(sid), 2))
-    xy[in_fit] = fmap.ref_xy[pos[in_fit]]
+    xy, in_fit = fmap.reference.fitted_positions(sid)
     rest = ~in_fit
     t1 = time.perf_counter()
     if rest.any():
@@ -257,7 +258,6 @@ def _build(run: StoreRun, cfg: SelectConfig, features_root: str, fstore: TableSt
     vdir_in = fstore.root / fversion
     parts = sorted(str(p.relative_to(vdir_in / "features")) for p in (vdir_in / "features").rglob("part-*.parquet"))
     ctx = Ctx(str(vdir_in), str(store.root / version), cfg.use_xp, cfg.neighbours, cfg.threshold, stats)
-    fit_ids = fit["source_id"].to_numpy()
     # Groups of consecutive partitions with >= place_batch stars each: one transform call per group
     # (it has a high fixed cost), and groups fixed by the data, not by the cluster, so the map
     # placement is the same on any number of executors.
@@ -270,7 +270,8 @@ def _build(run: StoreRun, cfg: SelectConfig, features_root: str, fstore: TableSt
         groups[-1].append(p)
         count += pq.read_metadata(vdir_in / "features" / p).num_rows
     t_place = time.perf_counter()
-    shared = mapper.share((fmap, fit_ids))  # the fitted map (~100 MB) travels once, not in every task
+    fmap.reference.prepare()  # build the reference index once, here, not in every executor
+    shared = mapper.share(fmap)  # the fitted map (~100 MB) travels once, not in every task
     results = [r for g in mapper.map(lambda grp: place_group(grp, shared, ctx), groups) for r in g]
     if hasattr(shared, "unpersist"):
         shared.unpersist()
@@ -282,11 +283,13 @@ def _build(run: StoreRun, cfg: SelectConfig, features_root: str, fstore: TableSt
     if c["rows"] != n_features:
         raise SelectError(f"row accounting: {n_features} feature rows, {c['rows']} selection rows")
     summary = {"version": version, "features_version": fversion, "settings_digest": run.digest, "rows": c["rows"],
-               "fit_set": len(fit_ids), "fit_training": int(fmap.ref_is_train.sum()), "placed": c["placed"],
+               "fit_set": len(fmap.ref_xy), "fit_training": int(fmap.ref_is_train.sum()), "placed": c["placed"],
                "observed": c["observed"], "observed_train_unlike": c["observed_train_unlike"],
                "fit_seconds": round(t_fit, 2), "place_seconds": round(t_place, 2), "groups": len(groups),
                **{k: round(c[k], 2) for k in ("task_seconds", "map_load_seconds", "transform_seconds")},
                "seconds": round(time.perf_counter() - t0, 2)}
+    for name, blob in fmap.reference.to_files().items():  # the map itself, for the model to carry
+        (store.root / version / name).write_bytes(blob)
     _figure(store.root / version / "map.png", store.root / version / "selection")
     return run.commit(summary, fstore.healpix_order())
 

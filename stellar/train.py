@@ -25,6 +25,7 @@ from stellar.errors import StellarError
 from stellar.figures import coverage_figure
 from stellar.features import split_hash
 from stellar.instruments import Instrument
+from stellar.mapping import MAP_FILE, MapReference
 from stellar.model import ModelConfig, load_model_preset
 from stellar.tables import load_stats
 from stellar.tables import TableStore, settings_hash
@@ -88,6 +89,17 @@ def selection_table(cfg: StellarConfig, features_version: str | None) -> tuple[P
     return store.root / version / "selection", version
 
 
+def stored_map(selection: Path | None) -> MapReference | None:
+    """The selection version's map (stellar.mapping), which the model carries so that a survey it never
+    saw gets train_like from the same map; None without a selection, for a UMAP map (its placement
+    cannot be rebuilt from arrays) or for a selection written before maps were stored."""
+    path = None if selection is None else selection.parent / MAP_FILE
+    if path is None or not path.is_file():
+        return None
+    ref = MapReference.from_files({MAP_FILE: path.read_bytes()})
+    return ref if ref.portable else None
+
+
 def map_scores(selection: Path | None, source_id: np.ndarray) -> np.ndarray | None:
     """The selection-map score of each of ``source_id`` (NaN where it has none); None without a selection."""
     if selection is None:
@@ -148,7 +160,8 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper: Executor 
             "train_digest": train_digest(cfg, instrument.name, store.current_version()),
             "members": [m.index for m in kept], "dropped": dropped, "seeds": seeds,
             "drop_rule": f"best validation loss > median + {cfg.train.outlier_mad} * 1.4826 * MAD"}
-    ens = Ensemble(mcfg, labels, stats, [m.weights for m in kept], meta=meta)
+    ens = Ensemble(mcfg, labels, stats, [m.weights for m in kept], meta=meta,
+                   selection_map=stored_map(selection))
     val = load_split(features_root, "validation", labels, stats)
     test = load_split(features_root, "test", labels, stats)
     if not val or not test:

@@ -430,6 +430,9 @@ def sniff(path: Path) -> tuple[str, str] | None:
     suffix = "".join(path.suffixes[-2:]).lower() if name.endswith(".gz") else path.suffix.lower()
     if suffix in (".csv", ".csv.gz"):
         cols = sniff_csv_columns(str(path))
+        if cols and cols[0].startswith("# %ECSV"):  # a bulk file: ECSV inside a .csv.gz name
+            suffix = ".ecsv"
+    if suffix in (".csv", ".csv.gz"):
         if "wavelength" in cols and "flux" in cols:
             return "rvs", "rvs_pixel_csv"
         if "bp_coefficients" in cols:

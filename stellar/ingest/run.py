@@ -256,9 +256,10 @@ def _write_partitioned(table: pa.Table, name: str, ctx: TaskContext, key: str, c
     return rels
 
 
-def run_task(task: IngestTask, ctx: TaskContext) -> dict:
-    """Parse one (file, chunk), write its parts; returns counts and provenance."""
-    t0 = time.perf_counter()
+def read_rows(task: IngestTask, ctx: TaskContext) -> tuple[ReadResult, str | None, pa.Table | None, list[pa.Table]]:
+    """Read one (file, chunk) into its product's canonical rows: (the reader's result, why the file is
+    unreadable or None, the good rows or None, the quarantine tables). What ingest writes, and what
+    ``stellar.api`` predicts from a user's files without a run: one reading path for both."""
     inp = task.input
     unreadable = None
     try:
@@ -282,10 +283,18 @@ def run_task(task: IngestTask, ctx: TaskContext) -> dict:
     if res.quarantine:
         lines, sids, reasons = zip(*res.quarantine)
         quars.append(quarantine_rows(table_name, inp.source_file, lines, sids, reasons))
+    return res, unreadable, (pa.concat_tables(goods) if goods else None), quars
+
+
+def run_task(task: IngestTask, ctx: TaskContext) -> dict:
+    """Parse one (file, chunk), write its parts; returns counts and provenance."""
+    t0 = time.perf_counter()
+    inp = task.input
+    table_name = inp.product
+    res, unreadable, good, quars = read_rows(task, ctx)
     notes = list(res.notes)
     meta = {"stellar.table": table_name, "stellar.source_file": inp.source_file,
             "stellar.provenance": json.dumps(res.provenance, sort_keys=True, default=str)}
-    good = pa.concat_tables(goods) if goods else None
     corrupt = f"file: {res.corrupt}" if res.corrupt else None
     mismatch = ctx.md5_mismatch.get(inp.source_file) or corrupt
     if mismatch and good is not None and good.num_rows:  # a file that is not what the archive wrote: no row trusted
