@@ -38,6 +38,7 @@ from stellar.ensemble import Ensemble
 from stellar.errors import StellarError
 from stellar.features import RawStars, star_features
 from stellar.numerics import one_blas_thread
+from stellar.tables import fixed_list
 from stellar.trust import OOD_BITS
 
 # Gaia archive column -> RawStars field (every input but the spectrum is optional)
@@ -228,11 +229,11 @@ class StellarModel:
         rows = np.arange(n, dtype=np.int64)  # the join key inside: a user's ids need not be unique
         batch = pa.table({
             "source_id": pa.array(rows),
-            "spectrum": _fixed_list(feat["spectrum"], pa.float32()),
-            "spectrum_error": _fixed_list(feat["spectrum_error"], pa.float32()),
-            "spectrum_mask": _fixed_list(feat["spectrum_mask"], pa.uint8()),
-            "xp": _fixed_list(feat["xp"], pa.float32()),
-            "scalars": _fixed_list(feat["scalars"], pa.float32()),
+            "spectrum": fixed_list(feat["spectrum"], pa.float32()),
+            "spectrum_error": fixed_list(feat["spectrum_error"], pa.float32()),
+            "spectrum_mask": fixed_list(feat["spectrum_mask"], pa.uint8()),
+            "xp": fixed_list(feat["xp"], pa.float32()),
+            "scalars": fixed_list(feat["scalars"], pa.float32()),
             "snr": pa.array(feat["snr"]), "quality": pa.array(feat["quality"]),
         })
         selection = None
@@ -252,10 +253,6 @@ class StellarModel:
         out["ood_reasons"] = ood_reason_names(out["ood_reason"].to_numpy())
         return out
 
-
-def _fixed_list(values: np.ndarray, arrow_type: pa.DataType) -> pa.FixedSizeListArray:
-    n, w = values.shape
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=arrow_type), w)
 
 
 def _dense(col, width: int) -> np.ndarray:

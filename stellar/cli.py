@@ -80,10 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="apply a registered ensemble (default @champion) to every star -> predictions")
     _common(p, suppress=True)
-    p.add_argument("--model", dest="predict_model", metavar="ALIAS|VERSION",
-                   help="model alias or version number of mlflow.model_name (predict.model)")
+    p.add_argument("--model", dest="predict_model", metavar="ALIAS|VERSION|URI",
+                   help="model alias or version number of mlflow.model_name (predict.model); with --input also "
+                        "a models:/NAME@ALIAS or runs:/ URI or a model folder")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="predict.device")
     p.add_argument("--no-spark", action="store_true", help="predict in this process instead of Spark tasks")
+    p.add_argument("--input", dest="predict_inputs", action="append", metavar="PATH",
+                   help="predict these Gaia files or folders directly (DataLink downloads, archive query results, "
+                        "bulk files; repeatable), with no run folder: the model's own preprocessing settings and "
+                        "selection map give the features and train_like; needs --output")
+    p.add_argument("--output", dest="predict_output", metavar="FILE.parquet",
+                   help="with --input: where the predictions go (rows a reader rejected: FILE.quarantine.parquet)")
 
     p = sub.add_parser("export", help="write the predictions to FITS, VOTable or CSV (for TOPCAT and friends)")
     _common(p, suppress=True)
@@ -134,6 +141,8 @@ def _load(args: argparse.Namespace) -> StellarConfig:
                       ("predict_model", "predict.model"), ("device", "predict.device"),
                       ("challenger", "promote.challenger"), ("champion", "promote.champion")):
         value = getattr(args, flag, None)
+        if flag == "predict_model" and value is not None and _is_model_uri(value):
+            continue  # a URI or folder (predict --input) is no alias of mlflow.model_name: cmd_predict reads it
         if value is not None:
             overrides.append(f"{key}={value}")
     if getattr(args, "datalink", None):
@@ -372,10 +381,60 @@ def summarise_predict(s: dict, root: str) -> str:
     return "\n".join(lines)
 
 
+def _is_model_uri(ref: str) -> bool:
+    return ":/" in ref or Path(ref).is_dir()
+
+
 def cmd_predict(cfg: StellarConfig, args: argparse.Namespace) -> int:
-    """``stellar predict``: predict with the resolved model and print the summary."""
+    """``stellar predict``: predict with the resolved model and print the summary; with ``--input``, predict
+    files directly through the Python API (:func:`predict_inputs`)."""
+    uri = args.predict_model if args.predict_model and _is_model_uri(args.predict_model) else None
+    if args.predict_inputs:
+        print(predict_inputs(cfg, args.predict_inputs, args.predict_output, uri))
+        return 0
+    if uri or args.predict_output:
+        raise StellarError("--model URI and --output go with --input FILES; the run folder's predictions take an "
+                           "alias or version of mlflow.model_name (--model champion, --model 3)")
     print(summarise_predict(run_predict(cfg, use_spark=not args.no_spark), cfg.predict.output_dir))
     return 0
+
+
+def model_uri(cfg: StellarConfig, ref: str) -> str:
+    """An alias or version of ``mlflow.model_name`` (``predict.model``) as a model URI."""
+    return f"models:/{cfg.mlflow.model_name}/{ref}" if ref.isdigit() else f"models:/{cfg.mlflow.model_name}@{ref}"
+
+
+def predict_inputs(cfg: StellarConfig, inputs: list[str], output: str | None, uri: str | None = None) -> str:
+    """``stellar predict --input PATH --output FILE``: a survey's files predicted with a model from any
+    registry (``mlflow.tracking_uri``) or folder, no run folder; returns the summary line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stellar.api import load_model
+
+    if not output:
+        raise StellarError("stellar predict --input needs --output FILE.parquet")
+    out = Path(output)
+    if out.suffix != ".parquet":
+        raise StellarError(f"--output {out}: expected a .parquet file")
+    t0 = time.perf_counter()
+    uri = uri or model_uri(cfg, cfg.predict.model)
+    model = load_model(uri, tracking_uri=cfg.mlflow.tracking_uri, device=cfg.predict.device)
+    table = model.predict_files(inputs)
+    quarantine = table.attrs.pop("quarantine")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"stellar.table": "predictions", "stellar.model": json.dumps({"uri": uri, **model.identity})}
+    pa_table = pa.Table.from_pandas(table, preserve_index=False)
+    pq.write_table(pa_table.replace_schema_metadata({**(pa_table.schema.metadata or {}), **meta}), out)
+    qpath = out.with_suffix(".quarantine.parquet")
+    if len(quarantine):
+        pq.write_table(pa.Table.from_pandas(quarantine, preserve_index=False), qpath)
+    seconds = time.perf_counter() - t0
+    n_tl = int(table["train_like"].fillna(False).sum())
+    return (f"predictions of {len(table)} stars written to {out} with {uri} in {seconds:.1f} s; ood "
+            f"{int(table['ood'].fillna(False).sum())}, train-like {n_tl}" +
+            ("; map verdict unavailable for all (the model carries no map)" if table["train_like"].isna().all() else "")
+            + (f"; {len(quarantine)} rows quarantined -> {qpath}" if len(quarantine) else ""))
 
 
 def cmd_export(cfg: StellarConfig, args: argparse.Namespace) -> int:

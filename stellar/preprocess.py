@@ -32,7 +32,7 @@ from stellar.instruments import Instrument
 from stellar.numerics import with_one_blas_thread
 from stellar.runtime import LOCAL, Executor
 from stellar.stage import StageResult, StoreRun
-from stellar.tables import STATS, TableStore, settings_hash, write_part
+from stellar.tables import STATS, TableStore, fixed_list, settings_hash, write_part
 from stellar.trust import PHYSICAL_ENVELOPE
 
 
@@ -152,10 +152,6 @@ def features_schema(n_spec: int, n_xp: int, labels: tuple[str, ...]) -> pa.Schem
     return pa.schema(fields)
 
 
-def _fixed_list(values: np.ndarray, arrow_type: pa.DataType) -> pa.FixedSizeListArray:
-    n, w = values.shape
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=arrow_type), w)
-
 
 @with_one_blas_thread  # the stats must round alike in-process and on executors (stellar.numerics)
 def build_partition(hpx: int, ctx: Context) -> dict:
@@ -201,11 +197,11 @@ def build_partition(hpx: int, ctx: Context) -> dict:
 
     cols: dict[str, pa.Array] = {
         "source_id": pa.array(sid),
-        "spectrum": _fixed_list(feat["spectrum"], pa.float32()),
-        "spectrum_error": _fixed_list(feat["spectrum_error"], pa.float32()),
-        "spectrum_mask": _fixed_list(feat["spectrum_mask"], pa.uint8()),
-        "xp": _fixed_list(xp_feat, pa.float32()),
-        "scalars": _fixed_list(scalars, pa.float32()),
+        "spectrum": fixed_list(feat["spectrum"], pa.float32()),
+        "spectrum_error": fixed_list(feat["spectrum_error"], pa.float32()),
+        "spectrum_mask": fixed_list(feat["spectrum_mask"], pa.uint8()),
+        "xp": fixed_list(xp_feat, pa.float32()),
+        "scalars": fixed_list(scalars, pa.float32()),
         "snr": pa.array(snr), "n_masked": pa.array(feat["n_masked"]), "quality": pa.array(q),
     }
     label_values = {}

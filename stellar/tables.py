@@ -40,6 +40,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -293,6 +294,12 @@ def done_results(version_dir: str | os.PathLike) -> dict[str, dict]:
 def settings_hash(payload: dict) -> str:
     """Short, stable hash of what a stage's output depends on (recorded as its settings_digest)."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fixed_list(values: np.ndarray, arrow_type: pa.DataType) -> pa.FixedSizeListArray:
+    """An (n, w) array as an Arrow fixed-size list column of ``arrow_type`` (how feature arrays are stored)."""
+    n, w = values.shape
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=arrow_type), w)
 
 
 def write_part(path: Path, table: pa.Table, metadata: dict[str, str]) -> None:

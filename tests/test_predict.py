@@ -595,3 +595,253 @@ def test_trust_flags_on_a_small_survey(registry, tmp_path):
     assert cat.mean() <= 0.02, int(cat.sum())
     assert all(0.7 <= v <= 1.35 for row in z_std.values() for v in row), z_std
     assert (~ind.has_bp).sum() >= 15 and max(no_bp.values()) <= 2.0, no_bp
+
+
+# -- the model as a product (stellar.api, the pyfunc model, the Spark transformer) -------------------------
+
+def _pipeline_predictions(cfg, out_dir):
+    """The predict stage's output for version 1 (the model every API test loads), sorted by source_id."""
+    from stellar.predict import predict
+
+    cfg = _cfg(cfg.work_dir, f"predict.output_dir={out_dir}", "predict.model=1")
+    predict(cfg)
+    return read_table(out_dir, "predictions").sort_by("source_id").to_pandas()
+
+
+def _assert_same_predictions(api, ref, labels, min_agreement=0.99):
+    """Labels and uncertainties equal within 1e-5 (relative), nulls in the same places, and the map's and
+    trust verdicts agreeing on >= ``min_agreement`` of the stars."""
+    assert list(api["source_id"]) == list(ref["source_id"])
+    for lab in labels:
+        for col in (lab, f"{lab}_err"):
+            a, b = api[col].to_numpy(float), ref[col].to_numpy(float)
+            assert (np.isfinite(a) == np.isfinite(b)).all(), col
+            np.testing.assert_allclose(a[np.isfinite(a)], b[np.isfinite(b)], rtol=1e-5, err_msg=col)
+    for col in ("train_like", "ood"):
+        agree = (api[col].to_numpy() == ref[col].to_numpy()).mean()
+        assert agree >= min_agreement, (col, agree)
+    assert (api["quality"].to_numpy() == ref["quality"].to_numpy()).all()
+
+
+def test_python_api_on_survey_files_equals_the_pipeline(registry, tmp_path):
+    """``stellar.load_model(...).predict_files`` on the survey's own Gaia files (the ingest readers, the
+    preprocess feature function, the model's stored settings and map) gives the pipeline's labels within
+    1e-5 and its train_like and ood for >= 99 % of the stars (measured: all of them); ``predict`` on the
+    same stars as arrays gives the same table."""
+    import stellar
+
+    tmp, cfg, _ = registry
+    ref = _pipeline_predictions(cfg, tmp_path / "pred")
+    model = stellar.load_model(f"models:/{cfg.mlflow.model_name}/1", tracking_uri=cfg.mlflow.tracking_uri)
+    assert model.ensemble.selection_map is not None and model.n_pixels == 2401
+    assert model.ensemble.stats["preprocess"]["rebin"] == cfg.preprocess.rebin
+    api = model.predict_files([tmp / "synth"])
+    assert len(api.attrs["quarantine"]) == 0 and len(api) == len(ref) == 3000
+    api = api.sort_values("source_id").reset_index(drop=True)
+    _assert_same_predictions(api, ref, model.labels)
+    assert set(api["ood_reasons"].dropna()) >= {""} | {r for r in api["ood_reasons"].dropna() if r}
+    # the same stars as numpy arrays (a user's notebook), 200 of them
+    rvs = read_table(cfg.ingest.output_dir, "rvs").sort_by("source_id").slice(0, 200)
+    xp = read_table(cfg.ingest.output_dir, "xp")
+    ast = read_table(cfg.ingest.output_dir, "astrometry")
+    import pyarrow.compute as pc
+
+    sid = rvs["source_id"]
+    def col(t, name):
+        return pc.take(t[name], pc.index_in(sid, value_set=t["source_id"]))
+    dense = lambda c, w: np.array([np.full(w, np.nan) if v is None else v for v in c.to_pylist()], dtype=float)
+    arrays = model.predict(
+        flux=dense(rvs["flux"], 2401), flux_error=dense(rvs["flux_error"], 2401), source_id=sid.to_numpy(),
+        bp_coefficients=dense(col(xp, "bp_coefficients"), 55), rp_coefficients=dense(col(xp, "rp_coefficients"), 55),
+        **{name: pc.fill_null(col(src, name).cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+           for src, names in ((xp, ("bp_n_relevant_bases", "rp_n_relevant_bases")),
+                              (ast, ("parallax", "parallax_error", "phot_g_mean_mag", "phot_bp_mean_mag",
+                                     "phot_rp_mean_mag", "phot_g_mean_flux", "rvs_spec_sig_to_noise")))
+           for name in names if name in src.schema.names})
+    _assert_same_predictions(arrays, api.iloc[:200].reset_index(drop=True), model.labels, min_agreement=1.0)
+
+
+def test_python_api_on_real_datalink_files(registry, real_data):
+    """The six real Gaia DR3 RVS DataLink spectra (and an XP_CONTINUOUS download of another star beside
+    them) through ``predict_files``: one row per spectrum with named, finite labels inside the physical
+    envelope, and the missing XP/photometry said in ``quality`` and ``ood_reasons``."""
+    import stellar
+    from stellar.trust import PHYSICAL_ENVELOPE
+
+    _, cfg, _ = registry
+    model = stellar.load_model(f"models:/{cfg.mlflow.model_name}/1", tracking_uri=cfg.mlflow.tracking_uri)
+    out = model.predict_files([real_data / "gaiaspec_rvs", real_data / "astroquery_gaia" /
+                               "datalink_5937083312263887616"])
+    assert len(out) == 6 and out["source_id"].is_unique
+    assert len(out.attrs["quarantine"]) == 0  # XP_SAMPLED and MCMC products are not read as spectra
+    for lab in model.labels:
+        lo, hi = PHYSICAL_ENVELOPE[lab]
+        v = out[lab].to_numpy(float)
+        assert np.isfinite(v).all() and ((v >= lo) & (v <= hi)).all(), (lab, v)
+        assert (out[f"{lab}_err"].to_numpy(float) > 0).all()
+    assert out["ood"].all() and all("missing_input" in r for r in out["ood_reasons"])
+    assert (out["quality"] & 1).all()  # no XP for these stars
+
+
+def test_registered_model_is_self_contained_and_pickle_free(registry, tmp_path):
+    """Every file of the registered version, downloaded whole: no pickle (by name or by the pickle
+    protocol's first bytes), the selection map and the preprocessing settings inside, and the pyfunc
+    signature names raw archive inputs and label outputs."""
+    import mlflow
+    import yaml
+
+    _, cfg, _ = registry
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{cfg.mlflow.model_name}/1", dst_path=str(tmp_path),
+                                                      tracking_uri=cfg.mlflow.tracking_uri))
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert any(p.name == "map.safetensors" for p in files) and any(p.name == "stats.json" for p in files)
+    for p in files:
+        assert p.suffix not in (".pkl", ".pickle", ".joblib", ".pt", ".pth"), p
+        head = p.read_bytes()[:2]
+        assert not (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5), f"{p} starts like a pickle"
+    stats = json.loads(next(p for p in files if p.name == "stats.json").read_text())
+    assert len(stats["preprocess"]["input_wavelength"]) == stats["preprocess"]["n_pixels"] == 2401
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    inputs = {c["name"]: c for c in json.loads(mlmodel["signature"]["inputs"])}
+    outputs = {c["name"] for c in json.loads(mlmodel["signature"]["outputs"])}
+    assert inputs["flux"]["required"] and not inputs["parallax"]["required"]
+    assert {"teff", "teff_err", "logg", "ood", "ood_reason", "train_like"} <= outputs
+
+
+def test_label_free_survey_gets_flags_from_the_models_map(registry, tmp_path, rvs_instrument):
+    """A survey with no labels (the same stars' Gaia files, ingested afresh in another work folder with
+    ``ingest.labels=[]``, no select stage) predicted with the training run's model from its registry:
+    train_like comes from the map the model carries and agrees with the training run's own selection
+    for >= 99 % of the stars (measured: all), and the labels are the training run's predictions."""
+    from stellar.predict import predict
+
+    tmp, cfg, _ = registry
+    new = load_config(ROOT / "conf" / "local.yaml", [
+        f"work_dir={tmp_path}", f"ingest.gaia_root={tmp / 'synth'}", "ingest.labels=[]",
+        f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}", "predict.model=1"])
+    ingest(new.ingest, rvs_instrument, new.conf_dir)
+    preprocess(new.preprocess, rvs_instrument, new.ingest.output_dir)
+    s = predict(new)
+    assert s["selection_version"] is None and s["no_selection"] == 0 and s["rows"] == 3000
+    got = read_table(new.predict.output_dir, "predictions").sort_by("source_id").to_pandas()
+    sel = read_table(cfg.select.output_dir, "selection").sort_by("source_id").to_pandas()
+    assert list(got["source_id"]) == list(sel["source_id"])
+    agree = (got["train_like"].to_numpy() == sel["train_like"].to_numpy()).mean()
+    assert agree >= 0.99 and (~got["train_like"]).sum() > 0, agree
+    ref = _pipeline_predictions(cfg, tmp_path / "ref")
+    _assert_same_predictions(got, ref, [c for c in ("teff", "logg", "m_h", "alpha_m", "fe_h")])
+
+
+def test_predict_input_cli_writes_parquet_with_the_models_identity(registry, tmp_path, real_data):
+    """``stellar predict --model URI --input DIR --output FILE`` on real DataLink spectra, no run folder."""
+    _, cfg, _ = registry
+    out = tmp_path / "real.parquet"
+    r = subprocess.run([str(ROOT / ".venv" / "bin" / "stellar"), "--config", str(ROOT / "conf" / "local.yaml"),
+                        "predict", "--set", f"work_dir={tmp_path}", "--set", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
+                        "--model", f"models:/{cfg.mlflow.model_name}/1", "--input", str(real_data / "gaiaspec_rvs"),
+                        "--output", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "predictions of 6 stars written to" in r.stdout
+    t = pq.read_table(out)
+    assert t.num_rows == 6 and "teff" in t.schema.names and "ood_reasons" in t.schema.names
+    assert json.loads(t.schema.metadata[b"stellar.model"])["version"] == 1
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
+
+
+def test_mlflow_models_serve_answers_raw_arrays(registry, tmp_path):
+    """The registered pyfunc model served by ``mlflow models serve`` on 127.0.0.1 answers a JSON request
+    of raw archive arrays (2401-pixel spectra, XP coefficients, parallax, photometry) with named labels
+    equal to the Python API's."""
+    import socket
+    import time
+    import urllib.request
+
+    import stellar
+
+    tmp, cfg, _ = registry
+    model = stellar.load_model(f"models:/{cfg.mlflow.model_name}/1", tracking_uri=cfg.mlflow.tracking_uri)
+    stars = model.predict_files([tmp / "synth"]).sort_values("source_id").head(3)
+    rvs = read_table(cfg.ingest.output_dir, "rvs").to_pandas().set_index("source_id")
+    xp = read_table(cfg.ingest.output_dir, "xp").to_pandas().set_index("source_id")
+    ast = read_table(cfg.ingest.output_dir, "astrometry").to_pandas().set_index("source_id")
+    records = []
+    for sid in stars["source_id"]:
+        rec = {"source_id": int(sid), "flux": [None if not np.isfinite(v) else float(v) for v in rvs.loc[sid, "flux"]],
+               "flux_error": [None if not np.isfinite(v) else float(v) for v in rvs.loc[sid, "flux_error"]]}
+        if sid in xp.index and xp.loc[sid, "bp_coefficients"] is not None:
+            rec["bp_coefficients"] = [float(v) for v in xp.loc[sid, "bp_coefficients"]]
+            rec["rp_coefficients"] = [float(v) for v in xp.loc[sid, "rp_coefficients"]]
+            rec["bp_n_relevant_bases"] = float(xp.loc[sid, "bp_n_relevant_bases"])
+            rec["rp_n_relevant_bases"] = float(xp.loc[sid, "rp_n_relevant_bases"])
+        for name in ("parallax", "parallax_error", "phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag",
+                     "phot_g_mean_flux", "rvs_spec_sig_to_noise"):
+            if sid in ast.index and name in ast.columns and np.isfinite(ast.loc[sid, name]):
+                rec[name] = float(ast.loc[sid, name])
+        records.append(rec)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # the scoring server is started by name (uvicorn): the environment's bin folder must be on PATH, as
+    # in an activated environment
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri,
+           "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "mlflow"), "models", "serve", "-m",
+                             f"models:/{cfg.mlflow.model_name}/1", "--env-manager", "local", "-h", "127.0.0.1",
+                             "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                     data=json.dumps({"dataframe_records": records}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            answer = json.loads(r.read())["predictions"]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+        log.close()
+    assert len(answer) == 3
+    for row, (_, want) in zip(answer, stars.iterrows()):
+        assert row["source_id"] == want["source_id"]
+        for lab in model.labels:
+            assert row[lab] == pytest.approx(float(want[lab]), rel=1e-5), lab
+            assert row[f"{lab}_err"] == pytest.approx(float(want[f"{lab}_err"]), rel=1e-5)
+        assert row["ood_reason"] == want["ood_reason"] and row["train_like"] == want["train_like"]
+
+
+@pytest.mark.spark
+def test_spark_transformer_equals_the_predict_stage(spark, registry, tmp_path):
+    """``StellarTransformer`` (a pyspark.ml Transformer) on a DataFrame of the raw archive columns gives
+    ``stellar predict``'s labels and flags, and keeps the input columns."""
+    from stellar.spark_ml import StellarTransformer
+
+    tmp, cfg, _ = registry
+    ref = _pipeline_predictions(cfg, tmp_path / "pred")
+    rvs = read_table(cfg.ingest.output_dir, "rvs").select(["source_id", "flux", "flux_error"])
+    xp = read_table(cfg.ingest.output_dir, "xp").select(["source_id", "bp_coefficients", "rp_coefficients",
+                                                          "bp_n_relevant_bases", "rp_n_relevant_bases"])
+    ast = read_table(cfg.ingest.output_dir, "astrometry").select(
+        ["source_id", "parallax", "parallax_error", "phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag",
+         "phot_g_mean_flux", "rvs_spec_sig_to_noise"])
+    for name, t in (("rvs", rvs), ("xp", xp), ("ast", ast)):
+        pq.write_table(t, tmp_path / f"{name}.parquet")
+    df = spark.read.parquet(str(tmp_path / "rvs.parquet"))
+    for name in ("xp", "ast"):
+        df = df.join(spark.read.parquet(str(tmp_path / f"{name}.parquet")), "source_id", "left")
+    t = StellarTransformer(modelUri=f"models:/{cfg.mlflow.model_name}/1", trackingUri=cfg.mlflow.tracking_uri)
+    out = t.transform(df)
+    assert {"flux", "parallax", "teff", "teff_err", "ood", "train_like"} <= set(out.columns)
+    got = out.drop("flux", "flux_error", "bp_coefficients", "rp_coefficients").toPandas()
+    got = got.sort_values("source_id").reset_index(drop=True)
+    assert len(got) == 3000
+    _assert_same_predictions(got, ref, ["teff", "logg", "m_h", "alpha_m", "fe_h"])

@@ -428,6 +428,8 @@ def sniff(path: Path) -> tuple[str, str] | None:
     """(product, format) of a DataLink / query product file, from its name and columns."""
     name = path.name.lower()
     suffix = "".join(path.suffixes[-2:]).lower() if name.endswith(".gz") else path.suffix.lower()
+    if name.startswith(("xp_sampled", "mcmc_", "epoch_photometry")):
+        return None  # DataLink products the model does not read (XP_SAMPLED has wavelength + flux, not RVS)
     if suffix in (".csv", ".csv.gz"):
         cols = sniff_csv_columns(str(path))
         if cols and cols[0].startswith("# %ECSV"):  # a bulk file: ECSV inside a .csv.gz name
