@@ -15,7 +15,12 @@ exactly as a resolved registry version). Then, in the same run:
     ratio to bare torch (targets: >= 0.7x and >= 10,000 stars/s on 2 cores);
   * the same job without Spark (one process);
   * the Spark job again with an ensemble without the spectrum-consistency emulator, to show what
-    the check (emulated spectrum, spectrum_chi2 and line_chi2 per star) costs.
+    the check (emulated spectrum, spectrum_chi2 and line_chi2 per star) costs;
+  * the Python API (``stellar.api.StellarModel.predict``) on the stars' archive arrays held in memory
+    (2401-pixel spectra, XP coefficients, astrometry; read before timing), in calls of 20,000 stars:
+    features from raw, the map placement on the model's stored t-SNE map, forward, trust tests;
+  * the pyspark.ml ``StellarTransformer`` on a DataFrame of the same archive columns (Spark local[*],
+    Parquet in, a no-op sink out).
 The ensemble carries an emulator fitted on the survey's training stars and trust thresholds fitted
 on its validation stars, as a trained one does.
 Measurements are interleaved over --rounds rounds and the best of each is printed (shared
@@ -76,6 +81,35 @@ def random_ensemble(stats: dict, labels: list[str], members: int, features_root:
     return ens
 
 
+def archive_arrays(cfg, work: Path) -> tuple[dict, Path]:
+    """The survey's archive columns, joined on source_id in the features' order: numpy arrays for the
+    Python API (in memory) and one Parquet file of the same columns for the Spark transformer."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    rvs = read_table(cfg.ingest.output_dir, "rvs", ["source_id", "flux", "flux_error"])
+    cols = {"source_id": rvs["source_id"], "flux": rvs["flux"], "flux_error": rvs["flux_error"]}
+    for table, names in (("xp", ["bp_coefficients", "rp_coefficients", "bp_n_relevant_bases", "rp_n_relevant_bases"]),
+                         ("astrometry", ["parallax", "parallax_error", "phot_g_mean_mag", "phot_bp_mean_mag",
+                                         "phot_rp_mean_mag", "phot_g_mean_flux", "rvs_spec_sig_to_noise"])):
+        t = read_table(cfg.ingest.output_dir, table, ["source_id"] + names)
+        pos = pc.index_in(rvs["source_id"], value_set=t["source_id"])
+        cols.update({k: pc.take(t[k], pos) for k in names if k in t.schema.names})
+    table = pa.table(cols)
+    path = work / "archive-columns.parquet"
+    pq.write_table(table, path)
+    from stellar.api import _dense
+
+    arrays = {k: (_dense(table[k], 2401 if k.startswith("flux") else 55) if k.endswith(("flux", "flux_error",
+                                                                                      "coefficients")) else
+                  pc.fill_null(table[k].cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False))
+              for k in table.column_names}
+    arrays["flux"], arrays["flux_error"] = arrays["flux"].astype(np.float32), arrays["flux_error"].astype(np.float32)
+    return arrays, path
+
+
 def build(args, cfg, inst) -> None:
     from stellar.runtime import SparkExecutor
     from stellar.ingest.run import ingest
@@ -102,6 +136,7 @@ def main() -> None:
     ap.add_argument("--members", type=int, default=5)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--no-spark", action="store_true", help="skip the Spark job (e.g. where Java is missing)")
+    ap.add_argument("--no-api", action="store_true", help="skip the Python API and Spark transformer figures")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved measurement rounds (best of each)")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                     help="predict.precision of the job (bf16 on CPUs with native bf16: faster, not exact)")
@@ -114,6 +149,10 @@ def main() -> None:
         build(args, cfg, inst)
     stats = load_stats(cfg.preprocess.output_dir)
     ens = random_ensemble(stats, list(inst.labels), args.members, cfg.preprocess.output_dir, inst)
+    from stellar.train import selection_table, stored_map
+    from stellar.tables import TableStore
+
+    ens.selection_map = stored_map(selection_table(cfg, TableStore(cfg.preprocess.output_dir).current_version())[0])
     bundle = ModelBundle("bench-random", 0, "none", ens.to_files())
     bare_files = {k: v for k, v in ens.to_files().items() if k != "emulator.safetensors"}
     bundle_nocheck = ModelBundle("bench-random-nocheck", 0, "none", bare_files)
@@ -158,14 +197,40 @@ def main() -> None:
         assert (chi2.null_count < n) == check, "the consistency check ran iff the model has an emulator"
         return dt
 
+    raw, raw_path = archive_arrays(cfg, work) if not args.no_api else (None, None)
+
+    def api() -> float:
+        from stellar.api import StellarModel
+
+        model = StellarModel(Ensemble.from_files(ens.to_files()), {}, args.device)
+        t = time.perf_counter()
+        step = 20_000
+        for lo in range(0, n, step):
+            out = model.predict(**{k: v[lo:lo + step] for k, v in raw.items()})
+            assert len(out) == min(step, n - lo)
+        return time.perf_counter() - t
+
+    def transformer() -> float:
+        from stellar.spark_ml import StellarTransformer
+
+        t = time.perf_counter()
+        df = spark.read.parquet(str(raw_path))
+        StellarTransformer(modelUri=str(work / "bench-model"), device=args.device).transform(df) \
+            .write.format("noop").mode("overwrite").save()
+        return time.perf_counter() - t
+
+    if raw is not None:
+        ens.save(work / "bench-model")
+
     # Interleaved rounds, best of each: shared machines change speed over tens of seconds, and
     # every figure of a round sees the same machine.
     best: dict[str, float] = {}
     for _ in range(args.rounds):
         for name, fn in (("bare", lambda: forward(nets, 64)), ("stacked", lambda: forward(stacked, chunk)),
                          ("spark", lambda: job(True)), ("local", lambda: job(False)),
-                         ("spark_nocheck", lambda: job(True, check=False))):
-            if name.startswith("spark") and spark is None:
+                         ("spark_nocheck", lambda: job(True, check=False)), ("api", api),
+                         ("spark_transformer", transformer)):
+            if name.startswith("spark") and spark is None or name in ("api", "spark_transformer") and raw is None:
                 continue
             best[name] = min(best.get(name, float("inf")), fn())
     if spark is not None:
@@ -179,7 +244,9 @@ def main() -> None:
             (f"stacked forward ({chunk}/batch)", "stacked"),
             ("predict job, Spark local[*], Parquet->Parquet", "spark"),
             ("predict job, one process, Parquet->Parquet", "local"),
-            ("predict job, Spark, without the emulator check", "spark_nocheck")]
+            ("predict job, Spark, without the emulator check", "spark_nocheck"),
+            ("Python API, archive arrays in memory, with map", "api"),
+            ("StellarTransformer, Spark local[*], with map", "spark_transformer")]
     for label, key in rows:
         if key in best:
             dt = best[key]

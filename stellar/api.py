@@ -36,18 +36,11 @@ import pyarrow.compute as pc
 
 from stellar.ensemble import Ensemble
 from stellar.errors import StellarError
-from stellar.features import RawStars, star_features
+from stellar.features import SCALAR_INPUTS, RawStars, star_features
 from stellar.numerics import one_blas_thread
 from stellar.tables import fixed_list
 from stellar.trust import OOD_BITS
 
-# Gaia archive column -> RawStars field (every input but the spectrum is optional)
-SCALAR_INPUTS = {
-    "bp_n_relevant_bases": "bp_n_relevant", "rp_n_relevant_bases": "rp_n_relevant",
-    "phot_g_mean_mag": "g", "phot_g_mean_flux": "g_flux", "phot_bp_mean_mag": "bp_mag",
-    "phot_rp_mean_mag": "rp_mag", "parallax": "parallax", "parallax_error": "parallax_error",
-    "rvs_spec_sig_to_noise": "snr",
-}
 ASTROMETRY_INPUTS = ("phot_g_mean_mag", "phot_g_mean_flux", "phot_bp_mean_mag", "phot_rp_mean_mag", "parallax",
                      "parallax_error", "rvs_spec_sig_to_noise")
 N_XP = 55  # Gaia DR3 XP coefficients per band
@@ -319,32 +312,6 @@ def _read_files(paths: Iterable[str | os.PathLike], settings: dict) -> tuple[dic
     return tables, quarantine
 
 
-def pyfunc_signature(labels: list[str]):
-    """The MLflow signature of the pyfunc model (``stellar.mlflow_model``): archive columns in (only the
-    spectrum required), named label, uncertainty and flag columns out."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema
-    from mlflow.types.schema import Array
-
-    inputs = [ColSpec(Array(DataType.double), "flux"), ColSpec(Array(DataType.double), "flux_error"),
-              ColSpec(Array(DataType.double), "bp_coefficients", required=False),
-              ColSpec(Array(DataType.double), "rp_coefficients", required=False),
-              ColSpec(DataType.long, "source_id", required=False)]
-    inputs += [ColSpec(DataType.double, name, required=False) for name in SCALAR_INPUTS]
-    outputs = [ColSpec(DataType.double, "snr"), ColSpec(DataType.integer, "quality")]
-    for lab in labels:
-        outputs += [ColSpec(DataType.double, lab, required=False), ColSpec(DataType.double, f"{lab}_err", required=False)]
-    outputs += [ColSpec(DataType.integer, "out_of_range"), ColSpec(DataType.string, "problem", required=False),
-                ColSpec(DataType.boolean, "train_like", required=False),
-                ColSpec(DataType.double, "selection_score", required=False),
-                ColSpec(DataType.double, "spectrum_chi2", required=False),
-                ColSpec(DataType.double, "line_chi2", required=False),
-                ColSpec(DataType.boolean, "ood", required=False), ColSpec(DataType.integer, "ood_reason", required=False),
-                ColSpec(DataType.string, "ood_reasons", required=False),
-                ColSpec(DataType.long, "source_id", required=False)]
-    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
-
-
 def load_model(uri: str | os.PathLike, tracking_uri: str | None = None, device: str = "cpu") -> StellarModel:
     """A trained model, pickle-free, from the registry or a folder.
 
@@ -358,12 +325,10 @@ def load_model(uri: str | os.PathLike, tracking_uri: str | None = None, device: 
         if not (folder / "ensemble.json").is_file():
             raise ModelInputError(f"{local} is neither an MLflow model folder nor an ensemble folder (no ensemble.json)")
         return StellarModel(Ensemble.load(folder), {"folder": str(folder)}, device)
-    import mlflow
+    from stellar.registry import Registry, default_tracking_uri, download_model_ensemble
 
-    tracking = tracking_uri or mlflow.get_tracking_uri()
+    tracking = tracking_uri or default_tracking_uri()
     if text.startswith("models:/"):
-        from stellar.registry import Registry
-
         ref = text[len("models:/"):]
         name, sep, alias = ref.partition("@")
         if not sep:
@@ -373,10 +338,5 @@ def load_model(uri: str | os.PathLike, tracking_uri: str | None = None, device: 
         ens, identity = Registry(tracking, name).load(alias)
         return StellarModel(ens, identity, device)
     if text.startswith("runs:/"):
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        with tempfile.TemporaryDirectory(prefix="stellar-model-") as tmp:
-            folder = mlflow.artifacts.download_artifacts(artifact_uri=f"{text.rstrip('/')}/artifacts/ensemble",
-                                                         dst_path=tmp, tracking_uri=tracking)
-            ens = Ensemble.load(folder)
-        return StellarModel(ens, {"uri": text}, device)
+        return StellarModel(download_model_ensemble(text, tracking), {"uri": text}, device)
     raise ModelInputError(f"{text}: not a folder, models:/ or runs:/ URI")

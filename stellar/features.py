@@ -144,6 +144,15 @@ FEATURE_SETTINGS = ("rebin", "edge_pixels", "spike_excess", "spike_sigma", "max_
 G_FLUX_ZERO_POINT = 25.6874  # Gaia DR3 G-band zero point (mag): the G flux of a star whose flux is not given
 
 
+# Gaia archive column -> RawStars field: the inputs beside the spectrum a model reads (all optional)
+SCALAR_INPUTS = {
+    "bp_n_relevant_bases": "bp_n_relevant", "rp_n_relevant_bases": "rp_n_relevant",
+    "phot_g_mean_mag": "g", "phot_g_mean_flux": "g_flux", "phot_bp_mean_mag": "bp_mag",
+    "phot_rp_mean_mag": "rp_mag", "parallax": "parallax", "parallax_error": "parallax_error",
+    "rvs_spec_sig_to_noise": "snr",
+}
+
+
 @dataclass(frozen=True)
 class RawStars:
     """A batch of stars as the Gaia archive gives them, NaN where a value is missing.

@@ -184,6 +184,55 @@ def load_registered(cfg, alias_or_version: str):
     return Registry.from_config(cfg).load(alias_or_version)
 
 
+def default_tracking_uri() -> str:
+    """MLflow's own tracking URI for this process (MLFLOW_TRACKING_URI, else its default)."""
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def download_model_ensemble(uri: str, tracking_uri: str):
+    """The ensemble of a logged model (``runs:/RUN/model``), read from its ``artifacts/ensemble`` folder copied
+    into a temporary folder (nothing written into the store, nothing unpickled)."""
+    import mlflow
+
+    from stellar.ensemble import Ensemble
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory(prefix="stellar-model-") as tmp:
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/artifacts/ensemble",
+                                                     dst_path=tmp, tracking_uri=tracking_uri)
+        return Ensemble.load(folder)
+
+
+def pyfunc_signature(labels: list[str]):
+    """The MLflow signature of the pyfunc model (``stellar.mlflow_model``): archive columns in (only the
+    spectrum required), named label, uncertainty and flag columns out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    inputs = [ColSpec(Array(DataType.double), "flux"), ColSpec(Array(DataType.double), "flux_error"),
+              ColSpec(Array(DataType.double), "bp_coefficients", required=False),
+              ColSpec(Array(DataType.double), "rp_coefficients", required=False),
+              ColSpec(DataType.long, "source_id", required=False)]
+    from stellar.features import SCALAR_INPUTS
+
+    inputs += [ColSpec(DataType.double, name, required=False) for name in SCALAR_INPUTS]
+    outputs = [ColSpec(DataType.double, "snr"), ColSpec(DataType.integer, "quality")]
+    for lab in labels:
+        outputs += [ColSpec(DataType.double, lab, required=False), ColSpec(DataType.double, f"{lab}_err", required=False)]
+    outputs += [ColSpec(DataType.integer, "out_of_range"), ColSpec(DataType.string, "problem", required=False),
+                ColSpec(DataType.boolean, "train_like", required=False),
+                ColSpec(DataType.double, "selection_score", required=False),
+                ColSpec(DataType.double, "spectrum_chi2", required=False),
+                ColSpec(DataType.double, "line_chi2", required=False),
+                ColSpec(DataType.boolean, "ood", required=False), ColSpec(DataType.integer, "ood_reason", required=False),
+                ColSpec(DataType.string, "ood_reasons", required=False),
+                ColSpec(DataType.long, "source_id", required=False)]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
+
+
 def log_training_run(cfg, ens, members, dropped, metrics: dict, figures: dict) -> dict:
     """Log a trained ensemble as one MLflow run (a nested run per member, with its loss curves), its
     pyfunc model and figures, and register it under ``mlflow.model_name`` with the ``train.alias``
@@ -218,8 +267,6 @@ def log_training_run(cfg, ens, members, dropped, metrics: dict, figures: dict) -
         mlflow.log_dict({"calibration": dict(zip(ens.labels, ens.calibration.tolist())), **meta}, "ensemble_meta.json")
         for path, fig in figures.items():
             mlflow.log_figure(fig, path)
-        from stellar.api import pyfunc_signature
-
         signature = pyfunc_signature(ens.labels)
         with tempfile.TemporaryDirectory() as tmp:
             folder = ens.save(Path(tmp) / "ensemble")

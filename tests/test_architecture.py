@@ -1,10 +1,11 @@
 """The import boundaries of ARCHITECTURE.md, checked on the source (every import, function-level too).
 
 Stages stand side by side on the shared floor (runtime, registry, table store, config, the model):
-no stage module imports another; only the orchestrators (``cli``, ``pipeline``) and ``jobs/`` see
-them all. Spark is imported only by the execution floor, the session factory and device discovery
-(predict runs its tasks on the floor's executor like every stage); MLflow only by the registry and
-the model flavour.
+no stage module imports another; only the orchestrators (``cli``, ``pipeline``, the Python API
+``api`` that composes the ingest readers and the predict stage's scorer for users) and ``jobs/`` see
+them all. Spark is imported only by the execution floor, the session factory, device discovery
+(predict runs its tasks on the floor's executor like every stage) and the users' pyspark.ml
+transformer; MLflow only by the registry and the model flavour.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "stellar"
 STAGES = ("synth", "ingest", "preprocess", "selection", "train", "predict", "promote", "report", "export")
-ORCHESTRATORS = ("stellar.cli", "stellar.pipeline")
-SPARK_ALLOWED = ("stellar.runtime", "stellar.spark", "stellar.devices")
+ORCHESTRATORS = ("stellar.cli", "stellar.pipeline", "stellar.api")
+SPARK_ALLOWED = ("stellar.runtime", "stellar.spark", "stellar.devices", "stellar.spark_ml")
 MLFLOW_ALLOWED = ("stellar.registry", "stellar.mlflow_model")
 
 
