@@ -102,10 +102,12 @@ def archive_arrays(cfg, work: Path) -> tuple[dict, Path]:
     pq.write_table(table, path)
     from stellar.api import _dense
 
-    arrays = {k: (_dense(table[k], 2401 if k.startswith("flux") else 55) if k.endswith(("flux", "flux_error",
-                                                                                      "coefficients")) else
-                  pc.fill_null(table[k].cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False))
-              for k in table.column_names}
+    arrays = {"source_id": table["source_id"].to_numpy()}
+    for k in table.column_names[1:]:
+        if k.startswith("flux") or k.endswith("coefficients"):
+            arrays[k] = _dense(table[k], 2401 if k.startswith("flux") else 55)
+        else:
+            arrays[k] = pc.fill_null(table[k].cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
     arrays["flux"], arrays["flux_error"] = arrays["flux"].astype(np.float32), arrays["flux_error"].astype(np.float32)
     return arrays, path
 

@@ -424,7 +424,9 @@ def predict_inputs(cfg: StellarConfig, inputs: list[str], output: str | None, ur
     quarantine = table.attrs.pop("quarantine")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"stellar.table": "predictions", "stellar.model": json.dumps({"uri": uri, **model.identity})}
-    pa_table = pa.Table.from_pandas(table, preserve_index=False)
+    from stellar.columns import with_field_metadata
+
+    pa_table = with_field_metadata(pa.Table.from_pandas(table, preserve_index=False), model.labels)
     pq.write_table(pa_table.replace_schema_metadata({**(pa_table.schema.metadata or {}), **meta}), out)
     qpath = out.with_suffix(".quarantine.parquet")
     if len(quarantine):
@@ -442,7 +444,8 @@ def cmd_export(cfg: StellarConfig, args: argparse.Namespace) -> int:
     CSV and print what was written."""
     from stellar.export import export
 
-    s = export(cfg.predict.output_dir, args.output, args.format, args.where, args.max_rows, args.overwrite)
+    s = export(cfg.predict.output_dir, args.output, args.format, args.where, args.max_rows, args.overwrite,
+               sources={"features": cfg.preprocess.output_dir, "tables": cfg.ingest.output_dir})
     m = s.get("model") or {}
     print(f"wrote {s['rows']} rows to {s['path']} ({s['format']}; model {m.get('name')} v{m.get('version')})")
     return 0

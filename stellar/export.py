@@ -1,4 +1,14 @@
-"""Predictions to files TOPCAT users open: FITS and VOTable (astropy, with units), and CSV.
+"""Predictions to files TOPCAT users open: FITS and VOTable (astropy), and CSV.
+
+Every format carries the column dictionary (:mod:`stellar.columns`: units in each format's legal
+form, UCDs where the format has them, a description of every column, every bit of the bitmask
+columns) and the provenance (:func:`provenance`: code version and commit, date, model and its
+content digest, the versions and content digests of the tables the rows come from, the label
+catalogue and cuts). FITS: ``TUNIT``/``TCOMMn`` per column, provenance keywords with comments, bit
+definitions as COMMENT cards, ``DATE`` and ``CHECKSUM``/``DATASUM``. VOTable: version 1.3 (CDS
+units, so log g's ``[cm/s2]`` is legal), BINARY2 serialisation, ``unit``/``ucd``/``DESCRIPTION``
+per field, provenance as INFO elements. CSV: a JSON sidecar (``<file>.json``) with the dictionary
+and the provenance.
 
 FITS and VOTable are written whole from memory, so they are for selections
 (``--where``) and catalogues up to ``max_rows``; CSV streams batch by batch
@@ -16,23 +26,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 
+from stellar import __version__
+from stellar.columns import Column, bit_lines, dictionary
 from stellar.errors import StellarError
 from stellar.tables import TableStore
 
-# Column descriptions (VOTable DESCRIPTION; astropy keeps them in the table, FITS gets the ood_reason bits as COMMENT cards).
-DESCRIPTIONS = {
-    "ood": "true: unlike the training set by at least one test (ood_reason says which)",
-    "ood_reason": "bitmask of the out-of-distribution tests that flag the star (bits in the header comments)",
-    "train_like": "the selection map's verdict: among training stars on the t-SNE map",
-    "selection_score": "share of training stars among the map neighbours, relative to the fit set's",
-    "spectrum_chi2": "reduced chi2 of the spectrum against the emulator at the predicted labels",
-    "line_chi2": "reduced chi2 over the strongest lines' windows (Ca II triplet for RVS)",
-    "out_of_range": "bit i: label i outside the training labels' range",
-    "quality": "input quality bits (missing blocks, masked pixels)",
-    "problem": "why the row got no prediction (empty: it did)",
-}
-
-UNITS = {"teff": "K", "logg": "dex", "m_h": "dex", "alpha_m": "dex", "fe_h": "dex", "a_li": "dex"}
 FORMATS = {"fits": "fits", "votable": "votable", "csv": "csv"}
 DEFAULT_MAX_ROWS = 5_000_000
 
@@ -68,9 +66,10 @@ def _filter(where: str | None):
 
 
 def export(predictions_root: str, output: str, fmt: str | None = None, where: str | None = None,
-           max_rows: int = DEFAULT_MAX_ROWS, overwrite: bool = False) -> dict:
+           max_rows: int = DEFAULT_MAX_ROWS, overwrite: bool = False, sources: dict[str, str] | None = None) -> dict:
     """Write the committed predictions, filtered by ``where``, to ``output`` in ``fmt`` (by default
-    the one its suffix names).
+    the one its suffix names). ``sources``: the features and ingested tables stores the rows come from
+    (``{"features": root, "tables": root}``, default: beside the predictions), for the provenance.
 
     The file is written beside the target and renamed into place, so the requested name never holds a
     half-written file. Returns the rows written, the path, the format and the model from the manifest."""
@@ -92,7 +91,10 @@ def export(predictions_root: str, output: str, fmt: str | None = None, where: st
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        rows = _write(dataset, flt, fmt, tmp, man, max_rows)
+        prov = provenance(predictions_root, man, sources)
+        rows = _write(dataset, flt, fmt, tmp, man, max_rows, prov)
+        if fmt == "csv":
+            _csv_sidecar(out, dataset.schema, man, prov, where)
         os.replace(tmp, out)
     except OSError as exc:  # a read-only or vanished folder, a full disk: one line naming the path
         with contextlib.suppress(OSError):
@@ -101,7 +103,56 @@ def export(predictions_root: str, output: str, fmt: str | None = None, where: st
     return {"rows": rows, "path": str(out), "format": fmt, "model": man.get("model")}
 
 
-def _write(dataset, flt, fmt: str, tmp: Path, man: dict, max_rows: int) -> int:
+def provenance(predictions_root: str, man: dict, sources: dict[str, str] | None = None) -> dict:
+    """Where the rows come from, for every product's header: code, date, the model (name, version, run,
+    content digest of its files), the predictions, features, selection and ingested tables versions with
+    a content digest of each (:meth:`TableStore.content_digest`), and the label catalogues and cuts the
+    model's training stars passed."""
+    import datetime
+    import json as _json
+
+    from stellar.train import git_commit
+
+    model = man.get("model") or {}
+    summary = man.get("summary", {})
+    out = {"stellar_version": __version__, "git_commit": git_commit(),
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+           "model_name": model.get("name", ""), "model_version": model.get("version", -1),
+           "model_run_id": model.get("run_id", ""), "model_digest": model.get("digest", ""),
+           "predictions_version": summary.get("version", ""), "predictions_digest": man.get("settings_digest", ""),
+           "features_version": summary.get("features_version", ""),
+           "selection_version": summary.get("selection_version") or ""}
+    root = Path(predictions_root).parent
+    for stage in ("features", "tables"):
+        store = TableStore((sources or {}).get(stage) or root / stage)
+        m = store.current_manifest()
+        if m is None:
+            continue
+        out[f"{stage}_version"] = store.current_version()
+        out[f"{stage}_content"] = store.content_digest()
+        if stage == "features":
+            cuts = [k.split(":", 1)[1] for k in m["summary"].get("counts", {}) if k.startswith("cut:")]
+            out["label_cuts_applied"] = _json.dumps(sorted(cuts))
+        if stage == "tables":
+            files = m.get("files", {})
+            out["label_catalogues"] = ",".join(sorted(k.split(":", 1)[1] for k in files if k.startswith("labels:")))
+            out["input_files"] = len(files)
+    return out
+
+
+def _csv_sidecar(out: Path, schema: pa.Schema, man: dict, prov: dict, where: str | None) -> None:
+    """``<file>.json`` beside a CSV: the column dictionary (units, UCDs, descriptions, bits) and the provenance."""
+    import json as _json
+
+    cols = dictionary(man.get("summary", {}).get("labels", []))
+    side = {"file": out.name, "where": where or "", "provenance": prov,
+            "columns": [cols[n].as_dict() if n in cols else {"name": n} for n in schema.names]}
+    tmp = out.with_name(f".{out.name}.json.tmp-{os.getpid()}")
+    tmp.write_text(_json.dumps(side, indent=1, default=str) + "\n")
+    os.replace(tmp, out.with_name(out.name + ".json"))
+
+
+def _write(dataset, flt, fmt: str, tmp: Path, man: dict, max_rows: int, prov: dict) -> int:
     """The filtered predictions into ``tmp`` in ``fmt``; returns the row count."""
     if fmt == "csv":
         rows = 0
@@ -123,7 +174,7 @@ def _write(dataset, flt, fmt: str, tmp: Path, man: dict, max_rows: int) -> int:
                               "or write CSV")
         table = _plain(dataset.to_table(filter=flt))
         rows = table.num_rows
-        _astropy(table, man, fmt, tmp)
+        _astropy(table, man, fmt, tmp, prov)
     return rows
 
 
@@ -133,9 +184,11 @@ def _plain(table: pa.Table) -> pa.Table:
     return pa.table(cols, names=table.column_names)
 
 
-def _astropy(table: pa.Table, manifest: dict, fmt: str, path: Path) -> None:
+def _astropy(table: pa.Table, manifest: dict, fmt: str, path: Path, prov: dict) -> None:
     from astropy.table import Table
 
+    labels = manifest.get("summary", {}).get("labels", [])
+    cols = dictionary(labels)
     t = Table()
     for name in table.column_names:
         col = table[name]
@@ -148,19 +201,98 @@ def _astropy(table: pa.Table, manifest: dict, fmt: str, path: Path) -> None:
                 t["has_selection"] = col.is_valid().to_numpy(zero_copy_only=False)
         else:
             t[name] = col.to_numpy(zero_copy_only=False)
-        base = name[:-4] if name.endswith("_err") else name
-        if base in UNITS:
-            t[name].unit = UNITS[base]
-    from stellar.trust import OOD_BITS
-
-    for name, text in DESCRIPTIONS.items():
-        if name in t.colnames:
-            t[name].description = text
-    model = manifest.get("model", {})
-    t.meta["comments"] = ["ood_reason bits:"] + [f"{bit} {name}: {text}" for name, (bit, text) in OOD_BITS.items()]
-    t.meta.update({"ORIGIN": "stellar", "MODEL": model.get("name", ""), "MODELVER": model.get("version", -1),
-                   "RUNID": model.get("run_id", ""), "FEATVER": manifest["summary"].get("features_version", "")})
+    for name in t.colnames:
+        c = cols.get(name)
+        if c is not None:
+            t[name].description = c.description
     if fmt == "fits":
-        t.write(path, format="fits")
+        _fits(t, cols, prov, path)
     else:
-        t.write(path, format="votable")
+        _votable(t, cols, prov, path)
+
+
+# FITS keyword (8 characters) per provenance entry
+FITS_KEYS = {"stellar_version": "STELVER", "git_commit": "GITCOMIT", "date": "DATE", "model_name": "MODEL",
+             "model_version": "MODELVER", "model_run_id": "RUNID", "model_digest": "MODELDIG",
+             "predictions_version": "PREDVER", "predictions_digest": "PREDDIG", "features_version": "FEATVER",
+             "features_content": "FEATDIG", "selection_version": "SELVER", "tables_version": "TABVER",
+             "tables_content": "TABDIG", "label_catalogues": "LABCAT", "label_cuts_applied": "LABCUTS",
+             "input_files": "NINFILES"}
+FITS_COMMENTS = {"STELVER": "stellar version", "GITCOMIT": "git commit of the code", "DATE": "file written (UTC)",
+                 "MODEL": "registered model", "MODELVER": "its version", "RUNID": "MLflow run that trained it",
+                 "MODELDIG": "content digest of the model files", "PREDVER": "predictions table version",
+                 "PREDDIG": "predictions settings digest", "FEATVER": "features table version",
+                 "FEATDIG": "content digest of the features parts", "SELVER": "selection table version",
+                 "TABVER": "ingested tables version", "TABDIG": "content digest of the ingested parts",
+                 "LABCAT": "label catalogues ingested", "LABCUTS": "label cuts that removed stars",
+                 "NINFILES": "input files ingested"}
+
+
+def _fits(t, cols: dict[str, Column], prov: dict, path: Path) -> None:
+    """A FITS binary table: TUNIT where FITS has the unit, TCOMMn for every column, provenance keywords
+    with comments, the bitmask columns' bits as COMMENT cards, and CHECKSUM/DATASUM."""
+    from astropy.io import fits
+
+    for name in t.colnames:
+        c = cols.get(name)
+        t[name].unit = (c.fits_unit or None) if c is not None else None
+    hdu = fits.table_to_hdu(t)
+    hdr = hdu.header
+    for i, name in enumerate(t.colnames, start=1):
+        c = cols.get(name)
+        if c is None:
+            continue
+        unit_note = f"[{c.unit}] " if c.unit and not c.fits_unit else ""
+        hdr[f"TCOMM{i}"] = (unit_note + c.description)[:68]
+    for key, value in prov.items():
+        fkey = FITS_KEYS.get(key)
+        if fkey is None:
+            continue
+        value = value if isinstance(value, (int, float)) else str(value)
+        if isinstance(value, str) and len(value) > 68:
+            value = value[:65] + "..."
+        hdr[fkey] = (value, FITS_COMMENTS[fkey])
+    hdr["ORIGIN"] = ("stellar", "labels from Gaia spectra (hybrid CNN ensemble)")
+    for c in cols.values():
+        if c.bits and c.name in t.colnames:
+            for line in bit_lines(c):
+                hdr.add_comment(line)
+    for c in cols.values():
+        if c.name in t.colnames and c.unit == "dex" and not c.fits_unit:
+            hdr.add_comment(f"{c.name}: logarithmic, no FITS unit; dex (log10), see TCOMM")
+            break
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path, checksum=True)
+
+
+def _votable(t, cols: dict[str, Column], prov: dict, path: Path) -> None:
+    """A VOTable 1.3 (CDS units) in BINARY2 with unit, UCD and DESCRIPTION per field and the provenance
+    and bit definitions as INFO elements."""
+    from astropy.io.votable.tree import Info, Resource, TableElement, VOTableFile
+
+    for name in t.colnames:
+        t[name].unit = None  # set per field below, in the CDS syntax VOTable 1.3 uses
+    vot = VOTableFile(version="1.3")
+    res = Resource()
+    vot.resources.append(res)
+    tab = TableElement.from_table(vot, t)
+    tab.format = "binary2"
+    tab.name = "predictions"
+    tab.description = (f"stellar {prov.get('stellar_version', '')} labels by {prov.get('model_name', '')} version "
+                       f"{prov.get('model_version', '')} (MLflow run {prov.get('model_run_id', '')}); provenance "
+                       "in the INFO elements, bit meanings in the INFO elements named <column>_bit_<value>")
+    res.tables.append(tab)
+    for f in tab.fields:
+        c = cols.get(f.name)
+        if c is None:
+            continue
+        if c.vo_unit:
+            f.unit = c.vo_unit
+        f.ucd = c.ucd
+        f.description = c.description
+    for key, value in prov.items():
+        tab.infos.append(Info(name=key, value=str(value)))
+    for c in cols.values():
+        if c.bits and c.name in t.colnames:
+            for bit, (name, text) in sorted(c.bits.items()):
+                tab.infos.append(Info(name=f"{c.name}_bit_{bit}", value=f"{name}: {text}"))
+    vot.to_xml(str(path))

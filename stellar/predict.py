@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 import torch
 
 from stellar import __version__
+from stellar.columns import with_field_metadata
 from stellar.config import PredictConfig, StellarConfig
 from stellar.devices import pick_device
 from stellar.errors import StellarError
@@ -386,7 +387,7 @@ def _predict_parts(executor: Executor, bundle: ModelBundle, pcfg: PredictConfig,
         predictor = worker_predictor(b, pcfg)
         for rel in group:
             table = pa.Table.from_batches(list(predict_part(predictor, fdir, rel, rows, sdir)), schema=predictor.schema)
-            table = _identity_columns(table, b).drop_columns(["hpx"])
+            table = with_field_metadata(_identity_columns(table, b).drop_columns(["hpx"]), b.labels)
             write_part(Path(odir) / rel, table, {"stellar.table": "predictions",
                                                  "stellar.model": json.dumps(b.identity())})
         return len(group)

@@ -110,6 +110,27 @@ class TableStore:
             return None
         return json.loads((self.root / v / MANIFEST).read_text())
 
+    def content_digest(self, version: str | None = None) -> str:
+        """A digest of a version's content for provenance headers: every part's path, size and Parquet
+        footer (schema, row counts, each column chunk's offsets, sizes and min/max statistics), so two
+        versions with the same digest hold the same rows in all but a vanishing case, without reading
+        the data (footers are kilobytes at any catalogue size). Non-Parquet parts count by size."""
+        v = version or self.current_version()
+        if v is None:
+            return ""
+        h = hashlib.sha256()
+        parts = json.loads((self.root / v / MANIFEST).read_text()).get("parts", {})
+        for rel, size in sorted(parts.items()):
+            h.update(f"{rel}\0{size}\0".encode())
+            path = self.root / v / rel
+            if rel.endswith(".parquet") and size >= 12:
+                with open(path, "rb") as fh:
+                    fh.seek(size - 8)
+                    n = int.from_bytes(fh.read(4), "little")
+                    fh.seek(max(0, size - 8 - n))
+                    h.update(fh.read(n))
+        return h.hexdigest()[:16]
+
     def healpix_order(self) -> int | None:
         """The HEALPix order of the committed version's ``hpx=`` partitions (from its manifest; every
         stage after ingest keeps ingest's partitioning). None for a store written before it was recorded."""

@@ -266,17 +266,59 @@ def test_export_fits_votable_csv(registry, tmp_path, capsys):
     base = ["--set", f"work_dir={cfg.work_dir}", "--set", f"predict.output_dir={tmp_path / 'pred'}"]
     for name in ("all.fits", "all.vot", "all.csv"):
         assert main(["export", str(tmp_path / name), *base]) == 0
-    fits = Table.read(tmp_path / "all.fits")
-    vot = Table.read(tmp_path / "all.vot", format="votable")
+    import warnings
+
+    from astropy.io import fits as afits
+
+    from stellar.columns import dictionary
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # astropy reads every unit back without a warning
+        fits = Table.read(tmp_path / "all.fits")
+        vot = Table.read(tmp_path / "all.vot", format="votable")
     csv = Table.read(tmp_path / "all.csv", format="ascii.csv")
     assert len(fits) == len(vot) == len(csv) == s["rows"]
-    assert str(fits["teff"].unit) == "K" and str(vot["logg_err"].unit) == "dex"
-    # the ood_reason bits are documented in the headers themselves
+    cols = dictionary(["teff", "logg", "m_h", "alpha_m", "fe_h"])
+    # FITS: TUNIT where FITS has the unit, TCOMM for every column, provenance keywords, bits, checksums
+    with afits.open(tmp_path / "all.fits", checksum=True) as hdul:
+        hdr = hdul[1].header
+        assert hdul[1].verify_checksum() == 1 and hdul[1].verify_datasum() == 1
+    names = [hdr[f"TTYPE{i}"] for i in range(1, hdr["TFIELDS"] + 1)]
+    assert all(f"TCOMM{i}" in hdr for i in range(1, len(names) + 1)), "a column without a description"
+    units = {n: hdr.get(f"TUNIT{i}") for i, n in enumerate(names, start=1)}
+    assert units["teff"] == units["teff_err"] == "K" and units["logg"] is None
+    assert hdr[f"TCOMM{names.index('m_h') + 1}"].startswith("[dex]")
+    for key in ("STELVER", "GITCOMIT", "DATE", "MODEL", "MODELVER", "RUNID", "MODELDIG", "FEATVER", "FEATDIG",
+                "TABVER", "TABDIG", "LABCAT", "LABCUTS"):
+        assert key in hdr and str(hdr[key]) != "" and hdr.comments[key], key
+    assert hdr["MODELVER"] == 1 and hdr["LABCAT"].endswith(".fits")
+    comments = " ".join(str(c) for c in hdr["COMMENT"])
     from stellar.trust import OOD_BITS
 
-    comments = " ".join(fits.meta.get("comments", []))
-    assert all(f"{bit} {name}:" in comments for name, (bit, _) in OOD_BITS.items()), comments[:300]
-    assert "bitmask" in vot["ood_reason"].description
+    assert all(f"ood_reason bit {bit} {name}:" in comments for name, (bit, _) in OOD_BITS.items()), comments[:300]
+    assert "quality bit 1 no_xp:" in comments and "out_of_range bit 1 teff:" in comments
+    # VOTable: 1.3 BINARY2, unit (CDS syntax), UCD and DESCRIPTION per field, provenance INFO
+    from astropy.io.votable import parse
+
+    text = (tmp_path / "all.vot").read_bytes()
+    assert b"<BINARY2>" in text and b'version="1.3"' in text
+    table = parse(str(tmp_path / "all.vot")).get_first_table()
+    for f in table.fields:
+        assert f.description and (f.ucd or f.name == "has_selection" or f.name not in cols), f.name
+    assert str(vot["teff"].unit) == "K" and str(vot["logg"].unit) == "dex(cm / s2)" and vot["m_h"].unit is not None
+    info = {i.name: i.value for i in table.infos}
+    assert info["model_version"] == "1" and info["stellar_version"] and info["features_content"]
+    assert "stellar-hybrid" in vot.meta["description"] and "bitmask" in vot["ood_reason"].description
+    # CSV: the sidecar holds every column's dictionary entry and the provenance
+    side = json.loads((tmp_path / "all.csv.json").read_text())
+    assert [c["name"] for c in side["columns"]] == list(csv.colnames)
+    assert all(c.get("description") for c in side["columns"]) and side["provenance"]["model_version"] == 1
+    assert side["columns"][csv.colnames.index("teff")]["unit"] == "K"
+    # Parquet: the predictions' fields carry unit, UCD and description
+    schema = pq.read_schema(next((tmp_path / "pred").rglob("part-*.parquet")))
+    for f in schema:
+        assert f.metadata and b"description" in f.metadata, f.name
+    assert schema.field("logg_err").metadata[b"unit"] == b"dex" and b"bits" in schema.field("ood_reason").metadata
     assert fits.meta["MODELVER"] == 1 and np.allclose(np.sort(fits["teff"]), np.sort(csv["teff"]), rtol=1e-6)
     assert main(["export", str(tmp_path / "like.fits"), "--where", "train_like", *base]) == 0
     assert len(Table.read(tmp_path / "like.fits")) == s["train_like"]
