@@ -184,6 +184,17 @@ def load_registered(cfg, alias_or_version: str):
     return Registry.from_config(cfg).load(alias_or_version)
 
 
+def _redacted(obj):
+    """A JSON-able config with the credentials of any URI removed (stellar.tracking.redact)."""
+    from stellar.tracking import redact
+
+    if isinstance(obj, dict):
+        return {k: _redacted(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_redacted(v) for v in obj]
+    return redact(obj) if isinstance(obj, str) and "://" in obj else obj
+
+
 def default_tracking_uri() -> str:
     """MLflow's own tracking URI for this process (MLFLOW_TRACKING_URI, else its default)."""
     import mlflow
@@ -233,11 +244,16 @@ def pyfunc_signature(labels: list[str]):
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
-def log_training_run(cfg, ens, members, dropped, metrics: dict, figures: dict) -> dict:
+def log_training_run(cfg, ens, members, dropped, metrics: dict, figures: dict, card: str | None = None,
+                     datasets: list[dict] | None = None) -> dict:
     """Log a trained ensemble as one MLflow run (a nested run per member, with its loss curves), its
     pyfunc model and figures, and register it under ``mlflow.model_name`` with the ``train.alias``
-    when ``train.register_model``. ``figures``: artifact path -> matplotlib figure. Returns the run
-    id, model URI and, when registered, the version."""
+    when ``train.register_model``. ``figures``: artifact path -> matplotlib figure; ``card``: the model card
+    (markdown, :mod:`stellar.model_card`), logged as ``model_card.md`` and set as the registered version's
+    description; ``datasets``: the inputs (name, uri, digest, context), logged as MLflow datasets. The
+    resolved config (credentials redacted) is logged as ``config/resolved.json`` and the git commit,
+    features version and instrument as run tags. Returns the run id, model URI and, when registered,
+    the version."""
     import mlflow
     use_tracking_uri(cfg.mlflow.tracking_uri)
     exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
@@ -255,6 +271,23 @@ def log_training_run(cfg, ens, members, dropped, metrics: dict, figures: dict) -
         mlflow.log_params({"members": len(members), "labels": ",".join(ens.labels), "instrument": meta["instrument"],
                            "features_version": meta["features_version"], "config_digest": meta["config_digest"],
                            "drop_rule": meta["drop_rule"]})
+        mlflow.log_params({f"label_cuts.{k}": json.dumps(v) if isinstance(v, (list, dict)) else v
+                           for k, v in cfg.preprocess.label_cuts.model_dump().items()})
+        mlflow.log_params({f"select.{k}": v for k, v in cfg.select.model_dump(exclude={"output_dir"}).items()})
+        mlflow.log_params({f"preprocess.{k}": v for k, v in cfg.preprocess.model_dump(
+            exclude={"output_dir", "label_cuts", "split"}).items()})
+        mlflow.set_tags({"git_commit": meta.get("git_commit", "unknown"), "features_version": meta["features_version"],
+                         "instrument": meta["instrument"]})
+        mlflow.log_dict(_redacted(cfg.model_dump(mode="json")), "config/resolved.json")
+        if datasets:
+            from mlflow.data.dataset_source_registry import resolve_dataset_source
+            from mlflow.data.meta_dataset import MetaDataset
+
+            for d in datasets:
+                mlflow.log_input(MetaDataset(resolve_dataset_source(d["uri"]), name=d["name"], digest=d["digest"]),
+                                 context=d["context"])
+        if card:
+            mlflow.log_text(card, "model_card.md")
         for m in members:
             with mlflow.start_run(experiment_id=exp_id, run_name=f"member-{m.index}", nested=True):
                 mlflow.log_params({"member": m.index, "seed": m.seed})
@@ -282,5 +315,7 @@ def log_training_run(cfg, ens, members, dropped, metrics: dict, figures: dict) -
                                                "train_digest")})
             registry.tag_version(mv.version, {"labels": ",".join(ens.labels)})
             registry.set_alias(cfg.train.alias, mv.version)
+            if card:
+                registry.client.update_model_version(cfg.mlflow.model_name, mv.version, description=card)
             out.update({"registered_model": cfg.mlflow.model_name, "version": int(mv.version), "alias": cfg.train.alias})
     return out

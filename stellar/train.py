@@ -26,6 +26,7 @@ from stellar.figures import coverage_figure
 from stellar.features import split_hash
 from stellar.instruments import Instrument
 from stellar.mapping import MAP_FILE, MapReference
+from stellar.model_card import model_card
 from stellar.model import ModelConfig, load_model_preset
 from stellar.tables import load_stats
 from stellar.tables import TableStore, settings_hash
@@ -87,6 +88,34 @@ def selection_table(cfg: StellarConfig, features_version: str | None) -> tuple[P
         return None, None
     version = store.current_version()
     return store.root / version / "selection", version
+
+
+def input_datasets(cfg: StellarConfig, features: TableStore, selection: Path | None) -> list[dict]:
+    """The training run's inputs as MLflow datasets: the features version (training), the ingested tables
+    it was built from and the selection (context 'source'/'selection'), each with a content digest, and each
+    label catalogue file with its SHA-256."""
+    import hashlib
+
+    out = [{"name": f"features {features.current_version()}", "uri": str(features.root / features.current_version()),
+            "digest": features.content_digest(), "context": "training"}]
+    tables = TableStore(cfg.ingest.output_dir)
+    if tables.current_version():
+        out.append({"name": f"tables {tables.current_version()}", "uri": str(tables.root / tables.current_version()),
+                    "digest": tables.content_digest(), "context": "source"})
+    if selection is not None:
+        sel = TableStore(selection.parent.parent)
+        out.append({"name": f"selection {selection.parent.name}", "uri": str(selection.parent),
+                    "digest": sel.content_digest(selection.parent.name), "context": "selection"})
+    for lab in cfg.ingest.labels:
+        path = Path(lab.path)
+        if path.is_file():
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            out.append({"name": f"labels {path.name} ({lab.catalogue})", "uri": str(path.resolve()),
+                        "digest": h.hexdigest()[:16], "context": "labels"})
+    return out
 
 
 def stored_map(selection: Path | None) -> MapReference | None:
@@ -180,8 +209,11 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper: Executor 
                "seconds": round(time.perf_counter() - t0, 2)}
     if log_mlflow:
         fig_r, fig_c = _figures(ens, test)
+        counts = store.current_manifest()["summary"]["counts"]
         summary.update(log_training_run(cfg, ens, members, dropped, metrics,
-                                        {"figures/residuals.png": fig_r, "figures/calibration.png": fig_c}))
+                                        {"figures/residuals.png": fig_r, "figures/calibration.png": fig_c},
+                                        card=model_card(ens, metrics, counts, cfg),
+                                        datasets=input_datasets(cfg, store, selection)))
     summary["ensemble"] = ens
     return summary
 

@@ -887,3 +887,29 @@ def test_spark_transformer_equals_the_predict_stage(spark, registry, tmp_path):
     got = got.sort_values("source_id").reset_index(drop=True)
     assert len(got) == 3000
     _assert_same_predictions(got, ref, ["teff", "logg", "m_h", "alpha_m", "fe_h"])
+
+
+def test_model_card_and_lineage_in_mlflow(registry):
+    """The registered version's description is the model card (every section, the test metrics per S/N
+    bin, the label catalogue and cuts); its run carries the git commit tag, the resolved config artifact
+    and the inputs as MLflow datasets with content digests."""
+    from mlflow import MlflowClient
+
+    from stellar.model_card import SECTIONS
+
+    _, cfg, _ = registry
+    client = MlflowClient(cfg.mlflow.tracking_uri, registry_uri=cfg.mlflow.tracking_uri)
+    mv = client.get_model_version(cfg.mlflow.model_name, "1")
+    card = mv.description
+    assert all(f"## {section}" in card for section in SECTIONS), card[:500]
+    assert "| teff |" in card and "> 50" in card and "allStar-synth.fits" in card and "label S/N >= 70" in card
+    run = client.get_run(mv.run_id)
+    assert len(run.data.tags["git_commit"]) in (7, 40) or run.data.tags["git_commit"] == "unknown"
+    assert run.data.params["label_cuts.min_snr"] == "70.0" and run.data.params["select.method"] == "tsne"
+    inputs = {d.dataset.name.split()[0]: d for d in run.inputs.dataset_inputs}
+    assert {"features", "tables", "selection", "labels"} <= set(inputs), list(inputs)
+    assert all(len(d.dataset.digest) == 16 for d in inputs.values())
+    assert [t.value for t in inputs["features"].tags] == ["training"]
+    resolved = json.loads(Path(client.download_artifacts(mv.run_id, "config/resolved.json")).read_text())
+    assert resolved["preprocess"]["rebin"] == cfg.preprocess.rebin
+    assert "model_card.md" in [f.path for f in client.list_artifacts(mv.run_id)]
