@@ -166,16 +166,8 @@ def run_synth(cfg: StellarConfig, use_spark: bool = True) -> dict:
     from stellar.synth.survey import run_survey
 
     instrument = load_instrument(cfg.instrument, cfg.conf_dir)
-    if not use_spark:
-        return run_survey(cfg.synth, instrument)
-    from stellar.spark import build_session
-    from stellar.runtime import SparkExecutor
-
-    spark = build_session(cfg, "synth")
-    try:
-        return run_survey(cfg.synth, instrument, executor=SparkExecutor(spark, "stellar synth"))
-    finally:
-        spark.stop()
+    return _staged(cfg, "synth", use_spark, lambda m: run_survey(cfg.synth, instrument, executor=m),
+                   stars=cfg.synth.n_stars)
 
 
 def summarise_synth(m: dict) -> str:
@@ -199,18 +191,28 @@ def cmd_synth(cfg: StellarConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _staged(cfg: StellarConfig, stage: str, use_spark: bool, fn):
-    """``fn(mapper)`` in this process (mapper None) or with Spark tasks of a session built for ``stage``."""
-    if not use_spark:
-        return fn(None)
-    from stellar.runtime import SparkExecutor
-    from stellar.spark import build_session
+def _staged(cfg: StellarConfig, stage: str, use_spark: bool, fn, stars: int | None = None, spark_arg: bool = False):
+    """``fn(mapper)`` in this process (mapper None) or with Spark tasks of a session built for ``stage``
+    (``spark_arg``: ``fn(spark)`` instead), with the live progress line from the first second: the
+    session's start, then the Spark tasks (:class:`stellar.pipeline.Progress`)."""
+    from stellar.pipeline import Progress
 
-    spark = build_session(cfg, stage)
+    progress = Progress()
+    progress.start(stage, stars)
     try:
-        return fn(SparkExecutor(spark, f"stellar {stage}"))
+        if not use_spark:
+            return fn(None)
+        from stellar.runtime import SparkExecutor
+        from stellar.spark import build_session
+
+        spark = build_session(cfg, stage)
+        progress.spark = spark
+        try:
+            return fn(spark if spark_arg else SparkExecutor(spark, f"stellar {stage}"))
+        finally:
+            spark.stop()
     finally:
-        spark.stop()
+        progress.stop()
 
 
 def run_ingest(cfg: StellarConfig, use_spark: bool = True) -> dict:
@@ -351,15 +353,7 @@ def run_predict(cfg: StellarConfig, use_spark: bool = True) -> dict:
     from stellar.predict import predict, resolve_model
 
     bundle = resolve_model(cfg)  # once, before any task runs: the alias may move meanwhile
-    if not use_spark:
-        return predict(cfg, bundle)
-    from stellar.spark import build_session
-
-    spark = build_session(cfg, "predict")
-    try:
-        return predict(cfg, bundle, spark=spark)
-    finally:
-        spark.stop()
+    return _staged(cfg, "predict", use_spark, lambda spark: predict(cfg, bundle, spark=spark), spark_arg=True)
 
 
 def summarise_predict(s: dict, root: str) -> str:

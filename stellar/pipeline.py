@@ -83,13 +83,13 @@ class Progress:
         self.stage, self.stars, self.t0 = "", None, 0.0
 
     def start(self, stage: str, stars: int | None) -> None:
-        """Report on ``stage`` (``stars``: the catalogue size, for the stars estimate); a polling thread runs
-        only when a SparkSession is attached."""
+        """Report on ``stage`` (``stars``: the catalogue size, for the stars estimate) from now on: the
+        polling thread runs whether or not a SparkSession exists yet (sessions are built lazily, by the
+        stage's first Spark work), so the first seconds of a run say what is going on too."""
         self.stage, self.stars, self.t0 = stage, stars, time.perf_counter()
         self._stop.clear()
-        if self.spark is not None:
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
         """Stop the polling thread and clear the live line on a terminal."""
@@ -102,8 +102,12 @@ class Progress:
             self.stream.flush()
 
     def line(self) -> str | None:
-        """The progress text of the active Spark jobs (tasks done, elapsed, estimated stars and rate, ETA);
-        None when no task is running."""
+        """The progress text: the active Spark jobs' tasks done, elapsed, estimated stars and rate, ETA; or,
+        while no Spark task runs (the session starting, driver-side work, no Spark at all), the stage and the
+        time elapsed."""
+        elapsed = time.perf_counter() - self.t0
+        if self.spark is None:
+            return f"  [{self.stage}] starting, {_clock(elapsed)} elapsed"
         tracker = self.spark.sparkContext.statusTracker()
         done = total = 0
         for job in tracker.getActiveJobsIds():
@@ -114,8 +118,7 @@ class Progress:
                     done += st.numCompletedTasks
                     total += st.numTasks
         if not total:
-            return None
-        elapsed = time.perf_counter() - self.t0
+            return f"  [{self.stage}] working on the driver, {_clock(elapsed)} elapsed"
         frac = done / total
         text = f"  [{self.stage}] tasks {done}/{total} ({frac:.0%}), {_clock(elapsed)} elapsed"
         if self.stars and frac > 0:
@@ -125,7 +128,7 @@ class Progress:
         return text
 
     def _run(self) -> None:
-        last = 0.0
+        last = time.perf_counter()  # logs (not a terminal): the first line after log_every, then every log_every
         while not self._stop.wait(self.interval):
             try:
                 text = self.line()

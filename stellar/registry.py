@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,7 +302,11 @@ def log_training_run(cfg, ens, members, dropped, metrics: dict, figures: dict, c
         for path, fig in figures.items():
             mlflow.log_figure(fig, path)
         signature = pyfunc_signature(ens.labels)
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            # MLflow's advice on type hints and input examples does not apply to a signature given in full
+            # (raw archive columns): nothing a user can act on, so not shown on every training run
+            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
             folder = ens.save(Path(tmp) / "ensemble")
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),

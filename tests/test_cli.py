@@ -58,3 +58,44 @@ def test_export_where_terms_fail_in_one_line():
                      ("bogus", "unknown term 'bogus'")):
         with pytest.raises(StellarError, match=msg):
             _filter(bad)
+
+
+def test_ingest_in_a_terminal_shows_progress_within_5_s(tmp_path, small_survey):
+    """``stellar ingest`` in a pseudo-terminal prints a live progress line within its first 5 s (before the
+    Spark session exists: the line says the stage is starting), and the run then succeeds."""
+    import os
+    import pty
+    import select
+    import time
+
+    from conftest import ROOT
+
+    survey, _, _ = small_survey
+    cmd = [str(ROOT / ".venv" / "bin" / "stellar"), "--config", str(ROOT / "conf" / "local.yaml"), "ingest",
+           "--set", f"work_dir={tmp_path}", "--set", f"ingest.gaia_root={survey}", "--set", "ingest.labels=[]", "--set", "spark.master=local[2]"]
+    t0 = time.monotonic()
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command on the terminal
+        os.execv(cmd[0], cmd)
+    seen, first = b"", None
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+                if first is None and b"[ingest]" in seen:
+                    first = time.monotonic() - t0
+            if time.monotonic() - t0 > 600:
+                break
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    text = seen.decode(errors="replace")
+    assert first is not None and first < 5.0, (first, text[:2000])
+    assert os.WEXITSTATUS(status) == 0 and "ingested into" in text, text[-2000:]
