@@ -366,7 +366,9 @@ def summarise_predict(s: dict, root: str) -> str:
     lines = [f"predictions written to {root} (version {s['version']}) with {m['name']} version {m['version']} "
              f"(run {m['run_id']}); {s['seconds']:.1f} s, {s['rows'] / max(s['seconds'], 1e-9):.0f} stars/s",
              f"  stars {s['rows']}: predicted {s['predicted']}, quarantined {s['quarantined']}; train-like "
-             f"{s['train_like']}, train-unlike {s['train_unlike']}, no selection row {s['no_selection']}; "
+             f"{s['train_like']}, train-unlike {s['train_unlike']}"
+             + (" (from the model's own map)" if s.get("map_source") == "model" else "")
+             + f", no selection row {s['no_selection']}; "
              f"a label outside the training range {s['out_of_range']}",
              f"  out of distribution (ood) {s.get('ood', 0)}: " + ", ".join(
                  f"{k} {v}" for k, v in s.get("ood_by_reason", {}).items() if v)]

@@ -43,6 +43,7 @@ from stellar.columns import with_field_metadata
 from stellar.config import PredictConfig, StellarConfig
 from stellar.devices import pick_device
 from stellar.errors import StellarError
+from stellar.mapping import MAP_FILE
 from stellar.inference_core import arrow_features, features_to_tensors, forward_members
 from stellar.model import StackedEnsemble
 from stellar.numerics import with_one_blas_thread
@@ -299,6 +300,8 @@ def predict(cfg: StellarConfig, bundle: ModelBundle | None = None, spark=None,
         _predict_parts(mapper, bundle, cfg.predict, fstore.root / fversion / "features", sel_dir, out_dir)
         summary = _account(out_dir, run.store.root / version, fstore.current_manifest()["summary"]["counts"]["stars"])
         summary.update({"version": version, "features_version": fversion, "selection_version": sel_version,
+                        # where train_like comes from: this run's selection, the model's own map, or nowhere
+                        "map_source": "selection" if sel_dir else ("model" if MAP_FILE in bundle.files else "none"),
                         "model": bundle.identity(), "labels": bundle.labels, "settings_digest": digest,
                         "seconds": round(time.perf_counter() - t0, 2)})
         return run.commit(summary, fstore.healpix_order(), model=bundle.identity(),

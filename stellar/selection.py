@@ -95,8 +95,11 @@ class FittedMap:
 
 def scores(fmap: FittedMap, xy: np.ndarray, k: int) -> np.ndarray:
     """Share of training stars among the k nearest fit-set stars on the map, relative to their share
-    in the whole fit set (:meth:`stellar.mapping.MapReference.scores`)."""
-    assert k == fmap.reference.settings["neighbours"], "k is the map's own setting"
+    in the whole fit set (:meth:`stellar.mapping.MapReference.scores`; ``k`` is the map's own
+    ``neighbours`` setting, stored with it, so a model applied elsewhere scores alike)."""
+    if k != fmap.reference.settings["neighbours"]:
+        raise SelectError(f"score with k={k}, but the map was stored with neighbours="
+                          f"{fmap.reference.settings['neighbours']}")
     return fmap.reference.scores(xy)
 
 

@@ -764,7 +764,7 @@ def test_label_free_survey_gets_flags_from_the_models_map(registry, tmp_path, rv
     ingest(new.ingest, rvs_instrument, new.conf_dir)
     preprocess(new.preprocess, rvs_instrument, new.ingest.output_dir)
     s = predict(new)
-    assert s["selection_version"] is None and s["no_selection"] == 0 and s["rows"] == 3000
+    assert s["selection_version"] is None and s["map_source"] == "model" and s["no_selection"] == 0 and s["rows"] == 3000
     got = read_table(new.predict.output_dir, "predictions").sort_by("source_id").to_pandas()
     sel = read_table(cfg.select.output_dir, "selection").sort_by("source_id").to_pandas()
     assert list(got["source_id"]) == list(sel["source_id"])
