@@ -111,7 +111,7 @@ def provenance(predictions_root: str, man: dict, sources: dict[str, str] | None 
     import datetime
     import json as _json
 
-    from stellar.train import git_commit
+    from stellar.stage import git_commit
 
     model = man.get("model") or {}
     summary = man.get("summary", {})

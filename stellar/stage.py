@@ -17,8 +17,10 @@ found its output up to date, the version it committed or found, the digest, and 
 
 from __future__ import annotations
 
+import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from stellar import __version__
@@ -111,3 +113,13 @@ class StoreRun:
         self.store.commit(self.version, {"stellar_version": __version__, "settings_digest": self.digest,
                                          "summary": summary, "healpix_order": healpix_order, **manifest})
         return summary
+
+
+def git_commit() -> str:
+    """The commit of the code's checkout (tagged on the registered version); ``unknown`` outside git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"

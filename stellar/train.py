@@ -12,7 +12,6 @@ commit, and given the configured alias (``challenger``).
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from stellar.ensemble import (Ensemble, coverage_curve, evaluate, load_split, ou
                               train_member)
 from stellar.registry import Registry, log_training_run
 from stellar.runtime import LOCAL, Executor
-from stellar.stage import StageResult
+from stellar.stage import StageResult, git_commit
 from stellar.trust import TrustThresholds
 
 
@@ -54,16 +53,6 @@ def model_config(cfg: StellarConfig) -> ModelConfig:
         return ModelConfig.model_validate({**base.model_dump(), **cfg.train.model_overrides})
     except Exception as exc:  # noqa: BLE001 - a validation error names the key
         raise TrainError(f"train.model_overrides: {exc}") from None
-
-
-def git_commit() -> str:
-    """The commit of the code's checkout (tagged on the registered version); ``unknown`` outside git."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
 
 
 def train_digest(cfg: StellarConfig, instrument: str, features_version: str | None) -> str:
