@@ -129,5 +129,10 @@ def test_progress_line_follows_a_running_spark_job(spark):
             lines.append(line)
         time.sleep(0.1)
     progress.stop()
-    assert lines and all(line.startswith("  [ingest] tasks ") and "/8 (" in line for line in lines)
+    # before the job's first task shows, the line says the stage works on the driver; then it follows the tasks
+    tasks = [line for line in lines if line.startswith("  [ingest] tasks ")]
+    assert tasks and all("/8 (" in line for line in tasks)
+    assert all(line.startswith("  [ingest] working on the driver, ") for line in lines[:lines.index(tasks[0])])
     assert any("stars/s" in line and "ETA" in line for line in lines)  # once some tasks are done
+    progress.spark = None  # no session yet (sessions are built lazily): the line still says what goes on
+    assert progress.line().startswith("  [ingest] starting, ")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -139,17 +141,24 @@ def test_register_load_by_alias_identical_predictions(features, tmp_path, rvs_in
     assert len(children) == 3
     arts = {a.path for a in client.list_artifacts(summary["run_id"], "figures")}
     assert arts == {"figures/residuals.png", "figures/calibration.png"}
-    # the pyfunc flavour (logged as code, weights as safetensors) predicts the same
-    pyf = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.model_name}@challenger")
+    # the pyfunc flavour (logged as code, weights as safetensors) takes raw archive columns (here the
+    # spectra alone) and gives the Python API's named columns
+    import pandas as pd
+
+    from stellar.api import StellarModel
     from stellar.tables import read_table
 
-    rows = read_table(root, "features").slice(0, 40)
-    arrays = {k: np.stack(rows[k].to_numpy(zero_copy_only=False)) for k in ("spectrum", "xp", "scalars")}
-    arrays["spectrum_mask"] = np.stack(rows["spectrum_mask"].to_numpy(zero_copy_only=False)).astype(bool)
-    from stellar.inference_core import features_to_tensors
-
-    direct = ens.predict(features_to_tensors(stats, arrays))
-    assert np.allclose(pyf.predict(arrays)["mean"], direct["mean"], rtol=1e-6)
+    pyf = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.model_name}@challenger")
+    rvs = read_table(Path(root).parent / "tables", "rvs").sort_by("source_id").slice(0, 40)
+    df = pd.DataFrame({"source_id": rvs["source_id"].to_numpy(),
+                       "flux": list(np.stack(rvs["flux"].to_numpy(zero_copy_only=False)).astype(np.float64)),
+                       "flux_error": list(np.stack(rvs["flux_error"].to_numpy(zero_copy_only=False)).astype(np.float64))})
+    out = pyf.predict(df)
+    direct = StellarModel(ens).predict_table(df)
+    assert len(out) == 40 and list(out["source_id"]) == list(df["source_id"])
+    for lab in ens.labels:
+        assert np.allclose(out[lab], direct[lab], rtol=1e-6) and np.allclose(out[f"{lab}_err"], direct[f"{lab}_err"])
+    assert (out["quality"] & 1).all() and out["ood"].all()  # no XP given: said, and flagged
     with pytest.raises(StellarError, match="has no alias 'champion'"):
         load_registered(cfg, "champion")
 
