@@ -50,15 +50,17 @@ class ModelInputError(StellarError, ValueError):
     """Inputs a model cannot read: wrong shapes, a spectrum on another grid, a model without its settings."""
 
 
-def ood_reason_names(reason: np.ndarray) -> list[str]:
-    """Each star's ``ood_reason`` bitmask as '+'-joined bit names ('' for none; the bits: OOD_BITS)."""
-    out = []
-    for r in np.asarray(reason):
-        if r is None or (isinstance(r, float) and np.isnan(r)):
-            out.append(None)
-            continue
-        out.append("+".join(name for name, (bit, _) in OOD_BITS.items() if int(r) & bit))
-    return out
+def ood_reason_names(reason: np.ndarray) -> list[str | None]:
+    """Each star's ``ood_reason`` bitmask as '+'-joined bit names ('' for none, None where the row has no
+    prediction; the bits: OOD_BITS). Decoded once per distinct value, not per star."""
+    values = np.asarray(reason, dtype=np.float64)
+    known = np.isfinite(values)
+    codes, inverse = np.unique(values[known].astype(np.int64), return_inverse=True)
+    names = np.array(["+".join(n for n, (bit, _) in OOD_BITS.items() if int(c) & bit) for c in codes] + [""],
+                     dtype=object)
+    out = np.full(len(values), None, dtype=object)
+    out[known] = names[inverse]
+    return out.tolist()
 
 
 @dataclass
@@ -243,7 +245,7 @@ class StellarModel:
             out["source_id"] = np.asarray(source_id).reshape(-1)
         else:
             out = out.drop(columns=["source_id"])
-        out["ood_reasons"] = ood_reason_names(out["ood_reason"].to_numpy())
+        out["ood_reasons"] = ood_reason_names(out["ood_reason"].to_numpy(dtype="float64", na_value=np.nan))
         return out
 
 

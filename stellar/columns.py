@@ -147,4 +147,4 @@ def with_field_metadata(table, labels: list[str]):
         if c.bits:
             meta["bits"] = json.dumps(c.as_dict()["bits"])
         fields.append(f.with_metadata({**(f.metadata or {}), **{k.encode(): v.encode() for k, v in meta.items()}}))
-    return table.cast(pa.schema(fields, metadata=table.schema.metadata))
+    return pa.Table.from_arrays(table.columns, schema=pa.schema(fields, metadata=table.schema.metadata))

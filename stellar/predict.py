@@ -339,11 +339,15 @@ def predict_part(predictor: BatchPredictor, features_dir: str, rel: str, batch_r
     sel_part = Path(selection_dir) / rel if selection_dir else None
     selection = pq.read_table(sel_part, columns=["source_id", "train_like", "score"]) \
         if sel_part is not None and sel_part.exists() else None
+    path = Path(features_dir) / rel
     if selection_dir is None and predictor.ens.selection_map is not None:
-        selection = model_map_selection(predictor.ens, pq.read_table(Path(features_dir) / rel,
-                                                                     columns=["source_id", "spectrum", "xp"]))
-    pf = pq.ParquetFile(Path(features_dir) / rel)
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=FEATURE_COLUMNS):
+        # no selection of these features: the model's own map, placed from the same read of the part
+        table = pq.read_table(path, columns=FEATURE_COLUMNS)
+        selection = model_map_selection(predictor.ens, table)
+        batches = table.to_batches(max_chunksize=batch_rows)
+    else:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=FEATURE_COLUMNS)
+    for batch in batches:
         batch = batch.append_column("hpx", pa.array(np.full(batch.num_rows, hpx, np.int32)))
         yield predictor.predict_batch(batch, selection)
 

@@ -93,16 +93,6 @@ class FittedMap:
         return np.asarray(fresh.transform(z))
 
 
-def scores(fmap: FittedMap, xy: np.ndarray, k: int) -> np.ndarray:
-    """Share of training stars among the k nearest fit-set stars on the map, relative to their share
-    in the whole fit set (:meth:`stellar.mapping.MapReference.scores`; ``k`` is the map's own
-    ``neighbours`` setting, stored with it, so a model applied elsewhere scores alike)."""
-    if k != fmap.reference.settings["neighbours"]:
-        raise SelectError(f"score with k={k}, but the map was stored with neighbours="
-                          f"{fmap.reference.settings['neighbours']}")
-    return fmap.reference.scores(xy)
-
-
 def _read(root: str, flt, columns: list[str]) -> pa.Table:
     path = TableStore(root).table_path("features")
     return ds.dataset(path, format="parquet", partitioning="hive").to_table(columns=columns, filter=flt)
@@ -177,14 +167,11 @@ def fit_map(cfg: SelectConfig, features_root: str, stats: dict) -> tuple[FittedM
 
 @dataclass(frozen=True)
 class Ctx:
-    """What every placement task needs: the features and output version folders, whether XP is embedded,
-    k and the train-like threshold, and the normalisation statistics."""
+    """What every placement task needs: the features and output version folders and the normalisation
+    statistics (whether XP is embedded, k and the threshold are the map's own settings)."""
 
     features_vdir: str
     out_vdir: str
-    use_xp: bool
-    k: int
-    threshold: float
     stats: dict
 
 
@@ -203,11 +190,13 @@ def place_group(parts: list[str], shared, ctx: Ctx) -> list[dict]:
     sid = allt["source_id"].to_numpy()
     xy, in_fit = fmap.reference.fitted_positions(sid)
     rest = ~in_fit
+    ref = fmap.reference
     t1 = time.perf_counter()
     if rest.any():
-        xy[rest] = fmap.place(fmap.project(feature_matrix(allt.filter(pa.array(rest)), ctx.stats, ctx.use_xp)))
+        xy[rest] = fmap.place(fmap.project(feature_matrix(allt.filter(pa.array(rest)), ctx.stats,
+                                                          ref.settings["use_xp"])))
     t_transform = time.perf_counter() - t1
-    score = scores(fmap, xy, ctx.k)
+    score = ref.scores(xy)  # share of training stars among the map's k nearest fit-set stars
     out = []
     lo = 0
     for p, t in zip(parts, tables):
@@ -215,12 +204,12 @@ def place_group(parts: list[str], shared, ctx: Ctx) -> list[dict]:
         lo += t.num_rows
         table = pa.table({"source_id": pa.array(sid[sl]), "x": pa.array(xy[sl, 0].astype(np.float32)),
                           "y": pa.array(xy[sl, 1].astype(np.float32)), "score": pa.array(score[sl].astype(np.float32)),
-                          "train_like": pa.array(score[sl] >= ctx.threshold), "in_fit": pa.array(in_fit[sl]),
+                          "train_like": pa.array(score[sl] >= ref.threshold), "in_fit": pa.array(in_fit[sl]),
                           "split": t["split"]})
         write_part(Path(ctx.out_vdir) / "selection" / p, table, {"stellar.table": "selection"})
         obs = pc.not_equal(t["split"], "train").to_numpy(zero_copy_only=False)
         out.append({"part": p, "rows": t.num_rows, "observed": int(obs.sum()),
-                    "observed_train_unlike": int((obs & (score[sl] < ctx.threshold)).sum()),
+                    "observed_train_unlike": int((obs & (score[sl] < ref.threshold)).sum()),
                     "placed": int(rest[sl].sum())})
     # task time split (first part of the group carries it): where placement time goes
     out[0].update({"task_seconds": time.perf_counter() - t0, "map_load_seconds": t_load,
@@ -260,7 +249,7 @@ def _build(run: StoreRun, cfg: SelectConfig, features_root: str, fstore: TableSt
     version = run.new_version()
     vdir_in = fstore.root / fversion
     parts = sorted(str(p.relative_to(vdir_in / "features")) for p in (vdir_in / "features").rglob("part-*.parquet"))
-    ctx = Ctx(str(vdir_in), str(store.root / version), cfg.use_xp, cfg.neighbours, cfg.threshold, stats)
+    ctx = Ctx(str(vdir_in), str(store.root / version), stats)
     # Groups of consecutive partitions with >= place_batch stars each: one transform call per group
     # (it has a high fixed cost), and groups fixed by the data, not by the cluster, so the map
     # placement is the same on any number of executors.
