@@ -92,13 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", dest="predict_output", metavar="FILE.parquet",
                    help="with --input: where the predictions go (rows a reader rejected: FILE.quarantine.parquet)")
 
-    p = sub.add_parser("export", help="write the predictions to FITS, VOTable or CSV (for TOPCAT and friends)")
+    p = sub.add_parser("export", help="write the predictions to FITS, VOTable or CSV (for TOPCAT and friends), "
+                       "or a HATS catalogue (for LSDB)")
     _common(p, suppress=True)
-    p.add_argument("output", help="output file; the format follows its suffix (.fits .vot .xml .csv) or --format")
-    p.add_argument("--format", choices=["fits", "votable", "csv"], help="output format")
+    p.add_argument("output", help="output file, or folder for HATS; the format follows its suffix "
+                   "(.fits .vot .xml .csv .hats) or --format")
+    p.add_argument("--format", choices=["fits", "votable", "csv", "hats"], help="output format")
     p.add_argument("--where", help="comma-separated filters: train_like, good, hpx=N, model_version=N, split=S")
     p.add_argument("--max-rows", type=int, default=5_000_000, help="refuse FITS/VOTable above this many rows")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--hats-max-rows", type=int, default=None, metavar="N",
+                   help="HATS: the most rows in one leaf partition (default 500000); denser sky gets smaller pixels")
 
     p = sub.add_parser("promote", help="evaluate @challenger vs @champion on the test split; move @champion if better")
     _common(p, suppress=True)
@@ -195,10 +199,10 @@ def _staged(cfg: StellarConfig, stage: str, use_spark: bool, fn, stars: int | No
     """``fn(mapper)`` in this process (mapper None) or with Spark tasks of a session built for ``stage``
     (``spark_arg``: ``fn(spark)`` instead), with the live progress line from the first second: the
     session's start, then the Spark tasks (:class:`stellar.pipeline.Progress`)."""
-    from stellar.pipeline import Progress
+    from stellar.pipeline import Progress, stage_detail
 
     progress = Progress()
-    progress.start(stage, stars)
+    progress.start(stage, stars, stage_detail(stage, cfg))
     try:
         if not use_spark:
             return fn(None)
@@ -441,9 +445,14 @@ def cmd_export(cfg: StellarConfig, args: argparse.Namespace) -> int:
     from stellar.export import export
 
     s = export(cfg.predict.output_dir, args.output, args.format, args.where, args.max_rows, args.overwrite,
-               sources={"features": cfg.preprocess.output_dir, "tables": cfg.ingest.output_dir})
+               sources={"features": cfg.preprocess.output_dir, "tables": cfg.ingest.output_dir},
+               hats_max_rows=args.hats_max_rows)
     m = s.get("model") or {}
     print(f"wrote {s['rows']} rows to {s['path']} ({s['format']}; model {m.get('name')} v{m.get('version')})")
+    if s["format"] == "hats":
+        orders = ", ".join(f"{n} at order {o}" for o, n in s["partitions_by_order"].items())
+        print(f"  {s['partitions']} partitions ({orders}), at most {s['max_rows_in_a_partition']} rows each; "
+              f"{s['rows_without_position']} rows without a gaia_source position (null ra/dec)")
     return 0
 
 

@@ -31,7 +31,7 @@ from stellar.columns import Column, bit_lines, dictionary
 from stellar.errors import StellarError
 from stellar.tables import TableStore
 
-FORMATS = {"fits": "fits", "votable": "votable", "csv": "csv"}
+FORMATS = {"fits": "fits", "votable": "votable", "csv": "csv", "hats": "hats"}
 DEFAULT_MAX_ROWS = 5_000_000
 
 
@@ -66,18 +66,24 @@ def _filter(where: str | None):
 
 
 def export(predictions_root: str, output: str, fmt: str | None = None, where: str | None = None,
-           max_rows: int = DEFAULT_MAX_ROWS, overwrite: bool = False, sources: dict[str, str] | None = None) -> dict:
+           max_rows: int = DEFAULT_MAX_ROWS, overwrite: bool = False, sources: dict[str, str] | None = None,
+           hats_max_rows: int | None = None) -> dict:
     """Write the committed predictions, filtered by ``where``, to ``output`` in ``fmt`` (by default
     the one its suffix names). ``sources``: the features and ingested tables stores the rows come from
     (``{"features": root, "tables": root}``, default: beside the predictions), for the provenance.
 
+    ``hats``: ``output`` is a folder, a HATS catalogue with ra/dec joined from the ingested gaia_source
+    rows and at most ``hats_max_rows`` rows per leaf (:func:`stellar.hats_catalog.write_hats`).
+
     The file is written beside the target and renamed into place, so the requested name never holds a
     half-written file. Returns the rows written, the path, the format and the model from the manifest."""
     out = Path(output)
-    fmt = fmt or {".fits": "fits", ".fit": "fits", ".vot": "votable", ".xml": "votable", ".csv": "csv"}.get(
-        "".join(out.suffixes[-1:]).lower())
+    fmt = fmt or {".fits": "fits", ".fit": "fits", ".vot": "votable", ".xml": "votable", ".csv": "csv",
+                  ".hats": "hats"}.get("".join(out.suffixes[-1:]).lower())
     if fmt not in FORMATS:
-        raise ExportError(f"cannot tell the format of {output}: give --format fits|votable|csv")
+        raise ExportError(f"cannot tell the format of {output}: give --format fits|votable|csv|hats")
+    if fmt == "hats":
+        return _export_hats(predictions_root, out, where, overwrite, sources, hats_max_rows)
     if out.is_dir():
         raise ExportError(f"{output} is a directory: give a file name (e.g. {out / ('predictions.' + fmt)})")
     if out.exists() and not overwrite:
@@ -101,6 +107,31 @@ def export(predictions_root: str, output: str, fmt: str | None = None, where: st
             tmp.unlink(missing_ok=True)
         raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
     return {"rows": rows, "path": str(out), "format": fmt, "model": man.get("model")}
+
+
+def _export_hats(predictions_root: str, out: Path, where: str | None, overwrite: bool,
+                 sources: dict[str, str] | None, max_rows: int | None) -> dict:
+    """The predictions as a HATS catalogue folder (errors as one-line :class:`ExportError`)."""
+    from stellar.hats_catalog import DEFAULT_MAX_ROWS as HATS_ROWS
+    from stellar.hats_catalog import write_hats
+
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file: a HATS catalogue is a folder")
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists (use --overwrite)")
+    man = TableStore(predictions_root).current_manifest()
+    if man is None:
+        raise ExportError(f"no predictions under {predictions_root} (run 'stellar predict' first)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        prov = provenance(predictions_root, man, sources)
+        s = write_hats(predictions_root, str(out), where=_filter(where), tables_root=(sources or {}).get("tables"),
+                       max_rows=max_rows or HATS_ROWS, provenance=prov, overwrite=overwrite)
+    except ValueError as exc:
+        raise ExportError(f"cannot write {out}: {exc}") from None
+    except OSError as exc:
+        raise ExportError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return {**s, "format": "hats", "model": man.get("model")}
 
 
 def provenance(predictions_root: str, man: dict, sources: dict[str, str] | None = None) -> dict:
@@ -251,7 +282,11 @@ def _fits(t, cols: dict[str, Column], prov: dict, path: Path) -> None:
         value = value if isinstance(value, (int, float)) else str(value)
         if isinstance(value, str) and len(value) > 68:
             value = value[:65] + "..."
-        hdr[fkey] = (value, FITS_COMMENTS[fkey])
+        comment = FITS_COMMENTS[fkey]
+        # a card is 80 characters: keyword (8), '= ', the value, ' / ', the comment; shorten the comment
+        # to what is left (a long value keeps priority), rather than have astropy warn and cut it
+        room = 80 - 10 - (max(len(value.replace("'", "''")) + 2, 20) if isinstance(value, str) else 20) - 3
+        hdr[fkey] = (value, comment[:max(room, 0)]) if room > 0 else value
     hdr["ORIGIN"] = ("stellar", "labels from Gaia spectra (hybrid CNN ensemble)")
     for c in cols.values():
         if c.bits and c.name in t.colnames:

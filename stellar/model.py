@@ -69,6 +69,10 @@ class ModelConfig(StrictModel):
     # at low S/N is pulled toward that peak (metal-poor stars come out too metal-rich). 0 = off.
     label_balance: float = Field(0.0, ge=0, le=1)
     label_balance_cap: float = Field(5.0, ge=1, le=100)
+    # Exponential moving average of the weights, per optimiser step (0: off). Validation, early stopping and
+    # the saved member use the averaged weights, which follow the loss valley's floor instead of the last
+    # step's noise (e.g. 0.999: an average over the last ~1000 steps).
+    weight_average: float = Field(0.0, ge=0, lt=1)
 
     def model_post_init(self, _ctx) -> None:
         """Refuse an architecture without an input branch, and input dropout of unknown blocks or at rates

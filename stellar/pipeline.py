@@ -17,6 +17,7 @@ elsewhere, plain log lines.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import threading
 import time
@@ -81,12 +82,14 @@ class Progress:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.stage, self.stars, self.t0 = "", None, 0.0
+        self.detail: Callable[[], str | None] | None = None
 
-    def start(self, stage: str, stars: int | None) -> None:
+    def start(self, stage: str, stars: int | None, detail: Callable[[], str | None] | None = None) -> None:
         """Report on ``stage`` (``stars``: the catalogue size, for the stars estimate) from now on: the
         polling thread runs whether or not a SparkSession exists yet (sessions are built lazily, by the
-        stage's first Spark work), so the first seconds of a run say what is going on too."""
-        self.stage, self.stars, self.t0 = stage, stars, time.perf_counter()
+        stage's first Spark work), so the first seconds of a run say what is going on too. ``detail``:
+        the stage's own account appended to the line (the train stage's members and epochs)."""
+        self.stage, self.stars, self.t0, self.detail = stage, stars, time.perf_counter(), detail
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -102,9 +105,15 @@ class Progress:
             self.stream.flush()
 
     def line(self) -> str | None:
-        """The progress text: the active Spark jobs' tasks done, elapsed, estimated stars and rate, ETA; or,
-        while no Spark task runs (the session starting, driver-side work, no Spark at all), the stage and the
-        time elapsed."""
+        """The progress text (:meth:`spark_line`), followed by the stage's ``detail`` where it has one."""
+        text = self.spark_line()
+        extra = self.detail() if self.detail is not None else None
+        return f"{text}; {extra}" if extra else text
+
+    def spark_line(self) -> str:
+        """The active Spark jobs' tasks done, elapsed, estimated stars and rate, ETA; or, while no Spark
+        task runs (the session starting, driver-side work, no Spark at all), the stage and the time
+        elapsed."""
         elapsed = time.perf_counter() - self.t0
         if self.spark is None:
             return f"  [{self.stage}] starting, {_clock(elapsed)} elapsed"
@@ -137,12 +146,24 @@ class Progress:
             if text is None:
                 continue
             if self.tty:
-                self.stream.write("\r\033[K" + text[:150])
+                width = shutil.get_terminal_size((150, 24)).columns - 1
+                self.stream.write("\r\033[K" + text[:max(width, 40)])
                 self.stream.flush()
             elif time.perf_counter() - last >= self.log_every:
                 self.stream.write(text + "\n")
                 self.stream.flush()
                 last = time.perf_counter()
+
+
+def stage_detail(stage: str, cfg: StellarConfig) -> Callable[[], str | None] | None:
+    """The stage's own progress account for :class:`Progress`: the train stage's members and epochs."""
+    if stage != "train":
+        return None
+    from stellar.ensemble import member_progress_line
+    from stellar.train import training_progress_dir
+
+    folder = training_progress_dir(cfg)
+    return lambda: member_progress_line(folder, cfg.train.members)
 
 
 def _clock(seconds: float) -> str:
@@ -182,7 +203,7 @@ def run_pipeline(cfg: StellarConfig, stages: list[str], use_spark: bool = True,
             t0 = time.perf_counter()
             # tasks of these stages are parts of the catalogue: their share estimates the stars done
             progress.start(run.name, n_stars() if run.name in ("synth", "ingest", "preprocess", "select",
-                                                               "predict") else None)
+                                                               "predict") else None, stage_detail(run.name, cfg))
             try:
                 result = _stage(run.name, cfg, instrument, session)
                 run.summary = result.as_dict()

@@ -284,8 +284,10 @@ def log_training_run(cfg, ens, members, dropped, metrics: dict, figures: dict, c
             from mlflow.data.meta_dataset import MetaDataset
 
             for d in datasets:
-                mlflow.log_input(MetaDataset(resolve_dataset_source(d["uri"]), name=d["name"], digest=d["digest"]),
-                                 context=d["context"])
+                with warnings.catch_warnings():  # a local path matches two equivalent registered source kinds
+                    warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+                    source = resolve_dataset_source(d["uri"])
+                mlflow.log_input(MetaDataset(source, name=d["name"], digest=d["digest"]), context=d["context"])
         if card:
             mlflow.log_text(card, "model_card.md")
         for m in members:

@@ -274,7 +274,8 @@ def _build(run: StoreRun, cfg: SelectConfig, features_root: str, fstore: TableSt
     n_features = manifest["summary"]["counts"]["stars"]
     if c["rows"] != n_features:
         raise SelectError(f"row accounting: {n_features} feature rows, {c['rows']} selection rows")
-    summary = {"version": version, "features_version": fversion, "settings_digest": run.digest, "rows": c["rows"],
+    summary = {"version": version, "features_version": fversion, "settings_digest": run.digest, "method": cfg.method,
+               "rows": c["rows"],
                "fit_set": len(fmap.ref_xy), "fit_training": int(fmap.ref_is_train.sum()), "placed": c["placed"],
                "observed": c["observed"], "observed_train_unlike": c["observed_train_unlike"],
                "fit_seconds": round(t_fit, 2), "place_seconds": round(t_place, 2), "groups": len(groups),

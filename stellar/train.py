@@ -12,6 +12,7 @@ commit, and given the configured alias (``challenger``).
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -141,6 +142,12 @@ def registered_with_digest(cfg: StellarConfig, digest: str) -> int | None:
     return Registry.from_config(cfg).version_with_tag("train_digest", digest)
 
 
+def training_progress_dir(cfg: StellarConfig) -> Path:
+    """Where members leave their per-epoch records while the train stage runs (the work folder, which
+    driver and executors share on one machine and on a cluster with a shared file system)."""
+    return Path(cfg.work_dir) / ".progress" / "train"
+
+
 def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper: Executor | None = None,
                    log_mlflow: bool = True) -> dict:
     """The train stage: train the members (in parallel on ``mapper``), drop outliers, fit the emulator,
@@ -165,10 +172,14 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper: Executor 
     seeds = [cfg.train.seed * 1000 + i for i in range(cfg.train.members)]
     threads = cfg.train.threads_per_member
 
+    progress = str(training_progress_dir(cfg))
+    shutil.rmtree(progress, ignore_errors=True)  # a previous run's records would read as this one's
+
     def work(i: int):
-        return train_member(features_root, mcfg, labels, stats, i, seeds[i], threads, cfg.train.device)
+        return train_member(features_root, mcfg, labels, stats, i, seeds[i], threads, cfg.train.device, progress)
 
     members = sorted(mapper.map(work, list(range(cfg.train.members))), key=lambda m: m.index)
+    shutil.rmtree(progress, ignore_errors=True)
     dropped = outlier_members([m.best_val_loss for m in members], cfg.train.outlier_mad) if len(members) > 2 else []
     kept = [m for m in members if m.index not in dropped]
     selection, selection_version = selection_table(cfg, store.current_version())

@@ -337,6 +337,81 @@ def test_export_fits_votable_csv(registry, tmp_path, capsys):
     assert not list(tmp_path.glob(".*.tmp-*")) and (tmp_path / "dir.fits").is_dir()
 
 
+def test_export_hats_catalogue_opens_in_lsdb(registry, tmp_path, capsys):
+    """A HATS catalogue LSDB opens: every prediction row once, leaves sized by count at several orders,
+    a cone search returns exactly the stars within the radius, and a cross-match with a second HATS
+    catalogue finds each star's own source_id."""
+    import hats
+    import lsdb
+    import pandas as pd
+
+    from stellar.cli import main
+    from stellar.predict import predict, resolve_model
+
+    _, cfg, _ = registry
+    cfg = _cfg(cfg.work_dir, f"predict.output_dir={tmp_path / 'pred'}")
+    s = predict(cfg, resolve_model(cfg))
+    base = ["--set", f"work_dir={cfg.work_dir}", "--set", f"predict.output_dir={tmp_path / 'pred'}"]
+    # the reference: predictions joined with the ingested positions
+    pred = read_table(tmp_path / "pred", "predictions").to_pandas()
+    ast = read_table(cfg.ingest.output_dir, "astrometry", columns=["source_id", "ra", "dec"]).to_pandas()
+    ref = pred.merge(ast, on="source_id", how="left")
+    # a leaf limit at the median order-0 count: the denser half of the sky must split, the rest need not
+    from hats.pixel_math.spatial_index import compute_spatial_index
+
+    placed = ref.dropna(subset=["ra", "dec"])
+    order0 = np.bincount(compute_spatial_index(placed["ra"].to_numpy(), placed["dec"].to_numpy()) >> 58, minlength=12)
+    limit = int(np.median(order0))
+    out = tmp_path / "stars_hats"
+    capsys.readouterr()
+    assert main(["export", str(out), "--format", "hats", "--hats-max-rows", str(limit), *base]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {s['rows']} rows to {out} (hats" in printed, printed
+    cat = lsdb.open_catalog(out)
+    assert cat.hc_structure.catalog_info.total_rows == len(pred) == s["rows"]
+    pixels = cat.get_healpix_pixels()
+    orders = {p.order for p in pixels}
+    assert len(pixels) > 12 and len(orders) >= 2, pixels  # partitioned by count, not one fixed order
+    info = hats.read_hats(out).catalog_info
+    assert info.hats_max_rows <= limit and info.ra_column == "ra" and info.healpix_column == "_healpix_29"
+    from hats.io.validation import is_valid_catalog
+
+    assert is_valid_catalog(out, strict=True)
+    df = cat.compute()
+    assert len(df) == len(pred) and df["source_id"].is_unique
+    assert set(df["source_id"]) == set(pred["source_id"])
+    assert (df["designation"] == "Gaia DR3 " + df["source_id"].astype(str)).all()
+    m = df.merge(ref[["source_id", "teff", "ra"]], on="source_id", suffixes=("", "_ref"))
+    assert np.allclose(m["teff"], m["teff_ref"], equal_nan=True) and np.allclose(m["ra"], m["ra_ref"])
+    # a cone search returns exactly the stars within the radius (brute force on the reference)
+    centre = ref.dropna(subset=["ra"]).iloc[len(ref) // 3]
+    radius_arcsec = 3 * 3600.0
+    cone = cat.cone_search(centre["ra"], centre["dec"], radius_arcsec).compute()
+    from astropy.coordinates import SkyCoord
+    import astropy.units as u
+
+    have = ref.dropna(subset=["ra"])
+    sep = SkyCoord(have["ra"].to_numpy() * u.deg, have["dec"].to_numpy() * u.deg).separation(
+        SkyCoord(centre["ra"] * u.deg, centre["dec"] * u.deg)).arcsec
+    expected = set(have["source_id"][sep < radius_arcsec])
+    assert len(expected) >= 5 and set(cone["source_id"]) == expected
+    # a cross-match with a second HATS catalogue (half the stars, positions moved by 0.3 arcsec)
+    other = have.iloc[::2][["source_id", "ra", "dec"]].rename(columns={"source_id": "other_id"})
+    other = other.assign(dec=other["dec"] + 0.3 / 3600.0)
+    lsdb.from_dataframe(pd.DataFrame(other), ra_column="ra", dec_column="dec").write_catalog(tmp_path / "other")
+    xm = cat.crossmatch(lsdb.open_catalog(tmp_path / "other"), radius_arcsec=1.0, n_neighbors=1,
+                        suffixes=("", "_other"), suffix_method="all_columns").compute()
+    assert len(xm) == len(other) and (xm["source_id"] == xm["other_id_other"]).all()
+    # the field metadata and the provenance travel with the catalogue
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(out / "dataset" / "_common_metadata")
+    assert schema.field("teff").metadata[b"unit"] == b"K" and b"description" in schema.field("ra").metadata
+    props = (out / "properties").read_text()
+    assert "stellar_model_name" in props and "hats_builder" in props
+    assert main(["export", str(out), "--format", "hats", *base]) == 2  # exists
+
+
 def test_promote_reject_promote_rollback(registry, capsys):
     from mlflow import MlflowClient
 
@@ -410,12 +485,28 @@ def test_report_figures_load_and_match_the_data(registry, capsys):
     assert "report written to" in out and "logged to MLflow run" in out
     page = (tmp / "report" / "index.html").read_text()
     images = re.findall(r'<img src="([^"]+)"', page)
-    assert set(images) == {"kiel.png", "alpha_mh.png", "alpha_hist.png", "residuals_snr.png", "calibration.png",
-                           "selection_map.png", "saliency.png", "residual_spectra.png"}
-    for name in images:  # every figure is a PNG beside the page
-        assert (tmp / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(images) == {"kiel.png", "alpha_mh.png", "alpha_hist.png", "one_to_one.png", "residuals_snr.png",
+                           "calibration.png", "selection_map.png", "saliency.png", "residual_spectra.png"}
+    for name in images:  # every figure is a 200 dpi PNG beside the page, and a PDF beside that
+        png = (tmp / "report" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        phys = png.index(b"pHYs")  # pixels per metre: 200 dpi = 7874
+        assert struct.unpack(">II", png[phys + 4:phys + 12]) == (7874, 7874), name
+        assert (tmp / "report" / name).with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
     data = json.loads((tmp / "report" / "report.json").read_text())
     pm = TableStore(tmp / "predictions").current_manifest()
+    # the page says what made it: commit, date, config digest; and holds the accuracy and trust tables
+    prov = data["provenance"]
+    assert prov["git_commit"] in page and prov["config_digest"] in page and prov["date"] in page
+    acc = {(r["label"], r["snr"]): r for r in data["accuracy"]}
+    assert {s for _, s in acc} == {"all", "15-25", "25-50", ">50"} and len(acc) == 4 * 5
+    assert sum(acc[("teff", b)]["n"] for b in ("15-25", "25-50", ">50")) <= acc[("teff", "all")]["n"]
+    assert acc[("teff", "all")]["rmse"] == pytest.approx(data["one_to_one"]["teff"]["rmse"], rel=1e-6)
+    assert all(0.5 < acc[(lab, "all")]["z_spread"] < 1.6 for lab in ("teff", "logg", "m_h", "alpha_m", "fe_h"))
+    assert f'{acc[("logg", ">50")]["rmse"]:.3f}' in page and "Accuracy and calibration" in page
+    trust = data["trust"]
+    assert trust["ood"] + trust["not_ood"] == trust["predicted"] == pm["summary"]["predicted"]
+    assert {b["name"] for b in trust["bits"]} >= {"map", "spectrum", "lines"} and "Trust flags" in page
     assert data["model"]["version"] == pm["model"]["version"] and data["train_like"] == pm["summary"]["train_like"]
     # counts table = the manifests
     assert {r["stage"]: r["out"] for r in data["counts"]}["predict"] == pm["summary"]["predicted"]
@@ -447,7 +538,7 @@ def test_report_figures_load_and_match_the_data(registry, capsys):
     feats = read_table(cfg.preprocess.output_dir, "features", ["source_id", "split", "teff"]).to_pandas()
     m = feats[feats.split == "test"].merge(pred[pred.problem.isna()], on="source_id", suffixes=("_label", ""))
     m = m[np.isfinite(m.teff_label)]
-    assert data["residuals"]["teff"]["n"] == len(m)
+    assert data["residuals"]["teff"]["n"] == len(m) == data["one_to_one"]["teff"]["n"]
     assert data["residuals"]["teff"]["rmse"] == pytest.approx(float(np.sqrt(np.mean((m.teff - m.teff_label) ** 2))),
                                                               rel=1e-4)
     for cal in data["calibration"].values():  # coverage curves rise with the nominal coverage
@@ -488,7 +579,7 @@ def test_report_figures_load_and_match_the_data(registry, capsys):
     # the same tables and model: the report is not rebuilt; --force (or logging elsewhere) rebuilds it
     built = {n: (tmp / "report" / n).stat().st_mtime_ns for n in images}
     assert main(["report", *base]) == 0
-    assert "is up to date (8 figures" in capsys.readouterr().out
+    assert "is up to date (9 figures" in capsys.readouterr().out
     assert {n: (tmp / "report" / n).stat().st_mtime_ns for n in images} == built
     assert main(["report", "--force", "--no-mlflow", *base]) == 0
     out = capsys.readouterr().out

@@ -91,6 +91,47 @@ def test_same_seed_same_weights_and_save_load(features, tmp_path):
     assert not any(p.suffix in (".pkl", ".pt", ".pickle") for p in (tmp_path / "ens").iterdir())
 
 
+def test_members_report_every_epoch_to_the_progress_line(features, tmp_path):
+    """Each epoch leaves the member's record (epoch, validation loss, best so far); the driver's progress
+    line shows the running members' epochs and then the members done, and the records do not change the
+    member (same weights with and without)."""
+    from stellar.ensemble import member_progress_line
+    from stellar.pipeline import Progress
+
+    root, stats = features
+    cfg = ModelConfig(max_epochs=3, patience=3)
+    labels = stats["label_names"]
+    folder = tmp_path / "progress"
+    assert member_progress_line(folder, 2) is None  # nothing yet: no detail, the plain line
+    seen = []
+    import json as _json
+
+    from stellar import ensemble as ens_mod
+
+    real = ens_mod.write_member_progress
+
+    def spy(f, index, record):  # the real writer, and the line as the driver would read it after each epoch
+        real(f, index, record)
+        seen.append((record["epoch"], member_progress_line(f, 2)))
+
+    ens_mod.write_member_progress = spy
+    try:
+        a = train_member(root, cfg, labels, stats, 0, seed=7, threads=1, progress=str(folder))
+    finally:
+        ens_mod.write_member_progress = real
+    assert [e for e, _ in seen] == [0, 1, 2]
+    assert seen[0][1].startswith("members 0/2 done, epoch 1 of <=3, best val loss ")
+    assert seen[1][1].startswith("members 0/2 done, epoch 2 of <=3")
+    assert seen[2][1].startswith("members 1/2 done, best val loss ")
+    rec = _json.loads((folder / "member-0.json").read_text())
+    assert rec["done"] and rec["epoch"] == 2 and rec["best_val_loss"] == pytest.approx(a.best_val_loss)
+    assert train_member(root, cfg, labels, stats, 0, seed=7, threads=1).weights == a.weights
+    p = Progress()
+    p.start("train", None, lambda: member_progress_line(folder, 2))
+    p.stop()
+    assert p.line().startswith("  [train] starting, 0:00 elapsed; members 1/2 done, best val loss ")
+
+
 @pytest.mark.slow
 def test_small_ensemble_is_accurate_and_calibrated(features):
     root, stats = features

@@ -30,8 +30,8 @@ from stellar import __version__
 from stellar.config import StellarConfig
 from stellar.errors import StellarError
 from stellar.report.figures import (ALPHA_EDGES, BIMODAL_MH, UNITS, Page, _ensemble, _plt, _residuals,  # noqa: F401
-                                    _saliency, alpha_mh, bimodality, galactocentric, kiel, residuals_snr,
-                                    selection_map)
+                                    _saliency, accuracy_table, alpha_mh, bimodality, galactocentric, kiel,
+                                    one_to_one, residuals_snr, selection_map)
 from stellar.stage import StageResult
 from stellar.tables import TableStore, read_table, settings_hash
 
@@ -43,7 +43,7 @@ class ReportError(StellarError):
 BUILT = "_built.json"
 
 # The figures of the page, in page order (each draws nothing where its inputs are absent).
-FIGURES = (kiel, alpha_mh, residuals_snr, selection_map)
+FIGURES = (kiel, alpha_mh, one_to_one, residuals_snr, selection_map)
 
 
 def report_inputs_digest(cfg: StellarConfig, model: dict, log_mlflow: bool) -> str:
@@ -111,9 +111,11 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
         data["residual_spectra"] = res
 
     data["counts"] = stage_counts(cfg)
+    data["trust"] = trust_summary(preds)
+    data["provenance"] = run_provenance(cfg, model)
     data["seconds"] = round(time.perf_counter() - t0, 2)
     (out / "report.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
-    (out / "index.html").write_text(render_page(data, figures))
+    (out / "index.html").write_text(render_page(data, figures, out))
     if log_mlflow and model.get("run_id") not in (None, "", "none"):
         from stellar.registry import Registry
 
@@ -123,6 +125,43 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
     (out / BUILT).write_text(json.dumps({"inputs_digest": digest, "figures": names,
                                          "logged_to_run": data.get("logged_to_run")}) + "\n")
     return {"path": str(out / "index.html"), "figures": names, **data}
+
+
+def run_provenance(cfg: StellarConfig, model: dict) -> dict:
+    """What made this page: code version and commit, date, the resolved config's digest (credentials
+    left out), the model, and the committed versions of the tables it reads."""
+    import datetime
+
+    from stellar.stage import git_commit
+
+    conf = cfg.model_dump(mode="json")
+    conf.get("mlflow", {}).pop("tracking_uri", None)  # may hold credentials; the digest need not see them
+    return {"stellar_version": __version__, "git_commit": git_commit() or "unknown",
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "config_digest": settings_hash(conf), "instrument": str(cfg.instrument),
+            "model": f"{model.get('name')} v{model.get('version')} (run {model.get('run_id')})",
+            "tables": {name: TableStore(root).current_version() or "-" for name, root in (
+                ("ingest", cfg.ingest.output_dir), ("preprocess", cfg.preprocess.output_dir),
+                ("select", cfg.select.output_dir), ("predict", cfg.predict.output_dir))}}
+
+
+def trust_summary(preds) -> dict:
+    """The trust flags over the catalogue: stars predicted, withheld, ``ood`` and each ``ood_reason`` bit
+    (stars per bit; a star may have several), train-like, and any label out of the training range."""
+    import numpy as np
+
+    from stellar.trust import OOD_BITS
+
+    n = len(preds)
+    predicted = int(preds["problem"].isna().sum())
+    reason = preds["ood_reason"].fillna(0).to_numpy(np.int64) if "ood_reason" in preds else np.zeros(n, np.int64)
+    bits = [{"name": name, "bit": bit, "stars": int(((reason & bit) != 0).sum()), "meaning": text}
+            for name, (bit, text) in OOD_BITS.items()]
+    ood = int(preds["ood"].fillna(False).astype(bool).sum()) if "ood" in preds else 0
+    like = int(preds["train_like"].fillna(False).astype(bool).sum())
+    oor = int((preds["out_of_range"].fillna(0).to_numpy(np.int64) != 0).sum()) if "out_of_range" in preds else 0
+    return {"rows": n, "predicted": predicted, "withheld": n - predicted, "ood": ood,
+            "not_ood": predicted - ood, "train_like": like, "out_of_range": oor, "bits": bits}
 
 
 def stage_counts(cfg: StellarConfig) -> list[dict]:
@@ -151,14 +190,32 @@ def stage_counts(cfg: StellarConfig) -> list[dict]:
     return rows
 
 
-def render_page(data: dict, figures: list[tuple[str, str, str]]) -> str:
-    """The HTML page (template ``page.html``, autoescaped) for the report's numbers and figures."""
+# labels as the page writes them (plain text: the page is autoescaped)
+PAGE_NAMES = {"teff": "Teff", "logg": "log g", "m_h": "[M/H]", "alpha_m": "[\u03b1/M]", "fe_h": "[Fe/H]", "a_li": "A(Li)"}
+
+
+def _png_width(path: Path) -> int | None:
+    """A PNG's width in pixels (its IHDR chunk), None where it is not a PNG."""
+    try:
+        head = path.read_bytes()[:24]
+    except OSError:
+        return None
+    return int.from_bytes(head[16:20], "big") if head[:8] == b"\x89PNG\r\n\x1a\n" else None
+
+
+def render_page(data: dict, figures: list[tuple[str, str, str]], folder: Path | None = None) -> str:
+    """The HTML page (template ``page.html``, autoescaped) for the report's numbers and figures. The
+    figures are 200 dpi PNGs shown at half their pixel width (100 CSS pixels per inch: sharp on a high-
+    density screen, the size a reader expects on any)."""
     import jinja2
 
+    widths = {f: (w // 2 if (w := _png_width(folder / f)) else None) for f, _, _ in figures} if folder else {}
     env = jinja2.Environment(loader=jinja2.PackageLoader("stellar.report", "."), autoescape=True,
                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     return env.get_template("page.html").render(model=data["model"], rows=data["rows"], train_like=data["train_like"],
-                                                counts=data["counts"], figures=figures)
+                                                counts=data["counts"], figures=figures, prov=data.get("provenance"),
+                                                trust=data.get("trust"), accuracy=data.get("accuracy", []),
+                                                units=UNITS, names=PAGE_NAMES, widths=widths)
 
 
 def run(cfg: StellarConfig, instrument=None, executor=None) -> StageResult:

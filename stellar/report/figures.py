@@ -22,6 +22,34 @@ Z_BINS = ((0.0, 0.5), (0.5, 1.0), (1.0, 3.0))  # kpc
 BIMODAL_MH = (-0.7, -0.2)
 ALPHA_EDGES = np.linspace(-0.2, 0.5, 36)
 UNITS = {"teff": "K", "logg": "dex", "m_h": "dex", "alpha_m": "dex", "fe_h": "dex", "a_li": "dex"}
+# how a label is written on an axis: its symbol, and its unit (log g: the logarithm of g in cm s^-2)
+SYMBOLS = {"teff": r"$T_\mathrm{eff}$", "logg": r"$\log g$", "m_h": "[M/H]", "alpha_m": r"[$\alpha$/M]",
+           "fe_h": "[Fe/H]", "a_li": "A(Li)"}
+AXIS_UNITS = {"teff": "K", "logg": r"dex, $g$ in cm s$^{-2}$", "m_h": "dex", "alpha_m": "dex", "fe_h": "dex",
+              "a_li": "dex"}
+DPI = 200  # PNG resolution; every figure is also written as PDF (vector) beside it
+SNR_BINS = ((15.0, 25.0), (25.0, 50.0), (50.0, np.inf))
+
+
+def symbol(lab: str) -> str:
+    """The label as a reader writes it ("[M/H]", "T_eff" in mathtext), for legends and titles."""
+    return SYMBOLS.get(lab, lab)
+
+
+def axis_label(lab: str, what: str = "") -> str:
+    """An axis label with the physical unit: ``axis_label("logg", "predicted")`` ->
+    "predicted log g (dex, g in cm s^-2)"."""
+    return f"{what + ' ' if what else ''}{symbol(lab)} ({AXIS_UNITS.get(lab, UNITS.get(lab, ''))})"
+
+
+def _log_snr_axis(ax) -> None:
+    """A log S/N axis with plain tick labels at readable values and no overprinting minor labels."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator([10, 15, 25, 50, 100, 200, 500]))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 @dataclass
@@ -67,11 +95,16 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update({"font.size": 9, "axes.labelsize": 9, "axes.titlesize": 9, "legend.fontsize": 8,
+                         "xtick.labelsize": 8, "ytick.labelsize": 8, "savefig.bbox": "tight",
+                         "pdf.fonttype": 42})  # TrueType in the PDF: journals and editors take it
     return plt
 
 
 def _save(fig, path: Path) -> str:
-    fig.savefig(path, dpi=100)
+    """The figure as a 200 dpi PNG (the page shows it) and a PDF beside it (for papers); returns the PNG's name."""
+    fig.savefig(path, dpi=DPI)
+    fig.savefig(path.with_suffix(".pdf"))
     _plt().close(fig)
     return path.name
 
@@ -102,12 +135,12 @@ def kiel(page: Page) -> None:
     if {"teff", "logg", "m_h"} <= set(labels):
         fig, ax = plt.subplots(figsize=(5.5, 4.5))
         p = preds[like]
-        sc = ax.scatter(p["teff"], p["logg"], c=p["m_h"], s=2, cmap="viridis", vmin=-2, vmax=0.5)
-        fig.colorbar(sc, label="[M/H]")
+        sc = ax.scatter(p["teff"], p["logg"], c=p["m_h"], s=2, cmap="viridis", vmin=-2, vmax=0.5, rasterized=True)
+        fig.colorbar(sc, label=axis_label("m_h", "predicted"))
         ax.invert_xaxis()
         ax.invert_yaxis()
-        ax.set_xlabel("Teff (K)")
-        ax.set_ylabel("log g")
+        ax.set_xlabel(axis_label("teff", "predicted"))
+        ax.set_ylabel(axis_label("logg", "predicted"))
         ax.set_title(f"Kiel diagram, {len(p)} train-like stars")
         figures.append((_save(fig, out / "kiel.png"), "Kiel diagram",
                         "Predicted Teff and log g of the train-like stars, coloured by predicted [M/H]: the main "
@@ -128,27 +161,34 @@ def alpha_mh(page: Page) -> None:
         good = (m["parallax"] > 0) & (m["parallax"] > 5 * m["parallax_error"])
         m = m[good.to_numpy()]
         r, z = galactocentric(m["ra"].to_numpy(), m["dec"].to_numpy(), m["parallax"].to_numpy())
+        from matplotlib.colors import LogNorm
+
         fig, axes = plt.subplots(len(Z_BINS), len(R_BINS), figsize=(10, 8.5), sharex=True, sharey=True,
                                  squeeze=False)
         panels = []
+        image = None
+        norm = LogNorm(vmin=1, vmax=max(10, len(m) // 50))  # one colour scale for every panel
         for i, (z0, z1) in enumerate(reversed(Z_BINS)):
             for j, (r0, r1) in enumerate(R_BINS):
                 sel = (r >= r0) & (r < r1) & (np.abs(z) >= z0) & (np.abs(z) < z1)
                 ax = axes[i, j]
                 mh, am = m["m_h"].to_numpy()[sel], m["alpha_m"].to_numpy()[sel]
                 if sel.sum() > 0:
-                    ax.hist2d(mh, am, bins=[np.linspace(-2.0, 0.6, 53), ALPHA_EDGES], cmap="Greys", cmin=1)
-                ax.text(0.03, 0.92, f"R {r0:g}-{r1:g}, |Z| {z0:g}-{z1:g} kpc, n={int(sel.sum())}",
-                        transform=ax.transAxes, fontsize=7)
+                    *_, image = ax.hist2d(mh, am, bins=[np.linspace(-2.0, 0.6, 53), ALPHA_EDGES], cmap="viridis",
+                                          cmin=1, norm=norm, rasterized=True)
+                ax.text(0.03, 0.95, f"$R$ {r0:g}-{r1:g} kpc, $|Z|$ {z0:g}-{z1:g} kpc\n$n$ = {int(sel.sum())}",
+                        transform=ax.transAxes, fontsize=9, va="top")
                 band = (mh >= BIMODAL_MH[0]) & (mh < BIMODAL_MH[1])
                 counts, _ = np.histogram(am[band], bins=ALPHA_EDGES)
                 panels.append({"r": [r0, r1], "abs_z": [z0, z1], "n": int(sel.sum()), "alpha_hist": counts.tolist(),
                                "bimodality": bimodality(counts)})
                 if i == len(Z_BINS) - 1:
-                    ax.set_xlabel("[M/H]")
+                    ax.set_xlabel(axis_label("m_h", "predicted"))
                 if j == 0:
-                    ax.set_ylabel("[alpha/M]")
+                    ax.set_ylabel(axis_label("alpha_m", "predicted"))
         fig.tight_layout()
+        if image is not None:
+            fig.colorbar(image, ax=axes, shrink=0.6, label="stars per bin (log scale)")
         figures.append((_save(fig, out / "alpha_mh.png"), "[alpha/M] vs [M/H] across the disc",
                         "Train-like stars with parallax/error > 5, in bins of Galactocentric R and |Z| (astropy): "
                         "the low- and high-[alpha/M] (thin- and thick-disc) sequences should be separate in every "
@@ -170,10 +210,10 @@ def alpha_mh(page: Page) -> None:
         for c, name, style in ((counts, f"predicted, train-like stars (n={int(counts.sum())})", "C0"),
                                (lab_counts, f"training labels (n={int(lab_counts.sum())})", "C3")):
             ax.step(centres, c / max(c.sum(), 1) / width, where="mid", color=style, label=name)
-        ax.set_xlabel("[alpha/M]")
-        ax.set_ylabel("density")
-        ax.set_title(f"[alpha/M] for {BIMODAL_MH[0]} < [M/H] < {BIMODAL_MH[1]}")
-        ax.legend(fontsize=7)
+        ax.set_xlabel(axis_label("alpha_m"))
+        ax.set_ylabel("probability density (dex$^{-1}$)")
+        ax.set_title(f"{symbol('alpha_m')} for {BIMODAL_MH[0]} < [M/H] < {BIMODAL_MH[1]}")
+        ax.legend()
         fig.tight_layout()
         figures.append((_save(fig, out / "alpha_hist.png"), "[alpha/M] distribution at fixed [M/H]",
                         "Where the thin- and thick-disc sequences overlap in [M/H], [alpha/M] separates them: the "
@@ -184,35 +224,121 @@ def alpha_mh(page: Page) -> None:
 
 
 
+def _test_stars(page: Page):
+    """The test split's labelled stars with their predictions (label columns suffixed ``_label``)."""
+    return page.feats[page.feats["split"] == "test"].merge(page.preds[page.ok], on="source_id",
+                                                           suffixes=("_label", ""))
+
+
+def accuracy_table(test, labels: list[str]) -> list[dict]:
+    """Per label and S/N bin (all, 15-25, 25-50, > 50) on the test split: stars, bias, RMSE, robust scatter
+    (1.4826 MAD), the z-score spread (std of residual / sqrt(sigma^2 + label error^2): 1 when calibrated)
+    and the share inside the 68 % interval: the page's accuracy and calibration tables."""
+    rows = []
+    snr = test["snr"].to_numpy(dtype=float)
+    for lab in labels:
+        y = test[f"{lab}_label"].to_numpy(dtype=float)
+        p = test[lab].to_numpy(dtype=float)
+        sig = np.hypot(test[f"{lab}_err"].to_numpy(dtype=float),
+                       np.nan_to_num(test[f"{lab}_err_label"].to_numpy(dtype=float)))
+        fin = np.isfinite(y) & np.isfinite(p) & np.isfinite(sig)
+        for name, (lo, hi) in (("all", (0.0, np.inf)), *((f"{lo:g}-{hi:g}" if np.isfinite(hi) else f">{lo:g}",
+                                                           (lo, hi)) for lo, hi in SNR_BINS)):
+            sel = fin & (snr >= lo) & (snr < hi)
+            r = p[sel] - y[sel]
+            z = r / sig[sel]
+            n = int(sel.sum())
+            rows.append({"label": lab, "snr": name, "n": n,
+                         "bias": float(np.mean(r)) if n else None,
+                         "rmse": float(np.sqrt(np.mean(r**2))) if n else None,
+                         "robust_scatter": float(1.4826 * np.median(np.abs(r - np.median(r)))) if n else None,
+                         "z_spread": float(np.std(z)) if n > 1 else None,
+                         "coverage68": float(np.mean(np.abs(z) < 0.9945)) if n else None})
+    return rows
+
+
+def one_to_one(page: Page) -> None:
+    """Predicted against catalogue label per label on the test split, coloured by S/N, with the 1:1 line
+    and each panel's bias and RMSE."""
+    labels, data, figures, plt = page.labels, page.data, page.figures, page.plt
+    test = _test_stars(page)
+    if not len(test):
+        return
+    from matplotlib.colors import LogNorm
+
+    ncol = min(3, len(labels))
+    nrow = -(-len(labels) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.0 * ncol, 3.7 * nrow), squeeze=False, layout="constrained")
+    stats = {}
+    sc = None
+    for k, lab in enumerate(labels):
+        ax = axes[k // ncol, k % ncol]
+        y = test[f"{lab}_label"].to_numpy(dtype=float)
+        p = test[lab].to_numpy(dtype=float)
+        fin = np.isfinite(y) & np.isfinite(p)
+        lo, hi = np.percentile(np.r_[y[fin], p[fin]], [0.5, 99.5]) if fin.any() else (0.0, 1.0)
+        pad = 0.05 * (hi - lo)
+        sc = ax.scatter(y[fin], p[fin], c=test["snr"].to_numpy(dtype=float)[fin], s=3, cmap="viridis",
+                        norm=LogNorm(vmin=10, vmax=300), rasterized=True)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k-", lw=0.8)
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_aspect("equal")
+        ax.set_xlabel(axis_label(lab, "catalogue"))
+        ax.set_ylabel(axis_label(lab, "predicted"))
+        r = p[fin] - y[fin]
+        stats[lab] = {"n": int(fin.sum()), "bias": float(np.mean(r)) if fin.any() else None,
+                      "rmse": float(np.sqrt(np.mean(r**2))) if fin.any() else None}
+        unit = UNITS.get(lab, "")
+        fmt = ".0f" if lab == "teff" else ".3f"
+        if fin.any():
+            ax.text(0.04, 0.96, f"$n$ = {stats[lab]['n']}\nbias {stats[lab]['bias']:{fmt}} {unit}\n"
+                    f"RMSE {stats[lab]['rmse']:{fmt}} {unit}", transform=ax.transAxes, va="top", fontsize=8)
+    for k in range(len(labels), nrow * ncol):
+        axes[k // ncol, k % ncol].set_visible(False)
+    if sc is not None:
+        fig.colorbar(sc, ax=axes, shrink=0.6, label="S/N per pixel")
+    figures.append((_save(fig, page.out / "one_to_one.png"), "Predicted vs catalogue labels (test split)",
+                    "Each held-out labelled star's predicted label against its catalogue label, coloured by S/N, "
+                    "with the one-to-one line; the numbers are the panel's bias and RMSE (the tables below split "
+                    "them by S/N)."))
+    data["one_to_one"] = stats
+    data["accuracy"] = accuracy_table(test, labels)
+
+
 def residuals_snr(page: Page) -> None:
     """Residuals against S/N per label and the calibration (coverage) curves, on the test split."""
-    (out, labels, preds, ok, feats, data, figures, plt) = \
-        (page.out, page.labels, page.preds, page.ok, page.feats, page.data, page.figures, page.plt)
-    test = feats[feats["split"] == "test"].merge(preds[ok], on="source_id", suffixes=("_label", ""))
+    (out, labels, data, figures, plt) = (page.out, page.labels, page.data, page.figures, page.plt)
+    test = _test_stars(page)
     if len(test):
         from stellar.ensemble import COVERAGE_LEVELS as qs
         from stellar.ensemble import coverage_curve
 
-        fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3), squeeze=False)
+        ncol = min(3, len(labels))
+        nrow = -(-len(labels) // ncol)
+        fig, grid = plt.subplots(nrow, ncol, figsize=(3.8 * ncol, 2.9 * nrow), squeeze=False, layout="constrained")
+        for k in range(len(labels), nrow * ncol):
+            grid[k // ncol, k % ncol].set_visible(False)
+        axes = grid.reshape(1, -1)  # axes[0, j]: label j's panel
         res_data, cal_data = {}, {}
         for j, lab in enumerate(labels):
             y = test[f"{lab}_label"].to_numpy(dtype=float)
             fin = np.isfinite(y)
             r = test[lab].to_numpy(dtype=float)[fin] - y[fin]
             snr = test["snr"].to_numpy(dtype=float)[fin]
-            axes[0, j].scatter(snr, r, s=3, alpha=0.5)
+            axes[0, j].scatter(snr, r, s=3, alpha=0.5, rasterized=True)
             axes[0, j].axhline(0, color="k", lw=0.8)
-            axes[0, j].set_xscale("log")
-            axes[0, j].set_xlabel("S/N")
-            axes[0, j].set_ylabel(f"{lab} prediction - label ({UNITS.get(lab, '')})")
+            _log_snr_axis(axes[0, j])
+            axes[0, j].set_xlabel("S/N per pixel")
+            axes[0, j].set_ylabel(f"{symbol(lab)} predicted $-$ catalogue ({UNITS.get(lab, '')})")
             err = np.sqrt(test[f"{lab}_err"].to_numpy(dtype=float)[fin] ** 2
                           + np.nan_to_num(test[f"{lab}_err_label"].to_numpy(dtype=float)[fin]) ** 2)
             zs = r / err
             cover = coverage_curve(zs)
             res_data[lab] = {"n": int(fin.sum()), "rmse": float(np.sqrt(np.mean(r**2))), "bias": float(np.mean(r))}
             cal_data[lab] = {"expected": qs.round(3).tolist(), "observed": cover}
-        fig.tight_layout()
-        figc = coverage_figure({lab: c["observed"] for lab, c in cal_data.items()}, "observed coverage (test split)")
+        figc = coverage_figure({symbol(lab): c["observed"] for lab, c in cal_data.items()},
+                               "observed coverage (test split)")
         figures.append((_save(fig, out / "residuals_snr.png"), "Residuals vs S/N (test split)",
                         "Prediction minus label for held-out labelled stars: the scatter should shrink with S/N "
                         "and scatter about zero."))
@@ -236,8 +362,12 @@ def selection_map(page: Page) -> None:
         ax.scatter(sel["x"][~tr & sl], sel["y"][~tr & sl], s=1, c="0.7", label="observed, train-like")
         ax.scatter(sel["x"][tr], sel["y"][tr], s=1, c="C0", label="training")
         ax.scatter(sel["x"][~tr & ~sl], sel["y"][~tr & ~sl], s=1, c="C3", label="observed, train-unlike")
-        ax.legend(markerscale=8, fontsize=7)
-        ax.set_title("selection map")
+        ax.legend(markerscale=8)
+        method = (sstore.current_manifest() or {}).get("summary", {}).get("method", "t-SNE")
+        method = {"tsne": "t-SNE", "umap": "UMAP"}.get(str(method).lower(), str(method))
+        ax.set_xlabel(f"{method} coordinate 1 (arbitrary units)")
+        ax.set_ylabel(f"{method} coordinate 2 (arbitrary units)")
+        ax.set_title(f"selection map ({method} of PCA-reduced spectra)")
         figures.append((_save(fig, out / "selection_map.png"), "Selection map",
                         "The t-SNE/UMAP map of training and observed spectra; observed stars far from training "
                         "stars (red) are flagged train-unlike and their labels should not be trusted."))
@@ -330,17 +460,17 @@ def _residuals(cfg: StellarConfig, ens, preds, out: Path, labels: list[str]):
             if name == "Ca II":
                 ax.axvline(w, color="C0", lw=0.5, zorder=0)
         ax.set_ylim(0.2, 1.15)
-        ax.set_ylabel("flux", fontsize=7)
-        title = (f"{sid[i]}: {why}; Teff {preds.iloc[i]['teff']:.0f} K, log g {preds.iloc[i]['logg']:.2f}, "
-                 f"[M/H] {preds.iloc[i]['m_h']:.2f}; spectrum_chi2 {chi2[i]:.2f}, line_chi2 "
-                 f"{preds.iloc[i]['line_chi2']:.2f}")
-        ax.set_title(title, fontsize=7, loc="left")
+        ax.set_ylabel("normalised flux")
+        title = (f"Gaia DR3 {sid[i]}: {why}; {symbol('teff')} {preds.iloc[i]['teff']:.0f} K, {symbol('logg')} "
+                 f"{preds.iloc[i]['logg']:.2f} dex, [M/H] {preds.iloc[i]['m_h']:.2f} dex; reduced $\\chi^2$ "
+                 f"{chi2[i]:.2f} (spectrum), {preds.iloc[i]['line_chi2']:.2f} (lines)")
+        ax.set_title(title, fontsize=8, loc="left")
         smooth = np.convolve(np.nan_to_num(resid) ** 2, np.ones(5) / 5, mode="same")
         stars.append({"source_id": int(sid[i]), "shown_for": why, "spectrum_chi2": float(chi2[i]),
                       "ood_reason": int(reason[i]), "peak_residual_nm": float(wave[int(np.argmax(smooth))])})
         if why != "unflagged (median chi2)":
             flagged_r2.append(np.nan_to_num(resid) ** 2)
-    axes[0, 0].legend(fontsize=6, loc="lower left", ncol=3)
+    axes[0, 0].legend(fontsize=7, loc="lower left", ncol=3)
     axes[-1, 0].set_xlabel("wavelength (nm); blue: Ca II triplet")
     fig.tight_layout()
     name = _save(fig, out / "residual_spectra.png")
@@ -384,7 +514,7 @@ def _saliency(cfg: StellarConfig, ens, ids: np.ndarray, out: Path, labels: list[
         ax.plot(wave, grads[j], lw=0.7)
         for name, w in lines:
             ax.axvline(w, color="C3" if name == "Ca II" else "0.8", lw=0.6 if name == "Ca II" else 0.4, zorder=0)
-        ax.set_ylabel(f"d {lab} / d flux", fontsize=7)
+        ax.set_ylabel(f"$\\partial${symbol(lab)} / $\\partial$flux\n({UNITS.get(lab, '')} per unit flux)", fontsize=8)
     axes[-1, 0].set_xlabel("wavelength (nm); red: Ca II triplet, grey: other lines of the instrument preset")
     fig.tight_layout()
     name = _save(fig, out / "saliency.png")
