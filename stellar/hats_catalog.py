@@ -66,11 +66,12 @@ def _hpx_values(root: Path) -> list[int]:
     return sorted(int(p.name.split("=", 1)[1]) for p in root.iterdir() if p.is_dir() and p.name.startswith("hpx="))
 
 
-def _read_hpx(root: Path, hpx: int, columns: list[str] | None = None, flt=None) -> pa.Table | None:
-    part = root / f"hpx={hpx}"
-    if not part.is_dir():
+def _read_hpx(dataset: ds.Dataset | None, hpx: int, columns: list[str] | None = None, flt=None) -> pa.Table | None:
+    """One ``hpx`` partition of a hive-partitioned dataset (the partition is pruned, not scanned), filtered."""
+    if dataset is None:
         return None
-    return ds.dataset(part, format="parquet").to_table(columns=columns, filter=flt)
+    cond = pc.field("hpx") == hpx
+    return dataset.to_table(columns=columns, filter=cond if flt is None else cond & flt)
 
 
 def _placed(pred: pa.Table, ast: pa.Table | None, designation_prefix: str) -> pa.Table:
@@ -169,14 +170,16 @@ def write_hats(predictions_root: str, output: str, *, where=None, tables_root: s
     try:
         staging.mkdir(parents=True)
         hpxs = _hpx_values(pred_root)
+        pred_ds = ds.dataset(pred_root, format="parquet", partitioning="hive")
+        ast_ds = (ds.dataset(ast_root, format="parquet", partitioning="hive")
+                  if ast_root is not None and ast_root.is_dir() else None)
 
         def partitions():
             for hpx in hpxs:
-                pred = _read_hpx(pred_root, hpx, flt=where)
+                pred = _read_hpx(pred_ds, hpx, flt=where)
                 if pred is None or pred.num_rows == 0:
                     continue
-                ast = None if ast_root is None else _read_hpx(ast_root, hpx, ["source_id", "ra", "dec"],
-                                                             pc.field("source_id").isin(pred["source_id"]))
+                ast = _read_hpx(ast_ds, hpx, ["source_id", "ra", "dec"], pc.field("source_id").isin(pred["source_id"]))
                 yield hpx, _placed(pred, ast, designation_prefix)
 
         # pass 1: counts per pixel at histogram_order, the rows written to staging once (joined)

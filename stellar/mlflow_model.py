@@ -17,28 +17,36 @@ row per star with named columns (``teff``, ``teff_err``, ..., ``ood``,
 
 from __future__ import annotations
 
+import warnings
+
 import mlflow
 from mlflow.pyfunc import PythonModel
 
 
-class StellarEnsembleModel(PythonModel):
-    """The pyfunc model MLflow loads: a :class:`~stellar.api.StellarModel` from the logged artifacts."""
+# MLflow checks a PythonModel subclass for type hints on ``predict`` when the class is defined (so on every
+# load) and warns without them, under its own "once" filter that no caller's filter overrides. The model is
+# logged with an explicit signature (``stellar.registry.pyfunc_signature``), so the hint-based inference it
+# asks for has nothing to add: the notice is recorded here and dropped.
+with warnings.catch_warnings(record=True):
+    class StellarEnsembleModel(PythonModel):
+        """The pyfunc model MLflow loads: a :class:`~stellar.api.StellarModel` from the logged artifacts."""
 
-    def load_context(self, context) -> None:
-        """Load the ensemble from the ``ensemble`` artifact folder (safetensors and JSON, nothing unpickled)."""
-        from stellar.api import StellarModel
-        from stellar.ensemble import Ensemble
+        def load_context(self, context) -> None:
+            """Load the ensemble from the ``ensemble`` artifact folder (safetensors and JSON, nothing unpickled)."""
+            from stellar.api import StellarModel
+            from stellar.ensemble import Ensemble
 
-        self.model = StellarModel(Ensemble.load(context.artifacts["ensemble"]), {"mlflow": "pyfunc"})
+            self.model = StellarModel(Ensemble.load(context.artifacts["ensemble"]), {"mlflow": "pyfunc"})
 
-    def predict(self, context, model_input, params=None):
-        """Archive columns -> labels, calibrated uncertainties and trust flags, one row per star."""
-        import pandas as pd
+        def predict(self, context, model_input, params=None):
+            """Archive columns -> labels, calibrated uncertainties and trust flags, one row per star."""
+            import pandas as pd
 
-        if isinstance(model_input, dict):  # tensor-style input: columns of arrays
-            model_input = pd.DataFrame({k: list(v) if getattr(v, "ndim", 1) > 1 else v for k, v in model_input.items()})
-        out = self.model.predict_table(model_input)
-        return out.astype({c: "float64" for c in out.columns if out[c].dtype == "float32"})
+            if isinstance(model_input, dict):  # tensor-style input: columns of arrays
+                model_input = pd.DataFrame({k: list(v) if getattr(v, "ndim", 1) > 1 else v
+                                            for k, v in model_input.items()})
+            out = self.model.predict_table(model_input)
+            return out.astype({c: "float64" for c in out.columns if out[c].dtype == "float32"})
 
 
 mlflow.models.set_model(StellarEnsembleModel())

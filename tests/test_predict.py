@@ -410,6 +410,9 @@ def test_export_hats_catalogue_opens_in_lsdb(registry, tmp_path, capsys):
     props = (out / "properties").read_text()
     assert "stellar_model_name" in props and "hats_builder" in props
     assert main(["export", str(out), "--format", "hats", *base]) == 2  # exists
+    # a filtered export: the train-like stars only
+    assert main(["export", str(tmp_path / "like.hats"), "--where", "train_like", *base]) == 0
+    assert lsdb.open_catalog(tmp_path / "like.hats").hc_structure.catalog_info.total_rows == s["train_like"]
 
 
 def test_promote_reject_promote_rollback(registry, capsys):

@@ -191,7 +191,8 @@ def stage_counts(cfg: StellarConfig) -> list[dict]:
 
 
 # labels as the page writes them (plain text: the page is autoescaped)
-PAGE_NAMES = {"teff": "Teff", "logg": "log g", "m_h": "[M/H]", "alpha_m": "[\u03b1/M]", "fe_h": "[Fe/H]", "a_li": "A(Li)"}
+PAGE_NAMES = {"teff": "Teff", "logg": "log g", "m_h": "[M/H]", "alpha_m": "[\u03b1/M]", "fe_h": "[Fe/H]",
+              "a_li": "A(Li)"}
 
 
 def _png_width(path: Path) -> int | None:
