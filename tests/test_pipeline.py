@@ -99,7 +99,7 @@ def test_killed_mid_stage_then_rerun_gives_the_uninterrupted_outputs(tmp_path):
     for stage in ("synth", "ingest", "preprocess", "select", "train", "promote", "predict", "report"):
         assert f"[pipeline] {stage}: skipped" in third.stdout, (stage, third.stdout[-3000:])
     summary = json.loads((work / "pipeline-summary.json").read_text())
-    assert summary["stages"]["report"]["status"] == "skipped" and len(summary["stages"]["report"]["figures"]) == 8
+    assert summary["stages"]["report"]["status"] == "skipped" and len(summary["stages"]["report"]["figures"]) == 9
     assert (work / "report" / "index.html").is_file()
 
 
