@@ -187,20 +187,23 @@ def write_hats(predictions_root: str, output: str, *, where=None, tables_root: s
         histogram = np.zeros(12 * 4**histogram_order, dtype=np.int64)
         rows = unplaced = 0
         for hpx, t in partitions():
-            pix = t[SPATIAL_INDEX].to_numpy() >> shift
-            histogram += np.bincount(pix, minlength=histogram.size)
+            pix, count = np.unique(t[SPATIAL_INDEX].to_numpy() >> shift, return_counts=True)
+            histogram[pix] += count  # the partition's few pixels, not a full-sky array per partition
             rows += t.num_rows
             unplaced += int(pc.sum(pc.is_null(t["ra"], nan_is_null=True).cast(pa.int64())).as_py() or 0)
             pq.write_table(t, staging / f"hpx={hpx}.parquet")
         if rows == 0:
             raise ValueError("no rows to write (the filter left none)")
+        if histogram.max() > max_rows:
+            raise ValueError(f"{int(histogram.max())} stars share one order-{histogram_order} pixel, more than the "
+                             f"{max_rows} a partition may hold: raise the limit (--hats-max-rows)")
         alignment = generate_alignment(histogram, highest_order=histogram_order, lowest_order=0,
                                        threshold=max_rows, drop_empty_siblings=True)
         dest_order = np.full(histogram.size, -1, np.int64)
         dest_pix = np.full(histogram.size, -1, np.int64)
         occupied = np.nonzero(histogram)[0]
-        for i in occupied:  # per occupied pixel (at most one per leaf's fine pixel), not per star
-            dest_order[i], dest_pix[i] = alignment[i][0], alignment[i][1]
+        dest = np.array(alignment[occupied].tolist(), dtype=np.int64).reshape(-1, 3)  # (order, pixel, rows)
+        dest_order[occupied], dest_pix[occupied] = dest[:, 0], dest[:, 1]
         # pass 2: each staged partition split by destination leaf
         pieces: dict[tuple[int, int], list[Path]] = {}
         for f in sorted(staging.glob("hpx=*.parquet")):

@@ -410,6 +410,13 @@ def test_export_hats_catalogue_opens_in_lsdb(registry, tmp_path, capsys):
     props = (out / "properties").read_text()
     assert "stellar_model_name" in props and "hats_builder" in props
     assert main(["export", str(out), "--format", "hats", *base]) == 2  # exists
+    # more stars in one finest pixel than a leaf may hold: a clear error, nothing left behind
+    from stellar.hats_catalog import write_hats
+
+    with pytest.raises(ValueError, match="share one order-0 pixel, more than the 10 a partition may hold"):
+        write_hats(str(tmp_path / "pred"), str(tmp_path / "dense"), tables_root=str(cfg.ingest.output_dir),
+                   max_rows=10, histogram_order=0)
+    assert not (tmp_path / "dense").exists() and not list(tmp_path.glob(".dense.tmp-*"))
     # a filtered export: the train-like stars only
     assert main(["export", str(tmp_path / "like.hats"), "--where", "train_like", *base]) == 0
     assert lsdb.open_catalog(tmp_path / "like.hats").hc_structure.catalog_info.total_rows == s["train_like"]
