@@ -119,9 +119,24 @@ def prediction_columns(labels: list[str]) -> list[Column]:
     return cols
 
 
-def dictionary(labels: list[str]) -> dict[str, Column]:
-    """:func:`prediction_columns` by name."""
-    return {c.name: c for c in prediction_columns(labels)}
+SPATIAL_INDEX_COLUMN = "_healpix_29"  # the HATS spatial index (hats.pixel_math.spatial_index)
+
+# Columns a HATS catalogue adds to the predictions (stellar.hats_catalog): its spatial index, the Gaia
+# designation and the position joined from gaia_source
+POSITION_COLUMNS = [
+    Column(SPATIAL_INDEX_COLUMN, DIMENSIONLESS, "pos.healpix", "nested HEALPix index of (ra, dec) at order 29 "
+           "(the HATS spatial index; from the source_id's level-12 pixel where the position is unknown)"),
+    Column("designation", DIMENSIONLESS, "meta.id", "Gaia source designation ('Gaia DR3 <source_id>')"),
+    Column("ra", "deg", "pos.eq.ra;meta.main", "right ascension (ICRS, Gaia epoch) from gaia_source (null: no "
+           "gaia_source row)"),
+    Column("dec", "deg", "pos.eq.dec;meta.main", "declination (ICRS, Gaia epoch) from gaia_source (null: no "
+           "gaia_source row)"),
+]
+
+
+def dictionary(labels: list[str], extra: list[Column] | tuple[Column, ...] = ()) -> dict[str, Column]:
+    """:func:`prediction_columns` by name, with ``extra`` columns (e.g. :data:`POSITION_COLUMNS`) beside them."""
+    return {c.name: c for c in extra} | {c.name: c for c in prediction_columns(labels)}
 
 
 def bit_lines(col: Column) -> list[str]:
@@ -129,14 +144,15 @@ def bit_lines(col: Column) -> list[str]:
     return [f"{col.name} bit {bit} {name}: {text}" for bit, (name, text) in sorted(col.bits.items())]
 
 
-def with_field_metadata(table, labels: list[str]):
+def with_field_metadata(table, labels: list[str], extra: list[Column] | tuple[Column, ...] = ()):
     """``table`` (pyarrow) with each known column's unit, UCD, description and bits in its field metadata
-    (keys ``unit``, ``ucd``, ``description``, ``bits`` as JSON): what the Parquet products carry."""
+    (keys ``unit``, ``ucd``, ``description``, ``bits`` as JSON): what the Parquet products carry.
+    ``extra``: columns known beyond the predictions' own (:func:`dictionary`)."""
     import json
 
     import pyarrow as pa
 
-    cols = dictionary(labels)
+    cols = dictionary(labels, extra)
     fields = []
     for f in table.schema:
         c = cols.get(f.name)

@@ -14,6 +14,7 @@ stars (y - mu) / sigma has unit spread; the test split measures that.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -111,8 +112,6 @@ def write_member_progress(folder: str | None, index: int, record: dict) -> None:
     without the driver's file system) only costs the line, never the training."""
     if not folder:
         return
-    import contextlib
-
     with contextlib.suppress(OSError):
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"member-{index}.json")

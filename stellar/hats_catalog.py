@@ -38,25 +38,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from stellar.columns import DIMENSIONLESS, Column, dictionary
+from stellar.columns import POSITION_COLUMNS, SPATIAL_INDEX_COLUMN, dictionary, with_field_metadata
 from stellar.healpix import SOURCE_ID_SHIFT_L12
 from stellar.tables import TableStore
 
-SPATIAL_INDEX = "_healpix_29"
 DESIGNATION_PREFIX = "Gaia DR3"
 DEFAULT_MAX_ROWS = 500_000
 DEFAULT_HISTOGRAM_ORDER = 10
-
-# columns the HATS catalogue adds to the predictions' dictionary
-POSITION_COLUMNS = [
-    Column(SPATIAL_INDEX, DIMENSIONLESS, "pos.healpix", "nested HEALPix index of (ra, dec) at order 29 (the HATS "
-           "spatial index; from the source_id's level-12 pixel where the position is unknown)"),
-    Column("designation", DIMENSIONLESS, "meta.id", "Gaia source designation ('Gaia DR3 <source_id>')"),
-    Column("ra", "deg", "pos.eq.ra;meta.main", "right ascension (ICRS, Gaia epoch) from gaia_source (null: no "
-           "gaia_source row)"),
-    Column("dec", "deg", "pos.eq.dec;meta.main", "declination (ICRS, Gaia epoch) from gaia_source (null: no "
-           "gaia_source row)"),
-]
 
 
 def _hpx_values(root: Path) -> list[int]:
@@ -77,15 +65,12 @@ def _read_hpx(dataset: ds.Dataset | None, hpx: int, columns: list[str] | None = 
 def _placed(pred: pa.Table, ast: pa.Table | None, designation_prefix: str) -> pa.Table:
     """One partition's predictions with _healpix_29, designation, ra and dec first (hpx dropped)."""
     if ast is not None and ast.num_rows:
-        # a source_id may appear once in gaia_source; keep the first row if a file repeated it
-        ast = ast.group_by("source_id", use_threads=False).aggregate([("ra", "first"), ("dec", "first")]) \
-            .rename_columns(["source_id", "ra", "dec"])
+        # one astrometry row per source_id (ingest resolves duplicates); the join's row order does not
+        # matter: each leaf is sorted by (_healpix_29, source_id) when it is written
         joined = pred.join(ast, "source_id", join_type="left outer", use_threads=False)
     else:
         joined = pred.append_column("ra", pa.nulls(pred.num_rows, pa.float64())) \
             .append_column("dec", pa.nulls(pred.num_rows, pa.float64()))
-    # the join does not keep the order: put rows back in source_id order (reproducible files)
-    joined = joined.sort_by("source_id")
     sid = joined["source_id"].to_numpy().astype(np.int64)
     ra = joined["ra"].to_numpy(zero_copy_only=False).astype(np.float64)
     dec = joined["dec"].to_numpy(zero_copy_only=False).astype(np.float64)
@@ -99,7 +84,7 @@ def _placed(pred: pa.Table, ast: pa.Table | None, designation_prefix: str) -> pa
     designation = pc.binary_join_element_wise(designation_prefix, pc.cast(joined["source_id"], pa.string()), " ")
     rest = [n for n in joined.column_names if n not in ("source_id", "ra", "dec", "hpx")]
     cols = [pa.array(index, pa.int64()), joined["source_id"], designation, joined["ra"], joined["dec"]]
-    names = [SPATIAL_INDEX, "source_id", "designation", "ra", "dec"]
+    names = [SPATIAL_INDEX_COLUMN, "source_id", "designation", "ra", "dec"]
     return pa.Table.from_arrays(cols + [joined[n] for n in rest], names=names + rest)
 
 
@@ -119,17 +104,6 @@ def _is_vounit(unit: str) -> bool:
     except (ValueError, Warning):
         return False
     return True
-
-
-def _with_metadata(table: pa.Table, cols: dict[str, Column]) -> pa.Table:
-    """Field metadata (unit, ucd, description) on every known column, as the Parquet predictions carry."""
-    fields = []
-    for f in table.schema:
-        c = cols.get(f.name)
-        meta = {} if c is None else {b"unit": c.unit.encode(), b"ucd": c.ucd.encode(),
-                                     b"description": c.description.encode()}
-        fields.append(f.with_metadata(meta) if meta else f)
-    return pa.Table.from_arrays(table.columns, schema=pa.schema(fields, metadata=table.schema.metadata))
 
 
 def write_hats(predictions_root: str, output: str, *, where=None, tables_root: str | None = None,
@@ -162,7 +136,7 @@ def write_hats(predictions_root: str, output: str, *, where=None, tables_root: s
     tables = TableStore(tables_root or Path(predictions_root).parent / "tables")
     ast_root = tables.table_path("astrometry") if tables.current_manifest() is not None else None
     labels = man.get("summary", {}).get("labels", [])
-    cols = {c.name: c for c in POSITION_COLUMNS} | dictionary(labels)
+    cols = dictionary(labels, POSITION_COLUMNS)
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -187,7 +161,7 @@ def write_hats(predictions_root: str, output: str, *, where=None, tables_root: s
         histogram = np.zeros(12 * 4**histogram_order, dtype=np.int64)
         rows = unplaced = 0
         for hpx, t in partitions():
-            pix, count = np.unique(t[SPATIAL_INDEX].to_numpy() >> shift, return_counts=True)
+            pix, count = np.unique(t[SPATIAL_INDEX_COLUMN].to_numpy() >> shift, return_counts=True)
             histogram[pix] += count  # the partition's few pixels, not a full-sky array per partition
             rows += t.num_rows
             unplaced += int(pc.sum(pc.is_null(t["ra"], nan_is_null=True).cast(pa.int64())).as_py() or 0)
@@ -208,7 +182,7 @@ def write_hats(predictions_root: str, output: str, *, where=None, tables_root: s
         pieces: dict[tuple[int, int], list[Path]] = {}
         for f in sorted(staging.glob("hpx=*.parquet")):
             t = pq.read_table(f)
-            fine = t[SPATIAL_INDEX].to_numpy() >> shift
+            fine = t[SPATIAL_INDEX_COLUMN].to_numpy() >> shift
             key = dest_order[fine] * (1 << 40) + dest_pix[fine]
             order = np.argsort(key, kind="stable")
             t, key = t.take(order), key[order]
@@ -222,11 +196,11 @@ def write_hats(predictions_root: str, output: str, *, where=None, tables_root: s
         # pass 3: one sorted file per leaf
         pixels, counts = [], []
         for (o, p), files in sorted(pieces.items()):
-            t = pa.concat_tables([pq.read_table(x) for x in files]).sort_by([(SPATIAL_INDEX, "ascending"),
+            t = pa.concat_tables([pq.read_table(x) for x in files]).sort_by([(SPATIAL_INDEX_COLUMN, "ascending"),
                                                                             ("source_id", "ascending")])
             pixel = HealpixPixel(o, p)
             path = new_pixel_catalog_file(tmp, pixel)
-            pq.write_table(_with_metadata(t, cols), str(path), compression="zstd")
+            pq.write_table(with_field_metadata(t, labels, POSITION_COLUMNS), str(path), compression="zstd")
             pixels.append(pixel)
             counts.append(t.num_rows)
             for x in files:
@@ -245,7 +219,7 @@ def write_hats(predictions_root: str, output: str, *, where=None, tables_root: s
         extra = {f"stellar_{k}": str(v).replace("\n", " ") for k, v in (provenance or {}).items()}
         props = TableProperties(
             catalog_name=catalog_name or out.name, catalog_type="object", total_rows=int(rows),
-            ra_column="ra", dec_column="dec", healpix_column=SPATIAL_INDEX, healpix_order=29,
+            ra_column="ra", dec_column="dec", healpix_column=SPATIAL_INDEX_COLUMN, healpix_order=29,
             hats_max_rows=int(max(counts)), hats_order=int(max(p.order for p in pixels)),
             moc_sky_fraction=float(info.calculate_fractional_coverage()),
             **TableProperties.new_provenance_dict(tmp, builder=f"stellar v{__version__}"), **extra)

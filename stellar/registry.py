@@ -184,14 +184,14 @@ def load_registered(cfg, alias_or_version: str):
     return Registry.from_config(cfg).load(alias_or_version)
 
 
-def _redacted(obj):
+def redacted(obj):
     """A JSON-able config with the credentials of any URI removed (stellar.tracking.redact)."""
     from stellar.tracking import redact
 
     if isinstance(obj, dict):
-        return {k: _redacted(v) for k, v in obj.items()}
+        return {k: redacted(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_redacted(v) for v in obj]
+        return [redacted(v) for v in obj]
     return redact(obj) if isinstance(obj, str) and "://" in obj else obj
 
 
@@ -278,7 +278,7 @@ def log_training_run(cfg, ens, members, dropped, metrics: dict, figures: dict, c
             exclude={"output_dir", "label_cuts", "split"}).items()})
         mlflow.set_tags({"git_commit": meta.get("git_commit", "unknown"), "features_version": meta["features_version"],
                          "instrument": meta["instrument"]})
-        mlflow.log_dict(_redacted(cfg.model_dump(mode="json")), "config/resolved.json")
+        mlflow.log_dict(redacted(cfg.model_dump(mode="json")), "config/resolved.json")
         if datasets:
             from mlflow.data.dataset_source_registry import resolve_dataset_source
             from mlflow.data.meta_dataset import MetaDataset

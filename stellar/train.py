@@ -178,8 +178,10 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper: Executor 
     def work(i: int):
         return train_member(features_root, mcfg, labels, stats, i, seeds[i], threads, cfg.train.device, progress)
 
-    members = sorted(mapper.map(work, list(range(cfg.train.members))), key=lambda m: m.index)
-    shutil.rmtree(progress, ignore_errors=True)
+    try:
+        members = sorted(mapper.map(work, list(range(cfg.train.members))), key=lambda m: m.index)
+    finally:  # the records only mean something while the members train
+        shutil.rmtree(progress, ignore_errors=True)
     dropped = outlier_members([m.best_val_loss for m in members], cfg.train.outlier_mad) if len(members) > 2 else []
     kept = [m for m in members if m.index not in dropped]
     selection, selection_version = selection_table(cfg, store.current_version())

@@ -91,7 +91,7 @@ def test_same_seed_same_weights_and_save_load(features, tmp_path):
     assert not any(p.suffix in (".pkl", ".pt", ".pickle") for p in (tmp_path / "ens").iterdir())
 
 
-def test_members_report_every_epoch_to_the_progress_line(features, tmp_path):
+def test_members_report_every_epoch_to_the_progress_line(features, tmp_path, monkeypatch):
     """Each epoch leaves the member's record (epoch, validation loss, best so far); the driver's progress
     line shows the running members' epochs and then the members done, and the records do not change the
     member (same weights with and without)."""
@@ -114,11 +114,9 @@ def test_members_report_every_epoch_to_the_progress_line(features, tmp_path):
         real(f, index, record)
         seen.append((record["epoch"], member_progress_line(f, 2)))
 
-    ens_mod.write_member_progress = spy
-    try:
-        a = train_member(root, cfg, labels, stats, 0, seed=7, threads=1, progress=str(folder))
-    finally:
-        ens_mod.write_member_progress = real
+    monkeypatch.setattr(ens_mod, "write_member_progress", spy)
+    a = train_member(root, cfg, labels, stats, 0, seed=7, threads=1, progress=str(folder))
+    monkeypatch.undo()
     assert [e for e, _ in seen] == [0, 1, 2]
     assert seen[0][1].startswith("members 0/2 done, epoch 1 of <=3, best val loss ")
     assert seen[1][1].startswith("members 0/2 done, epoch 2 of <=3")

@@ -128,17 +128,17 @@ def build_report(cfg: StellarConfig, out_dir: str | Path | None = None, log_mlfl
 
 
 def run_provenance(cfg: StellarConfig, model: dict) -> dict:
-    """What made this page: code version and commit, date, the resolved config's digest (credentials
-    left out), the model, and the committed versions of the tables it reads."""
+    """What made this page: code version and commit, date, the digest of the resolved config as the training
+    run logs it (credentials redacted), the model, and the committed versions of the tables it reads."""
     import datetime
 
+    from stellar.registry import redacted
     from stellar.stage import git_commit
 
-    conf = cfg.model_dump(mode="json")
-    conf.get("mlflow", {}).pop("tracking_uri", None)  # may hold credentials; the digest need not see them
-    return {"stellar_version": __version__, "git_commit": git_commit() or "unknown",
+    return {"stellar_version": __version__, "git_commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "config_digest": settings_hash(conf), "instrument": str(cfg.instrument),
+            "config_digest": settings_hash(redacted(cfg.model_dump(mode="json"))),
+            "instrument": str(cfg.instrument),
             "model": f"{model.get('name')} v{model.get('version')} (run {model.get('run_id')})",
             "tables": {name: TableStore(root).current_version() or "-" for name, root in (
                 ("ingest", cfg.ingest.output_dir), ("preprocess", cfg.preprocess.output_dir),
@@ -198,7 +198,8 @@ PAGE_NAMES = {"teff": "Teff", "logg": "log g", "m_h": "[M/H]", "alpha_m": "[\u03
 def _png_width(path: Path) -> int | None:
     """A PNG's width in pixels (its IHDR chunk), None where it is not a PNG."""
     try:
-        head = path.read_bytes()[:24]
+        with open(path, "rb") as fh:
+            head = fh.read(24)
     except OSError:
         return None
     return int.from_bytes(head[16:20], "big") if head[:8] == b"\x89PNG\r\n\x1a\n" else None

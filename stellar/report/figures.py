@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from stellar.config import StellarConfig
+from stellar.ensemble import SNR_BINS
 from stellar.errors import StellarError
 from stellar.figures import coverage_figure
 from stellar.tables import TableStore, read_table
@@ -28,7 +29,6 @@ SYMBOLS = {"teff": r"$T_\mathrm{eff}$", "logg": r"$\log g$", "m_h": "[M/H]", "al
 AXIS_UNITS = {"teff": "K", "logg": r"dex, $g$ in cm s$^{-2}$", "m_h": "dex", "alpha_m": "dex", "fe_h": "dex",
               "a_li": "dex"}
 DPI = 200  # PNG resolution; every figure is also written as PDF (vector) beside it
-SNR_BINS = ((15.0, 25.0), (25.0, 50.0), (50.0, np.inf))
 
 
 def symbol(lab: str) -> str:
@@ -40,6 +40,18 @@ def axis_label(lab: str, what: str = "") -> str:
     """An axis label with the physical unit: ``axis_label("logg", "predicted")`` ->
     "predicted log g (dex, g in cm s^-2)"."""
     return f"{what + ' ' if what else ''}{symbol(lab)} ({AXIS_UNITS.get(lab, UNITS.get(lab, ''))})"
+
+
+def _label_grid(plt, n: int, width: float, height: float):
+    """One panel per label, three to a row (``width`` x ``height`` inches each), unused panels hidden:
+    the figure and the label panels in order."""
+    ncol = min(3, n)
+    nrow = -(-n // ncol)
+    fig, grid = plt.subplots(nrow, ncol, figsize=(width * ncol, height * nrow), squeeze=False, layout="constrained")
+    panels = list(grid.flat)
+    for ax in panels[n:]:
+        ax.set_visible(False)
+    return fig, panels[:n]
 
 
 def _log_snr_axis(ax) -> None:
@@ -266,13 +278,10 @@ def one_to_one(page: Page) -> None:
         return
     from matplotlib.colors import LogNorm
 
-    ncol = min(3, len(labels))
-    nrow = -(-len(labels) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.0 * ncol, 3.7 * nrow), squeeze=False, layout="constrained")
+    fig, panels = _label_grid(plt, len(labels), 4.0, 3.7)
     stats = {}
     sc = None
-    for k, lab in enumerate(labels):
-        ax = axes[k // ncol, k % ncol]
+    for ax, lab in zip(panels, labels):
         y = test[f"{lab}_label"].to_numpy(dtype=float)
         p = test[lab].to_numpy(dtype=float)
         fin = np.isfinite(y) & np.isfinite(p)
@@ -294,10 +303,8 @@ def one_to_one(page: Page) -> None:
         if fin.any():
             ax.text(0.04, 0.96, f"$n$ = {stats[lab]['n']}\nbias {stats[lab]['bias']:{fmt}} {unit}\n"
                     f"RMSE {stats[lab]['rmse']:{fmt}} {unit}", transform=ax.transAxes, va="top", fontsize=8)
-    for k in range(len(labels), nrow * ncol):
-        axes[k // ncol, k % ncol].set_visible(False)
     if sc is not None:
-        fig.colorbar(sc, ax=axes, shrink=0.6, label="S/N per pixel")
+        fig.colorbar(sc, ax=panels, shrink=0.6, label="S/N per pixel")
     figures.append((_save(fig, page.out / "one_to_one.png"), "Predicted vs catalogue labels (test split)",
                     "Each held-out labelled star's predicted label against its catalogue label, coloured by S/N, "
                     "with the one-to-one line; the numbers are the panel's bias and RMSE (the tables below split "
@@ -314,23 +321,18 @@ def residuals_snr(page: Page) -> None:
         from stellar.ensemble import COVERAGE_LEVELS as qs
         from stellar.ensemble import coverage_curve
 
-        ncol = min(3, len(labels))
-        nrow = -(-len(labels) // ncol)
-        fig, grid = plt.subplots(nrow, ncol, figsize=(3.8 * ncol, 2.9 * nrow), squeeze=False, layout="constrained")
-        for k in range(len(labels), nrow * ncol):
-            grid[k // ncol, k % ncol].set_visible(False)
-        axes = grid.reshape(1, -1)  # axes[0, j]: label j's panel
+        fig, panels = _label_grid(plt, len(labels), 3.8, 2.9)
         res_data, cal_data = {}, {}
-        for j, lab in enumerate(labels):
+        for ax, lab in zip(panels, labels):
             y = test[f"{lab}_label"].to_numpy(dtype=float)
             fin = np.isfinite(y)
             r = test[lab].to_numpy(dtype=float)[fin] - y[fin]
             snr = test["snr"].to_numpy(dtype=float)[fin]
-            axes[0, j].scatter(snr, r, s=3, alpha=0.5, rasterized=True)
-            axes[0, j].axhline(0, color="k", lw=0.8)
-            _log_snr_axis(axes[0, j])
-            axes[0, j].set_xlabel("S/N per pixel")
-            axes[0, j].set_ylabel(f"{symbol(lab)} predicted $-$ catalogue ({UNITS.get(lab, '')})")
+            ax.scatter(snr, r, s=3, alpha=0.5, rasterized=True)
+            ax.axhline(0, color="k", lw=0.8)
+            _log_snr_axis(ax)
+            ax.set_xlabel("S/N per pixel")
+            ax.set_ylabel(f"{symbol(lab)} predicted $-$ catalogue ({UNITS.get(lab, '')})")
             err = np.sqrt(test[f"{lab}_err"].to_numpy(dtype=float)[fin] ** 2
                           + np.nan_to_num(test[f"{lab}_err_label"].to_numpy(dtype=float)[fin]) ** 2)
             zs = r / err
