@@ -26,7 +26,8 @@ QUALITY_BITS = {
     "no_parallax": Q_NO_PARALLAX, "negative_parallax": Q_NEGATIVE_PARALLAX, "no_photometry": Q_NO_PHOTOMETRY,
     "low_snr": Q_LOW_SNR, "many_masked": Q_MANY_MASKED, "edge_spike": Q_EDGE_SPIKE,
 }
-SCALAR_NAMES = ("phot_g_mean_mag", "bp_rp", "g_rp", "parallax", "parallax_error", "reduced_parallax")
+SCALAR_NAMES = ("phot_g_mean_mag", "bp_rp", "g_rp", "parallax", "parallax_error", "reduced_parallax",
+                "log_reduced_parallax")
 FILL_FLUX = 1.0  # masked pixels read as continuum; the mask says they are not data
 
 
@@ -130,9 +131,17 @@ def scalar_features(g: np.ndarray, bp: np.ndarray, rp: np.ndarray, parallax: np.
 
     ``reduced_parallax`` = parallax * 10**(0.2 G) / 100 grows with luminosity**-1/2 and,
     unlike an absolute magnitude, stays finite for zero and negative parallaxes.
+    ``log_reduced_parallax``: its softened log10, log10((x + sqrt(x^2 + 4 e^2)) / 2) with e the
+    reduced parallax's error: log10(x) (= -0.2 M_G + const, the luminosity scale on which log g is
+    linear) where the parallax is significant, and a finite value that shrinks with x / e where it is
+    not. A standardised linear reduced parallax squeezes every giant into a few hundredths of a unit
+    beside the dwarfs; the log spreads them as an absolute magnitude does.
     """
-    with np.errstate(invalid="ignore", over="ignore"):
-        cols = [g, bp - rp, g - rp, parallax, parallax_error, parallax * 10 ** (0.2 * g) / 100.0]
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        scale = 10 ** (0.2 * g) / 100.0
+        x, e = parallax * scale, np.abs(parallax_error) * scale
+        log_x = np.log10((x + np.sqrt(x * x + 4.0 * e * e)) / 2.0)
+        cols = [g, bp - rp, g - rp, parallax, parallax_error, x, log_x]
     x = np.stack(cols, axis=1)
     return np.where(np.isfinite(x), x, 0.0).astype(np.float32)
 

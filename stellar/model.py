@@ -73,6 +73,12 @@ class ModelConfig(StrictModel):
     # the saved member use the averaged weights, which follow the loss valley's floor instead of the last
     # step's noise (e.g. 0.999: an average over the last ~1000 steps).
     weight_average: float = Field(0.0, ge=0, lt=1)
+    # Branch heads (gradient blending, Wang et al. 2020): a linear mean/log-variance head on each input
+    # branch's own features, trained beside the joint head with this weight on their mean NLL (0: off).
+    # Trained jointly, a multimodal network leans on the branch that is quickest to fit (here the
+    # spectrum) and leaves the others under-used; a loss on each branch alone makes every branch carry
+    # what its input holds. Training only: prediction uses the joint head, so inference costs nothing more.
+    branch_loss: float = Field(0.0, ge=0, le=10)
 
     def model_post_init(self, _ctx) -> None:
         """Refuse an architecture without an input branch, and input dropout of unknown blocks or at rates
@@ -128,7 +134,7 @@ class HybridNet(nn.Module):
         for key in ("lo", "hi", "m_lo", "m_hi"):
             value = torch.as_tensor(bounds[key], dtype=torch.float32) if bounds is not None else torch.zeros(n_labels)
             self.register_buffer(f"bound_{key}", value, persistent=False)
-        width = 0
+        width, branch_widths = 0, []
         if cfg.use_spectrum:
             convs: list[nn.Module] = []
             ch, length = 2, n_pixels  # channels: flux - 1 (0 where masked), mask
@@ -144,14 +150,21 @@ class HybridNet(nn.Module):
             self.conv_dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
             self.spec_dense, w = _mlp(ch * length, cfg.spectrum_dense, cfg.activation, 0.0)
             width += w
+            branch_widths.append(w)
         if cfg.use_xp:
             self.xp_dense, w = _mlp(n_xp, cfg.xp_dense, cfg.activation, 0.0)
             width += w
+            branch_widths.append(w)
         if cfg.use_scalars:
             self.scalar_dense, w = _mlp(n_scalars, cfg.scalar_dense, cfg.activation, 0.0)
             width += w
+            branch_widths.append(w)
         self.head, w = _mlp(width, cfg.head, cfg.activation, cfg.dropout)
-        self.out = nn.Linear(w, n_labels * (2 if cfg.heteroscedastic else 1))
+        n_out = n_labels * (2 if cfg.heteroscedastic else 1)
+        self.out = nn.Linear(w, n_out)
+        # training-only heads on each branch alone (ModelConfig.branch_loss); saved with the weights
+        self.branch_heads = (nn.ModuleList(nn.Linear(bw, n_out) for bw in branch_widths)
+                             if cfg.branch_loss > 0 else None)
 
     def forward(self, spectrum: torch.Tensor, mask: torch.Tensor, xp: torch.Tensor,
                 scalars: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,6 +173,19 @@ class HybridNet(nn.Module):
         On CPU the conv stack runs in the faster channels-last layout (:meth:`_conv_channels_last`), on
         other devices as the (B, C, L) modules: same weights, same result. Without ``heteroscedastic`` the
         log-variance is 0."""
+        return self._outputs(self.out(self.head(torch.cat(self._branches(spectrum, mask, xp, scalars), dim=1))))
+
+    def forward_with_branches(self, spectrum: torch.Tensor, mask: torch.Tensor, xp: torch.Tensor,
+                              scalars: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """:meth:`forward`'s (mean, log-variance) plus each branch head's own (mean, log-variance), for the
+        training loss of ``ModelConfig.branch_loss`` (an empty list without branch heads)."""
+        parts = self._branches(spectrum, mask, xp, scalars)
+        mean, log_var = self._outputs(self.out(self.head(torch.cat(parts, dim=1))))
+        heads = self.branch_heads if self.branch_heads is not None else []
+        return mean, log_var, [self._outputs(head(part)) for head, part in zip(heads, parts)]
+
+    def _branches(self, spectrum, mask, xp, scalars) -> list[torch.Tensor]:
+        """Each input branch's features, (B, width) each, in the order spectrum, XP, scalars."""
         parts = []
         if self.cfg.use_spectrum:
             keep = (~mask).to(spectrum.dtype)
@@ -172,8 +198,10 @@ class HybridNet(nn.Module):
             parts.append(self.xp_dense(xp))
         if self.cfg.use_scalars:
             parts.append(self.scalar_dense(scalars))
-        h = self.head(torch.cat(parts, dim=1))
-        out = self.out(h)
+        return parts
+
+    def _outputs(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output layer's values as the bounded mean and clamped log-variance."""
         if self.cfg.heteroscedastic:
             mean, log_var = out[:, : self.n_labels], out[:, self.n_labels :].clamp(-12.0, 8.0)
         else:

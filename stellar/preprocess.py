@@ -249,9 +249,11 @@ def build_partition(hpx: int, ctx: Context) -> dict:
 
 def settings_digest(cfg: PreprocessConfig, instrument: Instrument, tables_version: str) -> str:
     """The digest of what the features depend on: the stage config (not its output folder), the
-    instrument and its labels, the tables version and the code version."""
+    instrument and its labels, the tables version, the code version and the scalar features' names (so
+    features written before a scalar was added or changed are rebuilt, even within one code version)."""
     payload = {"cfg": cfg.model_dump(exclude={"output_dir"}), "instrument": instrument.name,
-               "labels": instrument.labels, "tables": tables_version, "version": __version__}
+               "labels": instrument.labels, "tables": tables_version, "version": __version__,
+               "scalars": list(SCALAR_NAMES)}
     return settings_hash(payload)
 
 

@@ -88,6 +88,7 @@ OOD_BITS: dict[str, tuple[int, str]] = {
 _SCALAR_NEEDS = {
     "phot_g_mean_mag": ("photometry",), "bp_rp": ("photometry",), "g_rp": ("photometry",),
     "parallax": ("parallax",), "parallax_error": ("parallax",), "reduced_parallax": ("parallax", "photometry"),
+    "log_reduced_parallax": ("parallax", "photometry"),
 }
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from stellar.config import load_config
-from stellar.features import (Normaliser, Q_EDGE_SPIKE, Q_NO_XP, assign_split, finish_moments, merge_moments,
-                              partial_moments, process_spectra, rebin)
+from stellar.features import (SCALAR_NAMES, Normaliser, Q_EDGE_SPIKE, Q_NO_XP, assign_split, finish_moments,
+                              merge_moments, partial_moments, process_spectra, rebin, scalar_features)
 from stellar.ingest.run import ingest
 from stellar.instruments import load_instrument
 from stellar.loader import FeatureDataset
@@ -247,6 +247,25 @@ def test_process_spectra_snr_and_errors():
     assert np.allclose(res.snr, 50, rtol=0.05)
     assert np.allclose(res.error, 0.02 / np.sqrt(3), rtol=1e-6)
     assert res.mask.sum() == 0 and not res.spike.any()
+
+
+def test_log_reduced_parallax_is_a_luminosity_scale_and_always_finite():
+    """log10 of the reduced parallax where the parallax is significant (so 5 log10 differences are
+    absolute-magnitude differences), finite and monotonic through zero and negative parallaxes, and 0
+    (a missing value) only where the parallax or G is missing."""
+    g = np.array([10.0, 15.0, 12.0, 12.0, 12.0, 12.0, 12.0, np.nan])
+    plx = np.array([20.0, 2.0, 0.05, 0.0, -0.05, -0.5, np.nan, 1.0])
+    err = np.full(8, 0.02)
+    sc = scalar_features(g, g + 0.5, g - 0.5, plx, err)
+    assert sc.shape == (8, len(SCALAR_NAMES))
+    red, log_red = (sc[:, SCALAR_NAMES.index(k)] for k in ("reduced_parallax", "log_reduced_parallax"))
+    np.testing.assert_allclose(log_red[:2], np.log10(plx[:2] * 10 ** (0.2 * g[:2]) / 100), atol=1e-4)
+    np.testing.assert_allclose(red[:2], plx[:2] * 10 ** (0.2 * g[:2]) / 100, rtol=1e-6)
+    # same G: larger parallax, larger value, through zero and below (no infinities, no NaN)
+    assert np.all(np.diff(log_red[2:6]) < 0) and np.all(np.isfinite(log_red))
+    # at zero parallax the softened log is log10 of the reduced parallax's error
+    assert log_red[3] == pytest.approx(np.log10(0.02 * 10 ** 2.4 / 100), abs=1e-5)
+    assert log_red[6] == 0.0 and log_red[7] == 0.0
 
 
 @pytest.mark.spark

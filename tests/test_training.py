@@ -91,6 +91,40 @@ def test_same_seed_same_weights_and_save_load(features, tmp_path):
     assert not any(p.suffix in (".pkl", ".pt", ".pickle") for p in (tmp_path / "ens").iterdir())
 
 
+def test_branch_heads_train_but_never_change_a_prediction(features):
+    """ModelConfig.branch_loss: each branch's own head is trained (its weights move, its loss falls
+    below the untrained head's), while prediction reads the joint head only: the stacked ensemble
+    gives the members' own forward, and the branch heads' weights have no effect on it."""
+    from stellar.ensemble import build_net
+    from stellar.model import StackedEnsemble
+    from safetensors.torch import load as st_load
+
+    root, stats = features
+    labels = stats["label_names"]
+    cfg = ModelConfig(max_epochs=3, patience=3, branch_loss=0.5)
+    member = train_member(root, cfg, labels, stats, 0, seed=3, threads=1)
+    net = build_net(cfg, stats, labels)
+    torch.manual_seed(3)
+    fresh = build_net(cfg, stats, labels).eval()
+    net.load_state_dict(st_load(member.weights))
+    net.eval()
+    assert len(net.branch_heads) == 3
+    val = load_split(root, "validation", labels, stats)
+    x = [val[k] for k in ("spectrum", "spectrum_mask", "xp", "scalars")]
+    with torch.no_grad():
+        mean, log_var, heads = net.forward_with_branches(*x)
+        ref = net(*x)
+        _, _, fresh_heads = fresh.forward_with_branches(*x)
+        for (m, lv), (m0, lv0) in zip(heads, fresh_heads):
+            assert float(gaussian_nll(m, lv, val["labels"])) < float(gaussian_nll(m0, lv0, val["labels"])) - 0.1
+        assert torch.equal(mean, ref[0]) and torch.equal(log_var, ref[1])
+        stacked_m, _ = StackedEnsemble([net]).eval()(*x)
+        np.testing.assert_allclose(stacked_m[0].numpy(), ref[0].numpy(), rtol=1e-5, atol=1e-5)
+        for head in net.branch_heads:
+            head.weight.mul_(-3.0)
+        assert torch.equal(net(*x)[0], ref[0])
+
+
 def test_members_report_every_epoch_to_the_progress_line(features, tmp_path, monkeypatch):
     """Each epoch leaves the member's record (epoch, validation loss, best so far); the driver's progress
     line shows the running members' epochs and then the members done, and the records do not change the

@@ -17,6 +17,7 @@ from stellar.trust import (OOD_DISAGREEMENT, OOD_ENVELOPE, OOD_IMPRECISE, OOD_IN
 
 LABELS = ["teff", "logg", "m_h", "alpha_m", "fe_h"]
 NB = 55
+NS = len(SCALAR_NAMES)
 
 
 def fake_stats(rng=None) -> dict:
@@ -28,8 +29,8 @@ def fake_stats(rng=None) -> dict:
         "labels": {"mean": list((lab_min + lab_max) / 2), "std": list((lab_max - lab_min) / 4),
                    "min": list(lab_min), "max": list(lab_max)},
         "xp": {"mean": [0.5] * 2 * NB, "std": [0.25] * 2 * NB, "min": [0.0] * 2 * NB, "max": [1.0] * 2 * NB},
-        "scalars": {"mean": [12.0, 1.0, 0.5, 1.0, 0.05, 1.0], "std": [1.0, 0.3, 0.15, 1.0, 0.02, 0.5],
-                    "min": [8.0, 0.3, 0.2, -0.5, 0.01, -0.5], "max": [14.2, 2.5, 1.2, 8.0, 0.15, 4.0]},
+        "scalars": {"mean": [12.0, 1.0, 0.5, 1.0, 0.05, 1.0, -0.3], "std": [1.0, 0.3, 0.15, 1.0, 0.02, 0.5, 0.4],
+                    "min": [8.0, 0.3, 0.2, -0.5, 0.01, -0.5, -2.0], "max": [14.2, 2.5, 1.2, 8.0, 0.15, 4.0, 0.7]},
     }
 
 
@@ -67,7 +68,7 @@ def test_bounded_network_never_leaves_the_envelope_for_adversarial_inputs(kind):
     nets = []
     for i in range(3):
         torch.manual_seed(i)
-        net = HybridNet(cfg, 800, 2 * NB, 6, 5, bounds=bounds).eval()
+        net = HybridNet(cfg, 800, 2 * NB, NS, 5, bounds=bounds).eval()
         with torch.no_grad():  # extreme weights: an untrained network that shouts
             for p in net.parameters():
                 p.mul_(40.0)
@@ -76,7 +77,7 @@ def test_bounded_network_never_leaves_the_envelope_for_adversarial_inputs(kind):
     g = torch.Generator().manual_seed(3)
     spectrum = {"zeros": torch.zeros(n, 800), "flux10": torch.full((n, 800), 10.0),
                 "huge_parallax": torch.ones(n, 800), "noise": 1 + 50 * torch.randn(n, 800, generator=g)}[kind]
-    scalars = torch.randn(n, 6, generator=g) * (1e6 if kind == "huge_parallax" else 10)
+    scalars = torch.randn(n, NS, generator=g) * (1e6 if kind == "huge_parallax" else 10)
     data = {"spectrum": spectrum, "spectrum_mask": torch.zeros(n, 800, dtype=torch.bool),
             "xp": 100 * torch.randn(n, 2 * NB, generator=g), "scalars": scalars}
     for model in (nets, StackedEnsemble(nets).eval()):
@@ -96,13 +97,13 @@ def test_stacked_ensemble_applies_the_same_bounds_as_the_members():
     nets = []
     for i in range(3):
         torch.manual_seed(10 + i)
-        net = HybridNet(cfg, 800, 2 * NB, 6, 5, bounds=bounds).eval()
+        net = HybridNet(cfg, 800, 2 * NB, NS, 5, bounds=bounds).eval()
         with torch.no_grad():
             net.out.weight.mul_(30.0)  # outputs that reach past the training range
         nets.append(net)
     g = torch.Generator().manual_seed(1)
     data = {"spectrum": 1 + 5 * torch.randn(100, 800, generator=g), "spectrum_mask": torch.zeros(100, 800, dtype=torch.bool),
-            "xp": 30 * torch.randn(100, 2 * NB, generator=g), "scalars": 30 * torch.randn(100, 6, generator=g)}
+            "xp": 30 * torch.randn(100, 2 * NB, generator=g), "scalars": 30 * torch.randn(100, NS, generator=g)}
     ref, _ = forward_members(nets, data, torch.device("cpu"), 50)
     got, _ = forward_members(StackedEnsemble(nets).eval(), data, torch.device("cpu"), 50)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
@@ -114,8 +115,9 @@ def test_missing_features_follow_the_quality_bits():
     xp_missing, sc_missing, blocks = missing_features(q, NB)
     assert not xp_missing[0].any() and xp_missing[1].all()
     assert xp_missing[2, :NB].all() and not xp_missing[2, NB:].any()
-    plx = [SCALAR_NAMES.index(k) for k in ("parallax", "parallax_error", "reduced_parallax")]
-    assert sc_missing[3, plx].all() and sc_missing[3].sum() == 3
+    plx = [SCALAR_NAMES.index(k) for k in ("parallax", "parallax_error", "reduced_parallax",
+                                            "log_reduced_parallax")]
+    assert sc_missing[3, plx].all() and sc_missing[3].sum() == 4
     assert blocks.tolist() == [[False] * 5, [True, True, True, False, False], [False, True, False, False, False],
                                [False, False, False, True, False]]
 
@@ -123,7 +125,7 @@ def test_missing_features_follow_the_quality_bits():
 def test_block_dropout_blanks_features_as_preprocess_does():
     stats = fake_stats()
     xp = torch.randn(2000, 2 * NB)
-    sc = torch.randn(2000, 6)
+    sc = torch.randn(2000, NS)
     before_xp, before_sc = xp.clone(), sc.clone()
     gen = torch.Generator().manual_seed(0)
     drop_blocks(xp, sc, {"bp": 0.1, "parallax": 0.05}, stats, gen)
@@ -131,12 +133,13 @@ def test_block_dropout_blanks_features_as_preprocess_does():
     bp_hit = (xp[:, :NB] == fill_xp).all(dim=1)
     assert 0.07 < float(bp_hit.float().mean()) < 0.13
     assert torch.equal(xp[:, NB:], before_xp[:, NB:])  # RP untouched
-    plx = [SCALAR_NAMES.index(k) for k in ("parallax", "parallax_error", "reduced_parallax")]
+    plx = [SCALAR_NAMES.index(k) for k in ("parallax", "parallax_error", "reduced_parallax",
+                                            "log_reduced_parallax")]
     changed = (sc != before_sc).any(dim=1)
     assert 0.03 < float(changed.float().mean()) < 0.07
     assert torch.equal(sc[:, [0, 1, 2]], before_sc[:, [0, 1, 2]])
     fill = -np.asarray(stats["scalars"]["mean"])[plx] / np.asarray(stats["scalars"]["std"])[plx]
-    np.testing.assert_allclose(sc[changed][:, plx].numpy(), np.broadcast_to(fill, (int(changed.sum()), 3)), rtol=1e-6)
+    np.testing.assert_allclose(sc[changed][:, plx].numpy(), np.broadcast_to(fill, (int(changed.sum()), 4)), rtol=1e-6)
     # reproducible: the same generator state, the same stars
     xp2, sc2 = before_xp.clone(), before_sc.clone()
     drop_blocks(xp2, sc2, {"bp": 0.1, "parallax": 0.05}, stats, torch.Generator().manual_seed(0))
