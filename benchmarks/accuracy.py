@@ -25,6 +25,12 @@ test split and the observed stars: what a user gets), and prints the RMSE per
 label and S/N bin (15-25, 25-50, > 50, all) for each method, the hybrid CNN
 over the best hybrid peer (goal <= 0.7 in every cell) and the spectrum-only
 CNN over The Cannon. Peers are fitted on the catalogue labels, as the CNN is.
+
+With ``--limit N`` (default 600; 0: skip) it also fits the generator's own forward model to a
+stratified sample of N of those stars (benchmarks/limit.py: weighted least squares, nuisances free,
+several starts) and prints that physical limit per cell, RVS alone and RVS + XP + photometry +
+parallax, with the hybrid CNN over the all-inputs limit and the spectrum-only CNN over the RVS one
+(below 1: the network uses what the limit's fit does not, the population's regularities).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cannon import QuadraticCannon  # noqa: E402
+from limit import physical_limit  # noqa: E402
 from trust import HARD_SETS, run_pipeline  # noqa: E402
 
 from stellar.config import load_config  # noqa: E402
@@ -84,6 +91,8 @@ def main() -> None:
     ap.add_argument("--spectrum-members", type=int, default=3,
                     help="members of the spectrum-only CNN peer (0: skip it)")
     ap.add_argument("--epochs", type=int, default=None, help="max epochs (default: the preset's)")
+    ap.add_argument("--limit", type=int, default=600, metavar="N",
+                    help="stars of the physical-limit fit (benchmarks/limit.py; 0: skip it)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="stellar-bench-acc-"))
     inst = load_instrument("gaia_rvs")
@@ -171,12 +180,19 @@ def main() -> None:
                                      .predict(evals["scalars"].numpy()) for j in range(len(labels))], axis=1)
     seconds["GBT scalars"] = time.perf_counter() - t
 
+    limit = None
+    if args.limit > 0:
+        t = time.perf_counter()
+        limit = physical_limit(work, n_stars=args.limit, seed=0, log=lambda line: None)
+        seconds["limit"] = time.perf_counter() - t
+
     hybrid_peers, methods = ("ridge", "kNN", "GBT", "GBT scalars"), list(preds)
     print(f"accuracy benchmark ({ident['name']} v{ident['version']}, {work}): {int(good.sum())} training stars, "
           f"{len(truth)} evaluated (test split + observed, in distribution, truth labels); fit+predict seconds: "
           + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     head = "".join(f"{m:>13}" for m in methods)
-    print(f"{'label':<8}{'S/N':>7}{'n':>7} |{head} | {'hyb/peer':>9}{'spec/Cannon':>12}")
+    lim_head = f" | {'limit RVS':>10}{'limit all':>10}{'hyb/lim':>8}{'spec/lim':>9}" if limit else ""
+    print(f"{'label':<8}{'S/N':>7}{'n':>7} |{head} | {'hyb/peer':>9}{'spec/Cannon':>12}{lim_head}")
     worst = {"hybrid": 0.0, "spectrum": float("nan") if "CNN spectrum" not in preds else 0.0}
     for j, lab in enumerate(labels):
         for name, lo, hi in BINS:
@@ -189,10 +205,19 @@ def main() -> None:
             r_s = rmse["CNN spectrum"] / rmse["Cannon"] if "CNN spectrum" in rmse else float("nan")
             worst["hybrid"], worst["spectrum"] = max(worst["hybrid"], r_h), max(worst["spectrum"], r_s)
             cell = (lambda x: f"{x:13.1f}") if lab == "teff" else (lambda x: f"{x:13.4f}")
+            lim = ""
+            if limit:
+                l_r, l_a = limit["rvs"].get(f"{lab}|{name}", np.nan), limit["all_inputs"].get(f"{lab}|{name}", np.nan)
+                lim_cell = (lambda x: f"{x:10.1f}") if lab == "teff" else (lambda x: f"{x:10.4f}")
+                lim = (f" | {lim_cell(l_r)}{lim_cell(l_a)}{rmse['CNN hybrid'] / l_a:8.2f}"
+                       f"{rmse.get('CNN spectrum', np.nan) / l_r:9.2f}")
             print(f"{lab:<8}{name:>7}{int(sel.sum()):>7} |" + "".join(cell(rmse[m]) for m in methods)
-                  + f" | {r_h:9.2f}{r_s:12.2f}")
+                  + f" | {r_h:9.2f}{r_s:12.2f}" + lim)
     print(f"worst hybrid CNN / best hybrid peer: {worst['hybrid']:.2f} (goal <= 0.7); "
           f"worst spectrum-only CNN / Cannon: {worst['spectrum']:.2f}")
+    if limit:
+        print(f"physical limit: the generator's model fitted to {limit['meta']['stars']} of these stars "
+              f"(strata {limit['meta']['strata']}; benchmarks/limit.py)")
 
 
 if __name__ == "__main__":
