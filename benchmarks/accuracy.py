@@ -105,7 +105,8 @@ def main() -> None:
     sets = [f"work_dir={work}"]
     cfg = load_config(ROOT / "conf" / "local.yaml", sets)
 
-    from stellar.train import load_registered, train_ensemble
+    from stellar.registry import load_registered
+    from stellar.train import train_ensemble
 
     ens, ident = load_registered(cfg, "champion")
     root = cfg.preprocess.output_dir

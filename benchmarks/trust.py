@@ -160,7 +160,8 @@ def refit_predictions(work: Path, sets: list[str]):
     from stellar.instruments import load_instrument
     from stellar.predict import ModelBundle, predict
     from stellar.tables import TableStore
-    from stellar.train import fit_trust_and_calibration, load_registered, selection_table
+    from stellar.registry import load_registered
+    from stellar.train import fit_trust_and_calibration, selection_table
 
     cfg = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={work}", *sets])
     ens, ident = load_registered(cfg, "champion")

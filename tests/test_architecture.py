@@ -85,3 +85,24 @@ def test_the_pipeline_looks_every_stage_up_in_one_table():
         sig = inspect.signature(importlib.import_module(module).run)
         assert list(sig.parameters)[:3] == ["cfg", "instrument", "executor"], name
         assert sig.return_annotation == "StageResult", name
+
+
+def test_every_name_the_scripts_import_from_stellar_exists():
+    """The benchmarks, jobs and tests import from ``stellar`` inside functions too (heavy modules load
+    late), where no test run reaches them: a name moved or renamed must fail here, not in a user's
+    benchmark after ten minutes of training."""
+    import importlib
+    import importlib.util
+
+    missing = []
+    for folder in ("benchmarks", "jobs", "tests"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                        and node.module.split(".")[0] == "stellar":
+                    module = importlib.import_module(node.module)
+                    missing += [f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{a.name}" for a in node.names
+                                if a.name != "*" and not hasattr(module, a.name)
+                                and not (hasattr(module, "__path__")  # a submodule of a package
+                                         and importlib.util.find_spec(f"{node.module}.{a.name}"))]
+    assert not missing, "imports of names stellar does not have:\n" + "\n".join(missing)
