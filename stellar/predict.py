@@ -49,7 +49,7 @@ from stellar.model import StackedEnsemble
 from stellar.numerics import with_one_blas_thread
 from stellar.stage import StageResult, StoreRun
 from stellar.runtime import LOCAL, Executor, SparkExecutor
-from stellar.tables import TableStore, settings_hash, write_part
+from stellar.tables import TableStore, load_stats, settings_hash, write_part
 from stellar.ensemble import Ensemble
 from stellar.trust import OOD_BITS, assess, blocks_read
 
@@ -89,6 +89,11 @@ class ModelBundle:
     def identity(self) -> dict:
         """Name, version, run id and digest: what the predictions' rows and manifest record of the model."""
         return {"name": self.name, "version": self.version, "run_id": self.run_id, "digest": self.digest}
+
+    @property
+    def stats(self) -> dict:
+        """The normalisation statistics the model was trained with (its ``stats.json``)."""
+        return json.loads(self.files["stats.json"])
 
     def ensemble(self) -> Ensemble:
         """The :class:`~stellar.ensemble.Ensemble` built from the files (once per worker, by
@@ -278,6 +283,19 @@ def _selection_dir(cfg: StellarConfig, features_version: str) -> tuple[Path | No
     return store.root / store.current_version() / "selection", store.current_version()
 
 
+def check_inputs_match(bundle: ModelBundle, feature_stats: dict, where: str) -> None:
+    """Refuse, before any task runs, features shaped for another model: a champion trained on features
+    of another stellar version (another scalar set, rebinning or XP truncation) would otherwise send
+    every row to quarantine, one "not N values" line per star. One line names both and the cure."""
+    model = bundle.stats
+    for key in ("scalar_names", "n_spectrum", "xp_bases"):
+        if model.get(key) != feature_stats.get(key):
+            raise PredictError(
+                f"{bundle.name} v{bundle.version} reads {key} {model.get(key)} but the features in {where} hold "
+                f"{feature_stats.get(key)}: they were written by another stellar version or preprocess setting; "
+                "retrain on these features (stellar train) or predict with a model trained on them")
+
+
 def predict(cfg: StellarConfig, bundle: ModelBundle | None = None, spark=None,
             mapper: Executor | None = None) -> dict:
     """Predict every star of the current features with ``bundle`` (resolved from cfg.predict.model when None).
@@ -289,6 +307,7 @@ def predict(cfg: StellarConfig, bundle: ModelBundle | None = None, spark=None,
     fstore, fversion = _features_version(cfg.preprocess.output_dir)
     sel_dir, sel_version = _selection_dir(cfg, fversion)
     bundle = bundle or resolve_model(cfg)
+    check_inputs_match(bundle, load_stats(cfg.preprocess.output_dir), f"{fstore.root / fversion}")
     digest = settings_hash({"model": bundle.digest, "features": fversion, "selection": sel_version,
                             "cfg": cfg.predict.model_dump(exclude={"output_dir", "model"}), "v": __version__})
     with StoreRun("predict", cfg.predict.output_dir, digest) as run:

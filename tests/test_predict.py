@@ -210,6 +210,29 @@ def test_missing_alias_is_a_clear_error(registry, capsys):
     assert rc == 2 and "has no version '99'" in capsys.readouterr().err
 
 
+def test_a_model_for_other_features_is_refused_before_any_task(registry):
+    """A champion trained on features of another stellar version (here one scalar fewer) meets the
+    current features: one clear error that names both scalar sets and the cure, and nothing is written
+    (not a quarantine of every row)."""
+    import json
+
+    from stellar.predict import ModelBundle, PredictError, predict, resolve_model
+
+    tmp, cfg, _ = registry
+    bundle = resolve_model(cfg)
+    stats = bundle.stats
+    assert stats["scalar_names"][-1] == "log_reduced_parallax"
+    stats["scalar_names"] = stats["scalar_names"][:-1]
+    old = ModelBundle(bundle.name, bundle.version, bundle.run_id,
+                      {**bundle.files, "stats.json": json.dumps(stats).encode()})
+    out = Path(cfg.predict.output_dir)
+    before = sorted(str(q) for q in out.rglob("*")) if out.exists() else []
+    with pytest.raises(PredictError, match=r"reads scalar_names \[.*'reduced_parallax'\] but the features in .* "
+                                           r"hold \[.*'log_reduced_parallax'\].*retrain"):
+        predict(cfg, bundle=old)
+    assert (sorted(str(q) for q in out.rglob("*")) if out.exists() else []) == before
+
+
 def test_bad_rows_are_quarantined_and_the_rest_predicted(registry):
     from stellar.devices import pick_device
     from stellar.predict import BatchPredictor
