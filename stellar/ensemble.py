@@ -185,14 +185,11 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
                 drop_blocks(b["xp"], b["scalars"], dropout, stats, gen)
             w = torch.from_numpy(weight_of(b["source_id"].numpy())).to(dev) if weight_of else None
             b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
-            if cfg.branch_loss > 0:  # the joint head's loss plus the branch heads' (ModelConfig.branch_loss)
-                mean, log_var, heads = net.forward_with_branches(*(b[k] for k in INPUTS))
-                loss = gaussian_nll(mean, log_var, b["labels"], b["label_err"], w)
+            mean, log_var, heads = net.forward_with_branches(*(b[k] for k in INPUTS))
+            loss = gaussian_nll(mean, log_var, b["labels"], b["label_err"], w)
+            if heads:  # ModelConfig.branch_loss: the branch heads' mean NLL beside the joint head's
                 loss = loss + cfg.branch_loss * torch.stack(
                     [gaussian_nll(m, lv, b["labels"], b["label_err"], w) for m, lv in heads]).mean()
-            else:
-                mean, log_var = net(*(b[k] for k in INPUTS))
-                loss = gaussian_nll(mean, log_var, b["labels"], b["label_err"], w)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -173,16 +173,19 @@ class HybridNet(nn.Module):
         On CPU the conv stack runs in the faster channels-last layout (:meth:`_conv_channels_last`), on
         other devices as the (B, C, L) modules: same weights, same result. Without ``heteroscedastic`` the
         log-variance is 0."""
-        return self._outputs(self.out(self.head(torch.cat(self._branches(spectrum, mask, xp, scalars), dim=1))))
+        return self._joint(self._branches(spectrum, mask, xp, scalars))
 
     def forward_with_branches(self, spectrum: torch.Tensor, mask: torch.Tensor, xp: torch.Tensor,
                               scalars: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
         """:meth:`forward`'s (mean, log-variance) plus each branch head's own (mean, log-variance), for the
         training loss of ``ModelConfig.branch_loss`` (an empty list without branch heads)."""
         parts = self._branches(spectrum, mask, xp, scalars)
-        mean, log_var = self._outputs(self.out(self.head(torch.cat(parts, dim=1))))
         heads = self.branch_heads if self.branch_heads is not None else []
-        return mean, log_var, [self._outputs(head(part)) for head, part in zip(heads, parts)]
+        return (*self._joint(parts), [self._outputs(head(part)) for head, part in zip(heads, parts)])
+
+    def _joint(self, parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The joint head on the branches' features: bounded mean and log-variance."""
+        return self._outputs(self.out(self.head(torch.cat(parts, dim=1))))
 
     def _branches(self, spectrum, mask, xp, scalars) -> list[torch.Tensor]:
         """Each input branch's features, (B, width) each, in the order spectrum, XP, scalars."""
