@@ -88,6 +88,8 @@ def main() -> None:
             keep = ~truth_t.loc[evals["source_id"], "is_ood"].to_numpy(bool)
             evals["keep"] = keep
             evals["truth"] = truth_t.loc[evals["source_id"], labels].to_numpy(float)
+            evals["no_bp"] = (~truth_t.loc[evals["source_id"], "has_bp"].to_numpy(bool)
+                              if "has_bp" in truth_t.columns else np.zeros(len(keep), bool))
         pred = ens.predict(evals["tensors"])["mean"]
         keep, truth, snr = evals["keep"], evals["truth"], evals["snr"]
         rmse = {}
@@ -95,18 +97,26 @@ def main() -> None:
             for b, lo, hi in BINS:
                 sel = keep & np.isfinite(truth[:, j]) & (snr >= lo) & (snr < hi)
                 rmse[(lab, b)] = float(np.sqrt(np.mean((pred[sel, j] - truth[sel, j]) ** 2))) if sel.sum() else np.nan
+            # the trust issue's no-BP figure: stars without BP coefficients over the others, all S/N
+            sel = keep & np.isfinite(truth[:, j])
+            nb = evals["no_bp"]
+            rmse[(lab, "noBP/others")] = (float(np.sqrt(np.mean((pred[sel & nb, j] - truth[sel & nb, j]) ** 2))
+                                                / np.sqrt(np.mean((pred[sel & ~nb, j] - truth[sel & ~nb, j]) ** 2)))
+                                          if (sel & nb).any() else np.nan)
         rows[name] = {"rmse": rmse, "seconds": seconds, "overrides": ov, "labels": labels}
         print(f"{name}: {args.members} members in {seconds:.0f} s, overrides {ov}", flush=True)
     labels = rows["base"]["labels"]
     print(f"RMSE on {int(evals['keep'].sum())} in-distribution stars (test split + observed), per S/N bin "
-          "15-25 / 25-50 / >50 / all, and the ratio to base:")
+          "15-25 / 25-50 / >50 / all, and the ratio to base; then the RMSE of the "
+          f"{int((evals['keep'] & evals['no_bp']).sum())} of them without BP over the others' (trust issue: <= 1.5):")
     for name, r in rows.items():
         print(f"  {name}")
         for lab in labels:
             vals = [r["rmse"][(lab, b)] for b, *_ in BINS]
             ratio = [r["rmse"][(lab, b)] / rows["base"]["rmse"][(lab, b)] for b, *_ in BINS]
             fmt = (lambda v: f"{v:7.1f}") if lab == "teff" else (lambda v: f"{v:7.4f}")
-            print(f"    {lab:<8}" + " ".join(fmt(v) for v in vals) + "   x " + " ".join(f"{x:.2f}" for x in ratio))
+            print(f"    {lab:<8}" + " ".join(fmt(v) for v in vals) + "   x " + " ".join(f"{x:.2f}" for x in ratio)
+                  + f"   noBP {r['rmse'][(lab, 'noBP/others')]:.2f}")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,10 @@ class ModelConfig(StrictModel):
     # spectrum) and leaves the others under-used; a loss on each branch alone makes every branch carry
     # what its input holds. Training only: prediction uses the joint head, so inference costs nothing more.
     branch_loss: float = Field(0.0, ge=0, le=10)
+    # beta-NLL (Seitzer et al. 2022; stellar.model.gaussian_nll): the training loss's terms weighted by their
+    # variance ** nll_beta (gradient stopped), so labels the network is unsure of still pull the means.
+    # Validation, early stopping and the calibration use the plain NLL. 0: the plain NLL.
+    nll_beta: float = Field(0.0, ge=0, le=1)
 
     def model_post_init(self, _ctx) -> None:
         """Refuse an architecture without an input branch, and input dropout of unknown blocks or at rates
@@ -237,16 +241,24 @@ class HybridNet(nn.Module):
 
 
 def gaussian_nll(mean: torch.Tensor, log_var: torch.Tensor, target: torch.Tensor,
-                 target_err: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+                 target_err: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                 beta: float = 0.0) -> torch.Tensor:
     """Mean Gaussian NLL over present labels; the label survey's own error adds to the variance,
     so the network learns the star's intrinsic scatter, not the training labels' noise.
-    ``weight`` (B,): per-star weights of a weighted mean (label balancing, stellar.balance)."""
+    ``weight`` (B,): per-star weights of a weighted mean (label balancing, stellar.balance).
+    ``beta`` > 0: the beta-NLL of Seitzer et al. (2022), each term weighted by its variance ** beta
+    with the gradient stopped: the plain NLL divides every mean gradient by the variance, so the labels
+    and stars the network is unsure of early are the ones it learns slowest, and it settles for a large
+    variance where a better mean was there to learn; beta = 1 gives those terms the mean-square
+    gradient, beta = 0.5 is between. The optimum of the variance is unchanged."""
     present = torch.isfinite(target)
     var = log_var.exp()
     if target_err is not None:
         var = var + torch.nan_to_num(target_err, nan=0.0) ** 2
     diff = torch.where(present, target - mean, torch.zeros_like(mean))
     nll = 0.5 * (diff**2 / var + torch.log(var))
+    if beta:
+        nll = nll * var.detach() ** beta
     w = present.to(nll.dtype)
     if weight is not None:
         w = w * weight.to(nll.dtype)[:, None]

@@ -52,6 +52,32 @@ def test_weighted_nll_is_a_weighted_mean():
         pytest.approx(float(gaussian_nll(mean, log_var, target)))
 
 
+def test_beta_nll_gives_unsure_terms_back_their_mean_gradient():
+    """beta-NLL: each term's mean gradient is the plain NLL's times var ** beta (beta = 1: the squared
+    error's), the variance's optimum stays at the squared residual, and beta 0 is the plain NLL."""
+    target = torch.tensor([[1.0, 1.0]])
+    log_var = torch.log(torch.tensor([[0.01, 1.0]]))  # one sure term, one unsure
+    grads = {}
+    for beta in (0.0, 0.5, 1.0):
+        mean = torch.zeros(1, 2, requires_grad=True)
+        gaussian_nll(mean, log_var, target, beta=beta).backward()
+        grads[beta] = mean.grad[0].numpy()
+    np.testing.assert_allclose(grads[0.0], [-100.0 / 2, -1.0 / 2], rtol=1e-5)  # diff / var, mean of 2
+    np.testing.assert_allclose(grads[1.0], [-1.0 / 2, -1.0 / 2], rtol=1e-5)  # the squared error's
+    np.testing.assert_allclose(grads[0.5], [-10.0 / 2, -1.0 / 2], rtol=1e-5)
+    # the variance's optimum is the squared residual whatever beta
+    lv = torch.zeros(1, 1, requires_grad=True)
+    opt = torch.optim.Adam([lv], lr=0.05)
+    for _ in range(600):
+        opt.zero_grad()
+        gaussian_nll(torch.zeros(1, 1), lv, torch.tensor([[0.5]]), beta=0.5).backward()
+        opt.step()
+    assert float(lv.exp()) == pytest.approx(0.25, rel=0.02)
+    mean, lv0 = torch.zeros(2, 1), torch.zeros(2, 1)
+    tgt = torch.tensor([[1.0], [3.0]])
+    assert float(gaussian_nll(mean, lv0, tgt, beta=0.0)) == float(gaussian_nll(mean, lv0, tgt))
+
+
 def test_label_balance_weights_favour_the_sparse_tail():
     from stellar.balance import label_density_weights, weight_lookup
 
