@@ -78,6 +78,35 @@ def test_beta_nll_gives_unsure_terms_back_their_mean_gradient():
     assert float(gaussian_nll(mean, lv0, tgt, beta=0.0)) == float(gaussian_nll(mean, lv0, tgt))
 
 
+def test_head_dropout_is_set_apart_from_the_spectrum_features_dropout():
+    """``head_dropout`` sets the fused head's dropout alone (None: ``dropout``); the flattened conv
+    features keep ``dropout``. Checked on the modules and on train-mode forwards."""
+    from torch import nn
+
+    from stellar.model import HybridNet, load_model_preset
+
+    base = load_model_preset("hybrid")
+
+    def net(**update):
+        torch.manual_seed(0)
+        return HybridNet(base.model_copy(update=update), 801, 110, 7, 5)
+
+    def head_rates(n):
+        return [m.p for m in n.head if isinstance(m, nn.Dropout)]
+
+    n = net(dropout=0.2, head_dropout=0.0)
+    assert isinstance(n.conv_dropout, nn.Dropout) and n.conv_dropout.p == 0.2 and head_rates(n) == []
+    assert head_rates(net(dropout=0.2, head_dropout=None)) == [0.2] * len(base.head)
+    g = torch.Generator().manual_seed(1)
+    x = (1 + 0.1 * torch.randn(16, 801, generator=g), torch.zeros(16, 801, dtype=torch.bool),
+         torch.randn(16, 110, generator=g), torch.randn(16, 7, generator=g))
+    quiet = net(dropout=0.0, head_dropout=0.0).train()
+    assert torch.equal(quiet(*x)[0], quiet(*x)[0])  # nothing random left in train mode
+    noisy = net(dropout=0.0, head_dropout=0.3).train()
+    assert isinstance(noisy.conv_dropout, nn.Identity) and head_rates(noisy) == [0.3] * len(base.head)
+    assert not torch.equal(noisy(*x)[0], noisy(*x)[0])
+
+
 def test_label_balance_weights_favour_the_sparse_tail():
     from stellar.balance import label_density_weights, weight_lookup
 
