@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 
 from stellar.ensemble import Ensemble
 from stellar.errors import StellarError
-from stellar.features import SCALAR_INPUTS, RawStars, star_features
+from stellar.features import SCALAR_INPUTS, SCALAR_NAMES, RawStars, star_features
 from stellar.numerics import one_blas_thread
 from stellar.tables import fixed_list
 from stellar.trust import OOD_BITS
@@ -89,6 +89,12 @@ class StellarModel:
         if not settings:
             raise ModelInputError("this model does not carry its preprocessing settings (trained before they were "
                                   "stored with the features): retrain it to use it outside a pipeline run")
+        model_scalars = list(self.ensemble.stats.get("scalar_names") or [])
+        if model_scalars != list(SCALAR_NAMES):
+            # the arrays are turned into features by this stellar version's code: its scalar set is fixed
+            raise ModelInputError(f"this model reads the scalars {model_scalars} but this stellar version computes "
+                                  f"{list(SCALAR_NAMES)}: it was trained by another stellar version; retrain it "
+                                  "(stellar train) or use the stellar version it was trained with")
         self.settings = settings
         dev = "cuda" if self.device == "auto" and torch.cuda.is_available() else \
             ("cpu" if self.device == "auto" else self.device)

@@ -831,6 +831,22 @@ def test_python_api_on_survey_files_equals_the_pipeline(registry, tmp_path):
     _assert_same_predictions(arrays, api.iloc[:200].reset_index(drop=True), model.labels, min_agreement=1.0)
 
 
+def test_python_api_refuses_a_model_of_another_scalar_set(registry):
+    """A model whose scalar inputs are not the ones this version computes (one trained before the log of
+    the reduced parallax: 6 scalars) is refused when loaded, in one line naming both sets, instead of
+    failing on a shape deep inside the first prediction."""
+    import stellar
+    from stellar.api import ModelInputError, StellarModel
+
+    _, cfg, _ = registry
+    model = stellar.load_model(f"models:/{cfg.mlflow.model_name}/1", tracking_uri=cfg.mlflow.tracking_uri)
+    ens = model.ensemble  # a fresh load: changing its stats touches no other test's model
+    ens.stats = {**ens.stats, "scalar_names": list(ens.stats["scalar_names"])[:6]}
+    with pytest.raises(ModelInputError, match=r"reads the scalars .*but this stellar version computes "
+                                              r".*log_reduced_parallax.*retrain"):
+        StellarModel(ens)
+
+
 def test_python_api_on_real_datalink_files(registry, real_data):
     """The six real Gaia DR3 RVS DataLink spectra (and an XP_CONTINUOUS download of another star beside
     them) through ``predict_files``: one row per spectrum with named, finite labels inside the physical
