@@ -48,8 +48,8 @@ class ModelConfig(StrictModel):
     # dropout there trains the network on randomly dimmed parallax/photometry features, which pulls the
     # labels they pin toward the training mean (attenuation bias): at 0.1 the demo's dwarfs with log g
     # 4.6-5.0 came out 0.13 dex low with a scatter of 0.02, training stars included. 0.03 (with 0.2 on
-    # the conv features) cut log g RMSE 15-28 % and Teff 4-16 %, for [M/H] and [Fe/H] 4-6 % worse
-    # (README, "Head dropout").
+    # the conv features, 5 members) cut log g RMSE 18-38 % and Teff 4-18 %, the abundances lower or
+    # equal, on both surveys (README, "Head dropout").
     head_dropout: float | None = Field(0.03, ge=0, lt=1)
     activation: Literal["leaky_relu", "relu", "gelu"] = "leaky_relu"
     heteroscedastic: bool = True  # mean + log-variance per label (else mean only, MSE)
