@@ -232,7 +232,7 @@ def outlier_members(losses: list[float], n_mad: float = 3.0) -> list[int]:
 # factors noisy, and a step at a bin edge is not physical). t is clipped to the validation stars' 2-98 %
 # range, so the factor never extrapolates beyond the S/N the fit saw. The curvature is there because a
 # straight line in log S/N measurably could not fit the middle and both ends at once: on the demo and the
-# hard survey, every label's z-score spread was 0.03-0.13 lower at S/N 25-50 than at 15-25 and > 50.
+# hard survey, every label's z-score spread was 0.02-0.13 lower at S/N 25-50 than at 15-25 and > 50.
 CALIBRATION_PIVOT_SNR = 30.0
 # The curvature q has a Gaussian prior N(0, CALIBRATION_CURVATURE_PRIOR^2): over the 2-98 % range of t
 # (about 2.5 wide) q = 0.1 already moves the factor by ~15 %, so a few hundred stars cannot bend it far.
@@ -414,8 +414,7 @@ class Ensemble:
         if snr is None:
             return np.broadcast_to(self.calibration, (n, len(self.labels)))
         t = self.snr_term(snr)
-        log_c = (self.snr_coef[:, 0][None, :] + t[:, None] * self.snr_coef[:, 1][None, :]
-                 + (t**2)[:, None] * self.snr_coef[:, 2][None, :])
+        log_c = np.stack([np.ones_like(t), t, t**2], axis=1) @ self.snr_coef.T  # a + b t + q t^2, (N, L)
         if mu_norm is not None and np.any(self.label_coef):
             log_c = log_c + np.clip(label_terms(mu_norm, self.label_range) @ self.label_coef.T,
                                     -CALIBRATION_LABEL_MAX_LOG, CALIBRATION_LABEL_MAX_LOG)
