@@ -203,6 +203,7 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper: Executor 
     summary = {"members": len(members), "kept": len(kept), "dropped": dropped,
                "calibration": dict(zip(labels, ens.calibration.round(4).tolist())),
                "snr_calibration": ens.snr_calibration(),
+               "mean_correction": dict(zip(labels, ens.mean_coef.round(4).tolist())),
                "trust": trust.to_dict(),
                "z_std_uncalibrated": raw_cal, "metrics": metrics,
                "member_seconds": [round(m.seconds, 2) for m in members],
@@ -236,7 +237,7 @@ def run(cfg: StellarConfig, instrument: Instrument, executor: Executor | None = 
 def fit_trust_and_calibration(cfg: StellarConfig, ens: Ensemble, instrument: Instrument, selection: Path | None,
                               val: dict | None = None, fit_emulator: bool = True) -> TrustThresholds:
     """Everything fitted on held-out stars after the members are trained, in order: the spectrum
-    emulator (on the training stars), the trust thresholds (validation stars and a training-star pool
+    emulator (on the training stars), the mean correction (validation stars), the trust thresholds (validation stars and a training-star pool
     for the chi-squares), then the uncertainty calibration on the validation stars the trust tests
     keep (the stars users keep). One function for the trainer and for re-assessing a finished run's
     model with changed trust code (``benchmarks/trust.py --refit``), so both fit exactly alike.
@@ -248,6 +249,7 @@ def fit_trust_and_calibration(cfg: StellarConfig, ens: Ensemble, instrument: Ins
     if fit_emulator or ens.emulator is None:
         ens.fit_emulator(fit_set, line_window(stats["wavelength"], [(ln.wavelength, ln.strength)
                                                                     for ln in instrument.lines if ln.kind != "dib"]))
+    ens.fit_mean_correction(val)
     val_scores = map_scores(selection, val["source_id"].numpy())
     trust = ens.fit_trust(val, cfg.train.ood_false_flag_rate, val_scores, chi2_pool_sample(fit_set))
     keep = ens.flag(val, val_scores) == 0

@@ -139,7 +139,15 @@ def test_same_seed_same_weights_and_save_load(features, tmp_path):
     assert a.weights == b.weights and a.weights != c.weights
     ens = Ensemble(cfg, labels, stats, [a.weights, c.weights], calibration=np.array([1.1, 0.9, 1.0, 1.2, 0.8]))
     test = load_split(root, "test", labels, stats)
+    plain = ens.predict(test)
+    # a mean correction (fit_mean_correction's form): +0.02 + 0.01 u on the second label, saved and applied
+    ens.mean_coef[1, 0], ens.mean_coef[1, 2] = 0.02, 0.01
+    ens.mean_range = np.tile([-3.0, 3.0], (len(labels), 1))
     before = ens.predict(test)
+    u = (plain["mean"][:, 1] - ens.label_mean[1]) / ens.label_std[1]
+    assert np.allclose((before["mean"][:, 1] - plain["mean"][:, 1]) / ens.label_std[1],
+                       0.02 + 0.01 * np.clip(u, -3, 3), atol=1e-6)
+    assert np.array_equal(before["mean"][:, [0, 2, 3, 4]], plain["mean"][:, [0, 2, 3, 4]])
     loaded = Ensemble.load(ens.save(tmp_path / "ens"))
     after = loaded.predict(test)
     assert np.array_equal(before["mean"], after["mean"]) and np.array_equal(before["sigma"], after["sigma"])
