@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/accuracy.py [--stars 60000] [--work DIR] [--members 5] [--epochs 25]
     .venv/bin/python benchmarks/accuracy.py --work DIR   # DIR: a finished `stellar pipeline` run
                                                           # (e.g. benchmarks/trust.py --hard --work DIR)
+    .venv/bin/python benchmarks/accuracy.py --work DIR --refit   # its champion refitted after training
+                                                                # (mean correction, trust, calibration)
 
 Without a finished run in --work it runs `stellar pipeline` on a generated survey
 (``--hard``: the hard variant of conf/realism/hard.yaml, as benchmarks/trust.py
@@ -91,6 +93,9 @@ def main() -> None:
     ap.add_argument("--spectrum-members", type=int, default=3,
                     help="members of the spectrum-only CNN peer (0: skip it)")
     ap.add_argument("--epochs", type=int, default=None, help="max epochs (default: the preset's)")
+    ap.add_argument("--refit", action="store_true",
+                    help="refit the champion's post-training steps (mean correction, trust, calibration) with the "
+                         "current code first, as benchmarks/trust.py --refit does")
     ap.add_argument("--limit", type=int, default=600, metavar="N",
                     help="stars of the physical-limit fit (benchmarks/limit.py; 0: skip it)")
     args = ap.parse_args()
@@ -109,6 +114,12 @@ def main() -> None:
     from stellar.train import train_ensemble
 
     ens, ident = load_registered(cfg, "champion")
+    if args.refit:
+        from stellar.tables import TableStore
+        from stellar.train import fit_trust_and_calibration, selection_table
+
+        selection, _ = selection_table(cfg, TableStore(cfg.preprocess.output_dir).current_version())
+        fit_trust_and_calibration(cfg, ens, inst, selection, fit_emulator=False)
     root = cfg.preprocess.output_dir
     stats = load_stats(root)
     labels = ens.labels

@@ -72,6 +72,10 @@ def model_card(ens, metrics: dict, features_counts: dict, cfg, identity: dict | 
               "with log S/N and the predicted labels, fitted on the validation stars the trust tests keep. "
               "All-S/N factors: " + ", ".join(f"{lab} {f:.3f}" for lab, f in zip(ens.labels, ens.calibration)) + "; "
               f"pivot S/N {sc.get('pivot')}.", ""]
+    corrected = [lab for lab, row in zip(ens.labels, ens.mean_coef) if np.any(row)]
+    lines += ["Mean correction (a quadratic in the predicted Teff and log g, fitted on the validation stars' "
+              "labels, kept where a 2-fold cross-validation says it helps): "
+              + (", ".join(corrected) if corrected else "none kept") + ".", ""]
     lines += ["## Trust flags", "",
               "`ood` is true where any test flags the star; `ood_reason` says which (bits in the predictions' "
               "column descriptions). Free thresholds were set on the validation split at a "
