@@ -9,7 +9,10 @@ any mapper (Spark tasks in ``stellar train``, in-process in tests).
 The ensemble's variance is aleatoric (mean of the members' predicted
 variances) plus epistemic (variance of the members' means). A per-label
 factor fitted on the validation split calibrates it, so that on held-out
-stars (y - mu) / sigma has unit spread; the test split measures that.
+stars (y - mu) / sigma has unit spread; the test split measures that. The
+ensemble's mean gets a small correction fitted on the validation split too
+(:func:`fit_mean_correction`): the pull toward the middle of the training
+labels at their edges, where it is larger than the scatter.
 """
 
 from __future__ import annotations
@@ -499,8 +502,8 @@ class Ensemble:
     def fit_mean_correction(self, data: dict[str, torch.Tensor]) -> np.ndarray:
         """The mean correction from held-out (validation) stars' catalogue labels (:func:`fit_mean_correction`,
         one label at a time, covariates the predicted :data:`MEAN_CORRECTION_COVARIATES`); replaces any
-        earlier one. Run before the trust thresholds and the calibration, which
-        see the corrected labels. Returns the (L, 1 + 2L) coefficients."""
+        earlier one. Run before the trust thresholds and the calibration, which see the corrected labels.
+        Returns the (L, 1 + 2L) coefficients."""
         L = len(self.labels)
         self.mean_coef = np.zeros((L, 1 + 2 * L))
         pred = self.predict(data, calibrated=False)
@@ -509,19 +512,18 @@ class Ensemble:
         e = np.nan_to_num(data["label_err"].numpy().astype(np.float64))
         fold = split_hash(data["source_id"].numpy(), 31) < 0.5
         coef = np.zeros((L, 1 + 2 * L))
-        rng = (np.quantile(mu, [0.02, 0.98], axis=0).T if len(mu) >= MIN_MEAN_CORRECTION_STARS else np.zeros((L, 2)))
-        X = mean_terms(mu, rng)
-        for j, lab in enumerate(self.labels):
+        span = (np.quantile(mu, [0.02, 0.98], axis=0).T if len(mu) >= MIN_MEAN_CORRECTION_STARS
+                else np.zeros((L, 2)))
+        X = mean_terms(mu, span)
+        which = [i for i, k in enumerate(self.labels) if k in MEAN_CORRECTION_COVARIATES]
+        cols = [0] + [1 + i for i in which] + [1 + L + i for i in which]
+        for j in range(L if which else 0):
             ok = np.isfinite(y[:, j])
             if ok.sum() < MIN_MEAN_CORRECTION_STARS:
                 continue
-            which = [i for i, k in enumerate(self.labels) if k in MEAN_CORRECTION_COVARIATES]
-            if not which:
-                continue
-            cols = [0] + [1 + i for i in which] + [1 + L + i for i in which]
             w = 1.0 / (pred["sigma_norm"][ok, j] ** 2 + e[ok, j] ** 2)
             coef[j, cols] = fit_mean_correction(y[ok, j] - mu[ok, j], w, X[ok][:, cols], fold[ok])
-        self.mean_coef, self.mean_range = coef, np.asarray(rng, dtype=float)
+        self.mean_coef, self.mean_range = coef, np.asarray(span, dtype=float)
         return coef
 
     def snr_calibration(self) -> dict:
