@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cannon import QuadraticCannon  # noqa: E402
 from limit import physical_limit  # noqa: E402
-from trust import HARD_SETS, run_pipeline  # noqa: E402
+from trust import HARD_SETS, refit_champion, run_pipeline  # noqa: E402
 
 from stellar.config import load_config  # noqa: E402
 from stellar.instruments import load_instrument  # noqa: E402
@@ -115,11 +115,7 @@ def main() -> None:
 
     ens, ident = load_registered(cfg, "champion")
     if args.refit:
-        from stellar.tables import TableStore
-        from stellar.train import fit_trust_and_calibration, selection_table
-
-        selection, _ = selection_table(cfg, TableStore(cfg.preprocess.output_dir).current_version())
-        fit_trust_and_calibration(cfg, ens, inst, selection, fit_emulator=False)
+        refit_champion(cfg, ens)
     root = cfg.preprocess.output_dir
     stats = load_stats(root)
     labels = ens.labels

@@ -153,20 +153,28 @@ def report(f: dict) -> str:
     return "\n".join(lines)
 
 
+def refit_champion(cfg, ens) -> None:
+    """Refit a finished run's champion ``ens`` in place with the current post-training code (mean correction,
+    trust thresholds, calibration; its own emulator kept), on the run's validation stars as the trainer fits
+    them. Shared by ``--refit`` here and in benchmarks/accuracy.py."""
+    from stellar.instruments import load_instrument
+    from stellar.tables import TableStore
+    from stellar.train import fit_trust_and_calibration, selection_table
+
+    selection, _ = selection_table(cfg, TableStore(cfg.preprocess.output_dir).current_version())
+    fit_trust_and_calibration(cfg, ens, load_instrument(cfg.instrument, cfg.conf_dir), selection, fit_emulator=False)
+
+
 def refit_predictions(work: Path, sets: list[str]):
     """The run's champion with trust and calibration refitted by the current code: its predictions.
     ``sets``: the run's ``--set`` overrides (e.g. ``train.ood_false_flag_rate``), applied as the run applied them."""
     from stellar.config import load_config
-    from stellar.instruments import load_instrument
     from stellar.predict import ModelBundle, predict
-    from stellar.tables import TableStore
     from stellar.registry import load_registered
-    from stellar.train import fit_trust_and_calibration, selection_table
 
     cfg = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={work}", *sets])
     ens, ident = load_registered(cfg, "champion")
-    selection, _ = selection_table(cfg, TableStore(cfg.preprocess.output_dir).current_version())
-    fit_trust_and_calibration(cfg, ens, load_instrument(cfg.instrument, cfg.conf_dir), selection, fit_emulator=False)
+    refit_champion(cfg, ens)
     with tempfile.TemporaryDirectory(prefix="stellar-trust-refit-") as out:
         c = load_config(ROOT / "conf" / "local.yaml", [f"work_dir={work}", *sets, f"predict.output_dir={out}"])
         predict(c, ModelBundle(ident["name"], ident["version"], ident["run_id"], ens.to_files()), spark=None)
