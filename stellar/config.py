@@ -121,6 +121,11 @@ class RealismConfig(StrictModel):
     continuum_wiggle: float = Field(0.0, ge=0.0, le=0.1)
     # Share of in-distribution dwarfs and subgiants that rotate fast (vbroad 15-60 km/s).
     fast_rotator_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    # The label survey's preference for bright stars: a star's chance of a catalogue label scales as its
+    # RVS S/N to this power (normalised so that ``training_fraction`` still holds on average). A label
+    # survey observes at high resolution, so its stars are mostly brighter than the RVS catalogue's; at
+    # 0.5 the labelled stars' median S/N is ~1.6x the catalogue's. 0: labels regardless of brightness.
+    label_snr_power: float = Field(0.0, ge=0.0, le=2.0)
 
 
 class SynthConfig(StrictModel):

@@ -31,6 +31,7 @@ from safetensors.torch import save as st_save
 from safetensors.numpy import load as np_load
 from safetensors.numpy import save as np_save
 
+from stellar.augment import catalogue_snr_quantiles, degrade_spectra
 from stellar.balance import label_density_weights, weight_lookup
 from stellar.devices import make_deterministic, pick_device
 from stellar.emulator import SpectrumEmulator
@@ -163,6 +164,8 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
     make_deterministic(dev)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 7919)  # the block-dropout draws: their own stream
+    snr_gen = torch.Generator().manual_seed(seed + 104729)  # the S/N augmentation's draws: another
+    snr_q = (torch.from_numpy(catalogue_snr_quantiles(features_root)) if cfg.snr_augment > 0 else None)
     dropout = {k: v for k, v in cfg.input_dropout.items() if v > 0}
     net = build_net(cfg, stats, labels).to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -187,6 +190,8 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
         for b in train:
             if dropout:  # blank whole input blocks as preprocess blanks missing ones (stellar.trust.drop_blocks)
                 drop_blocks(b["xp"], b["scalars"], dropout, stats, gen)
+            if snr_q is not None:  # stellar.augment: some spectra at the catalogue's S/N
+                degrade_spectra(b["spectrum"], b["spectrum_error"], b["snr"], snr_q, cfg.snr_augment, snr_gen)
             w = torch.from_numpy(weight_of(b["source_id"].numpy())).to(dev) if weight_of else None
             b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
             mean, log_var, heads = net.forward_with_branches(*(b[k] for k in INPUTS))

@@ -64,6 +64,11 @@ class ModelConfig(StrictModel):
     # per label; 25 % is the default since the head dropout went to 0.03 (README, "Missing inputs").
     input_dropout: dict[str, float] = Field(default_factory=lambda: {"xp": 0.02, "bp": 0.25, "rp": 0.02,
                                                                      "parallax": 0.02})
+    # S/N augmentation (stellar.augment): the probability that a training star's spectrum is, in a given
+    # batch, made noisier to an S/N drawn from the whole catalogue's S/N distribution (left as it is
+    # where its own S/N is already lower). A label survey's stars are mostly brighter than the catalogue's;
+    # this shows the network spectra as noisy as the ones it will label. 0: off.
+    snr_augment: float = Field(0.0, ge=0, le=1)
     # training
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)  # L2

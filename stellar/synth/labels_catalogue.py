@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from stellar.synth.population import OOD_NONE
+from stellar.synth.population import GRVS_BRIGHTEST, GRVS_COUNT_SLOPE, OOD_NONE
 
 ASPCAP_STAR_BAD = 23
 STARFLAG_BRIGHT_NEIGHBOR = 2
@@ -29,11 +29,30 @@ LABEL_NOISE = {"teff": 40.0, "logg": 0.06, "m_h": 0.03, "alpha_m": 0.025, "fe_h"
 ALLSTAR_COLUMN = {"teff": "TEFF", "logg": "LOGG", "m_h": "M_H", "alpha_m": "ALPHA_M", "fe_h": "FE_H", "a_li": "A_LI"}
 
 
-def choose_training(rng: np.random.Generator, pop: dict, fraction: float) -> np.ndarray:
+def brightness_weight(grvs: np.ndarray, grvs_limit: float, snr_power: float) -> np.ndarray:
+    """A star's relative chance of a label for its brightness: (S/N / S/N at the limit) ** ``snr_power``,
+    i.e. 10^(-0.2 snr_power (G_RVS - limit)), divided by its mean over the sample's magnitude distribution
+    (counts ~ 10^(GRVS_COUNT_SLOPE m) between GRVS_BRIGHTEST and the limit), so the share of labelled
+    stars stays what ``fraction`` says. The mean is computed, not taken over the stars at hand, so a
+    star's chance does not depend on which file it was generated in."""
+    if snr_power == 0:
+        return np.ones_like(grvs, dtype=np.float64)
+    a = GRVS_COUNT_SLOPE * np.log(10.0)
+    c = 0.2 * snr_power * np.log(10.0)
+    span = grvs_limit - GRVS_BRIGHTEST
+    # mean of exp(-c x) for x = m - limit with density a exp(a x) / (1 - exp(-a span)) on [-span, 0]
+    mean = (a * span if np.isclose(a, c) else a / (a - c) * (1.0 - np.exp(-(a - c) * span))) / (1.0 - np.exp(-a * span))
+    return np.exp(-c * (np.asarray(grvs, dtype=np.float64) - grvs_limit)) / mean
+
+
+def choose_training(rng: np.random.Generator, pop: dict, fraction: float, grvs_limit: float = 14.1,
+                    snr_power: float = 0.0) -> np.ndarray:
     """Which stars get training labels: about ``fraction`` of them, giants 1.4x and dwarfs 0.6x as likely
-    (a higher-resolution survey's selection), never an out-of-distribution star."""
+    (a higher-resolution survey's selection), brighter ones more likely with ``snr_power`` > 0
+    (:func:`brightness_weight`; capped at certainty), never an out-of-distribution star."""
     giant = pop["stage"] >= 2
-    p = np.clip(fraction * np.where(giant, 1.4, 0.6), 0.0, 1.0)
+    p = np.clip(fraction * np.where(giant, 1.4, 0.6) * brightness_weight(pop["grvs_mag"], grvs_limit, snr_power),
+                0.0, 1.0)
     return (rng.random(p.size) < p) & (pop["ood_kind"] == OOD_NONE)
 
 

@@ -102,6 +102,11 @@ def absolute_g(teff: np.ndarray, logg: np.ndarray, mass: np.ndarray) -> np.ndarr
     return 4.74 - 2.5 * log_l - bolometric_correction_g(teff)
 
 
+# The sample's G_RVS distribution: counts grow as 10^(GRVS_COUNT_SLOPE m) from GRVS_BRIGHTEST to the limit.
+GRVS_BRIGHTEST = 7.0
+GRVS_COUNT_SLOPE = 0.17
+
+
 def draw_population(rng: np.random.Generator, n: int, ood_fraction: float, grvs_limit: float,
                     snr_at_limit: float, gal_b_deg: np.ndarray, extinction_scale: float = 1.0) -> dict[str, np.ndarray]:
     """All per-star truth quantities for ``n`` stars at the given Galactic latitudes.
@@ -132,9 +137,9 @@ def draw_population(rng: np.random.Generator, n: int, ood_fraction: float, grvs_
     dv = np.where(sb2, rng.uniform(40.0, 120.0, n) * rng.choice([-1, 1], n), 0.0)
 
     # Magnitude-limited sample: p(G_RVS) ~ 10^(0.17 m) puts about a third at S/N 15-25.
-    m_lo = 7.0
+    m_lo = GRVS_BRIGHTEST
     u = rng.random(n)
-    k = 0.17 * np.log(10.0)
+    k = GRVS_COUNT_SLOPE * np.log(10.0)
     grvs = np.log(np.exp(k * m_lo) + u * (np.exp(k * grvs_limit) - np.exp(k * m_lo))) / k
     # Photon-noise S/N with a little scatter from the number of transits.
     snr = snr_at_limit * 10 ** (-0.2 * (grvs - grvs_limit)) * rng.lognormal(0.0, 0.08, n)

@@ -348,7 +348,8 @@ def generate_file(task: FileTask, cfg: SynthConfig, instrument: Instrument, out_
     xp_obs = xp.observe(rng, xp.coefficients(pop["teff"], pop["m_h"], pop["a_v"], band_flux))
     has_bp = rng.random(n) >= cfg.missing_bp_fraction
 
-    labelled = labels_catalogue.choose_training(rng, pop, cfg.training_fraction)
+    labelled = labels_catalogue.choose_training(rng, pop, cfg.training_fraction, cfg.grvs_limit,
+                                                cfg.realism.label_snr_power)
     apogee = labels_catalogue.measure_labels(rng, pop, labelled, cfg.label_bad_fraction, instrument.labels)
 
     name = task.range_name
