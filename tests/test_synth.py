@@ -273,3 +273,26 @@ def test_realism_terms_do_what_the_hard_preset_says():
     hard = load_config(None, ["synth.realism=hard"]).synth.realism
     assert hard.extinction_scale == 1.5 and hard.noise_correlation_px == 1.0 and hard.fast_rotator_fraction == 0.05
     assert load_config(None, []).synth.realism == load_config(None, ["synth.realism=default"]).synth.realism
+
+
+def test_label_survey_favours_bright_stars_as_the_hard_preset_says():
+    """realism.label_snr_power: the labelled stars' median S/N is well above the catalogue's while the
+    labelled share stays ``training_fraction``; at 0 the selection is the old one, draw for draw."""
+    from stellar.config import load_config
+    from stellar.synth.labels_catalogue import brightness_weight, choose_training
+    from stellar.synth.population import draw_population
+
+    pop = draw_population(np.random.default_rng(3), 40000, 0.0, 14.1, 18.0, np.zeros(40000), 1.0)
+    power = load_config(None, ["synth.realism=hard"]).synth.realism.label_snr_power
+    assert power > 0 and load_config(None, []).synth.realism.label_snr_power == 0
+    giant_share = np.mean(pop["stage"] >= 2)
+    expected = 0.3 * (1.4 * giant_share + 0.6 * (1 - giant_share))
+    plain = choose_training(np.random.default_rng(5), pop, 0.3)
+    bright = choose_training(np.random.default_rng(5), pop, 0.3, 14.1, power)
+    assert abs(plain.mean() - expected) < 0.01 and abs(bright.mean() - expected) < 0.02
+    assert np.array_equal(plain, choose_training(np.random.default_rng(5), pop, 0.3, 14.1, 0.0))
+    ratio = np.median(pop["snr"][bright]) / np.median(pop["snr"])
+    assert 1.7 < ratio < 2.6, ratio
+    assert np.median(pop["snr"][plain]) / np.median(pop["snr"]) < 1.15
+    # the weight's normalisation is computed, not taken from the stars at hand: mean 1 over the sample
+    assert abs(brightness_weight(pop["grvs_mag"], 14.1, power).mean() - 1.0) < 0.03

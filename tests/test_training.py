@@ -154,6 +154,60 @@ def test_same_seed_same_weights_and_save_load(features, tmp_path):
     assert not any(p.suffix in (".pkl", ".pt", ".pickle") for p in (tmp_path / "ens").iterdir())
 
 
+def test_snr_augmentation_brings_spectra_to_the_catalogues_snr():
+    """stellar.augment.degrade_spectra: about ``rate`` of the stars get noise that takes them to a drawn
+    catalogue S/N (the residual scatter is error * s0 / s), stars already fainter than their draw and the
+    rest are untouched, and the same generator seed gives the same spectra."""
+    from stellar.augment import degrade_spectra
+
+    n, p = 3000, 400
+    q = torch.linspace(10.0, 60.0, 101, dtype=torch.float64)
+    snr = torch.where(torch.arange(n) % 3 == 0, 40.0, 200.0).to(torch.float64)  # a third inside the range
+    err = (1.0 / snr).to(torch.float32)[:, None].expand(n, p).contiguous()
+    runs = []
+    for _ in range(2):
+        spec = torch.ones(n, p)
+        runs.append((spec, degrade_spectra(spec, err, snr, q, 0.4, torch.Generator().manual_seed(11))))
+    (spec, now), (spec2, now2) = runs
+    assert torch.equal(spec, spec2) and torch.equal(now, now2)
+    changed = (spec != 1.0).any(1)
+    assert torch.equal(changed, now < snr)
+    bright = snr == 200.0
+    assert abs(float(changed[bright].float().mean()) - 0.4) < 0.04  # every draw is below 200
+    assert float(changed[~bright].float().mean()) < 0.4 * 0.7  # draws above 40 leave those stars alone
+    assert float(now[changed].min()) >= 10.0 and float(now[changed].max()) <= 60.0
+    # the spectra were noiseless: the added scatter is error * sqrt((s0 / s)^2 - 1), which with the star's
+    # own noise (error) makes error * s0 / s
+    added = (spec[changed] - 1.0).std(1).double()
+    expected = (1.0 / snr[changed]) * torch.sqrt((snr[changed] / now[changed]) ** 2 - 1.0)
+    ratio = added / expected
+    assert abs(float(ratio.mean()) - 1.0) < 0.01 and float(ratio.std()) < 0.06
+    untouched = torch.ones(n, p)
+    degrade_spectra(untouched, err, snr, q, 0.0, torch.Generator().manual_seed(11))
+    assert torch.equal(untouched, torch.ones(n, p))
+
+
+def test_snr_augmented_training_is_deterministic_and_reads_the_catalogues_snr(features):
+    """ModelConfig.snr_augment: the target S/N distribution is every star's in the features table, and a
+    member trained with it is the same on a rerun and differs from one trained without it."""
+    import pyarrow.dataset as pads
+
+    from stellar.augment import catalogue_snr_quantiles
+    from stellar.tables import TableStore
+
+    root, stats = features
+    snr = pads.dataset(TableStore(root).table_path("features"), format="parquet",
+                       partitioning="hive").to_table(columns=["snr"]).column("snr").to_numpy()
+    assert len(snr) == 4000
+    assert np.allclose(catalogue_snr_quantiles(root), np.quantile(snr[np.isfinite(snr)], np.linspace(0, 1, 101)))
+    labels = stats["label_names"]
+    aug = ModelConfig(max_epochs=2, patience=2, snr_augment=0.5)
+    a = train_member(root, aug, labels, stats, 0, seed=7, threads=1)
+    b = train_member(root, aug, labels, stats, 0, seed=7, threads=1)
+    c = train_member(root, ModelConfig(max_epochs=2, patience=2), labels, stats, 0, seed=7, threads=1)
+    assert a.weights == b.weights and a.weights != c.weights
+
+
 def test_branch_heads_train_but_never_change_a_prediction(features):
     """ModelConfig.branch_loss: each branch's own head is trained (its weights move, its loss falls
     below the untrained head's), while prediction reads the joint head only: the stacked ensemble
