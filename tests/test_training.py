@@ -201,10 +201,10 @@ def test_snr_augmented_training_is_deterministic_and_reads_the_catalogues_snr(fe
     assert len(snr) == 4000
     assert np.allclose(catalogue_snr_quantiles(root), np.quantile(snr[np.isfinite(snr)], np.linspace(0, 1, 101)))
     labels = stats["label_names"]
-    aug = ModelConfig(max_epochs=2, patience=2, snr_augment=0.5)
+    aug = ModelConfig(max_epochs=1, patience=1, snr_augment=0.5)
     a = train_member(root, aug, labels, stats, 0, seed=7, threads=1)
     b = train_member(root, aug, labels, stats, 0, seed=7, threads=1)
-    c = train_member(root, ModelConfig(max_epochs=2, patience=2), labels, stats, 0, seed=7, threads=1)
+    c = train_member(root, ModelConfig(max_epochs=1, patience=1), labels, stats, 0, seed=7, threads=1)
     assert a.weights == b.weights and a.weights != c.weights
 
 
