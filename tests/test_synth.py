@@ -287,7 +287,7 @@ def test_label_survey_favours_bright_stars_as_the_hard_preset_says():
     assert power > 0 and load_config(None, []).synth.realism.label_snr_power == 0
     giant_share = np.mean(pop["stage"] >= 2)
     expected = 0.3 * (1.4 * giant_share + 0.6 * (1 - giant_share))
-    plain = choose_training(np.random.default_rng(5), pop, 0.3)
+    plain = choose_training(np.random.default_rng(5), pop, 0.3, 14.1)
     bright = choose_training(np.random.default_rng(5), pop, 0.3, 14.1, power)
     assert abs(plain.mean() - expected) < 0.01 and abs(bright.mean() - expected) < 0.02
     assert np.array_equal(plain, choose_training(np.random.default_rng(5), pop, 0.3, 14.1, 0.0))

@@ -45,7 +45,7 @@ def brightness_weight(grvs: np.ndarray, grvs_limit: float, snr_power: float) -> 
     return np.exp(-c * (np.asarray(grvs, dtype=np.float64) - grvs_limit)) / mean
 
 
-def choose_training(rng: np.random.Generator, pop: dict, fraction: float, grvs_limit: float = 14.1,
+def choose_training(rng: np.random.Generator, pop: dict, fraction: float, grvs_limit: float,
                     snr_power: float = 0.0) -> np.ndarray:
     """Which stars get training labels: about ``fraction`` of them, giants 1.4x and dwarfs 0.6x as likely
     (a higher-resolution survey's selection), brighter ones more likely with ``snr_power`` > 0
