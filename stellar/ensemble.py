@@ -169,6 +169,9 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
     dropout = {k: v for k, v in cfg.input_dropout.items() if v > 0}
     net = build_net(cfg, stats, labels).to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.lr_factor, patience=cfg.lr_patience,
+                                                          threshold=1e-5, threshold_mode="abs")
+               if cfg.lr_factor < 1 else None)
     train = FeatureDataset(features_root, split="train", batch_size=cfg.batch_size, shuffle=True, seed=seed,
                            labels=labels, stats=stats)
     val = load_split(features_root, "validation", labels, stats)
@@ -211,7 +214,10 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
         judged.eval()
         mean, log_var = _forward_chunks(judged, val)
         val_loss = float(gaussian_nll(mean, log_var, val["labels"], val["label_err"]))
-        history.append({"epoch": epoch, "train_loss": total / max(n, 1), "val_loss": val_loss})
+        history.append({"epoch": epoch, "train_loss": total / max(n, 1), "val_loss": val_loss,
+                        "learning_rate": opt.param_groups[0]["lr"]})
+        if plateau is not None:  # ModelConfig.lr_factor: a smaller step once the validation loss stalls
+            plateau.step(val_loss)
         if val_loss < best - 1e-5:
             best, best_epoch, bad = val_loss, epoch, 0
             best_state = {k: v.detach().cpu().clone() for k, v in judged.state_dict().items()}

@@ -75,6 +75,12 @@ class ModelConfig(StrictModel):
     batch_size: int = Field(128, gt=0)
     max_epochs: int = Field(150, gt=0)  # a bound; early stopping ends training
     patience: int = Field(12, gt=0)
+    # Learning-rate decay on a plateau (torch ReduceLROnPlateau on the validation NLL): after
+    # ``lr_patience`` epochs without a new best, the rate is multiplied by ``lr_factor`` (1: off, the
+    # constant rate). With Adam's constant rate the weights keep rattling around the loss valley's floor;
+    # a smaller step late in training settles them. Set lr_patience below ``patience`` or it never acts.
+    lr_factor: float = Field(1.0, gt=0, le=1)
+    lr_patience: int = Field(4, ge=0)
     # Label balancing (stellar.balance): each training star's loss weight is (local label density /
     # median density) ** -label_balance, capped at label_balance_cap and normalised to mean 1. A
     # magnitude-limited label set is dense near solar metallicity; unweighted, the network's optimum

@@ -208,6 +208,26 @@ def test_snr_augmented_training_is_deterministic_and_reads_the_catalogues_snr(fe
     assert a.weights == b.weights and a.weights != c.weights
 
 
+def test_learning_rate_falls_only_when_the_validation_loss_stalls(features):
+    """ModelConfig.lr_factor / lr_patience: with patience 0 the rate is multiplied by the factor after
+    every epoch that sets no new best validation loss, and kept after every one that does; a factor of
+    1 (the default) keeps the rate constant."""
+    root, stats = features
+    labels = stats["label_names"]
+    cfg = ModelConfig(max_epochs=8, patience=8, learning_rate=0.01, lr_factor=0.5, lr_patience=0)
+    hist = train_member(root, cfg, labels, stats, 0, seed=3, threads=1).history
+    assert len(hist) == 8 and hist[0]["learning_rate"] == pytest.approx(0.01)
+    best, stalled = np.inf, 0
+    for now, nxt in zip(hist, hist[1:]):
+        improved = now["val_loss"] < best - 1e-5
+        best = min(best, now["val_loss"])
+        stalled += not improved
+        assert nxt["learning_rate"] == pytest.approx(now["learning_rate"] * (1.0 if improved else 0.5))
+    assert stalled >= 1, "a rate of 0.01 for 8 epochs should stall at least once; the test would not test"
+    flat = train_member(root, ModelConfig(max_epochs=3, patience=3), labels, stats, 0, seed=3, threads=1).history
+    assert [h["learning_rate"] for h in flat] == [pytest.approx(1e-3)] * 3
+
+
 def test_branch_heads_train_but_never_change_a_prediction(features):
     """ModelConfig.branch_loss: each branch's own head is trained (its weights move, its loss falls
     below the untrained head's), while prediction reads the joint head only: the stacked ensemble
