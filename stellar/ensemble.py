@@ -40,6 +40,7 @@ from stellar.inference_core import INPUTS, forward_members
 from stellar.loader import FeatureDataset
 from stellar.mapping import MAP_FILE, MapReference
 from stellar.model import HybridNet, ModelConfig, gaussian_nll
+from stellar.shift import catalogue_shift_weights
 from stellar.trust import (TrustThresholds, assess, blocks_read, bound_outputs, drop_blocks, fit_precision_limits,
                            fit_thresholds, label_bounds)
 
@@ -176,9 +177,15 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
                            labels=labels, stats=stats)
     val = load_split(features_root, "validation", labels, stats)
     weight_of = None
-    if cfg.label_balance > 0:  # stellar.balance: flatten the label density the loss sees
+    if cfg.label_balance > 0 or cfg.catalogue_weight > 0:
         ids, y = split_labels(features_root, "train", labels, stats)
-        weight_of = weight_lookup(ids, label_density_weights(y, cfg.label_balance, cfg.label_balance_cap))
+        w = np.ones(len(ids))
+        if cfg.label_balance > 0:  # stellar.balance: flatten the label density the loss sees
+            w = w * label_density_weights(y, cfg.label_balance, cfg.label_balance_cap)
+        if cfg.catalogue_weight > 0:  # stellar.shift: the catalogue's mix of stars, not the label set's
+            sid, ws = catalogue_shift_weights(features_root, cfg.catalogue_weight, cfg.catalogue_weight_cap)
+            w = w * weight_lookup(sid, ws)(ids)
+        weight_of = weight_lookup(ids, w / w.mean())
     best, best_state, best_epoch, bad = np.inf, None, -1, 0
     history = []
     averaged = None

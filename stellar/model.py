@@ -87,6 +87,12 @@ class ModelConfig(StrictModel):
     # at low S/N is pulled toward that peak (metal-poor stars come out too metal-rich). 0 = off.
     label_balance: float = Field(0.0, ge=0, le=1)
     label_balance_cap: float = Field(5.0, ge=1, le=100)
+    # Covariate-shift weights (stellar.shift): each training star's loss weight is the density ratio
+    # catalogue / training set at its observables (colours, luminosity, magnitude, S/N) to this power,
+    # capped at catalogue_weight_cap, so the weighted training set has the mix of the stars the model
+    # will label (label surveys favour giants and bright stars). 0 = off.
+    catalogue_weight: float = Field(0.0, ge=0, le=1)
+    catalogue_weight_cap: float = Field(5.0, ge=1, le=100)
     # Exponential moving average of the weights, per optimiser step (0: off). Validation, early stopping and
     # the saved member use the averaged weights, which follow the loss valley's floor instead of the last
     # step's noise (e.g. 0.999: an average over the last ~1000 steps).
