@@ -228,6 +228,53 @@ def test_learning_rate_falls_only_when_the_validation_loss_stalls(features):
     assert [h["learning_rate"] for h in flat] == [pytest.approx(1e-3)] * 3
 
 
+def test_shift_weights_recover_a_known_density_ratio():
+    """stellar.shift.density_ratio_weights: for a training sample N(0, 1) and a catalogue N(0.5, 1) the
+    density ratio is exp(0.5 x - 0.125); the fitted log weights follow 0.5 x (slope within 10 %), power
+    scales the log weights, the cap bounds them, power 0 gives equal weights, and the mean is 1."""
+    from stellar.shift import density_ratio_weights
+
+    rng = np.random.default_rng(5)
+    xt = rng.normal(0.0, 1.0, (4000, 2))
+    xc = np.column_stack([rng.normal(0.5, 1.0, 20000), rng.normal(0.0, 1.0, 20000)])
+    w = density_ratio_weights(xt, xc, power=1.0, cap=100.0)
+    assert w.mean() == pytest.approx(1.0)
+    slope = np.polyfit(xt[:, 0], np.log(w), 1)[0]
+    assert slope == pytest.approx(0.5, rel=0.1)
+    assert abs(np.corrcoef(xt[:, 1], np.log(w))[0, 1]) < 0.1  # the second coordinate is not shifted
+    half = density_ratio_weights(xt, xc, power=0.5, cap=100.0)
+    assert np.polyfit(xt[:, 0], np.log(half), 1)[0] == pytest.approx(slope / 2, rel=0.05)
+    capped = density_ratio_weights(xt, xc, power=1.0, cap=1.5)
+    assert capped.max() / capped.min() <= 1.5**2 + 1e-9 and capped.max() / capped.min() > 2.0
+    assert np.array_equal(density_ratio_weights(xt, xc, power=0.0, cap=5.0), np.ones(len(xt)))
+
+
+def test_shift_weighted_training_reads_the_catalogue_and_is_deterministic(features):
+    """ModelConfig.catalogue_weight: one weight per training star (mean 1, the train split's ids, the same
+    on a rerun, within the cap), and a member trained with them the same on a rerun and different from one
+    trained without."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from stellar.shift import catalogue_shift_weights
+    from stellar.tables import TableStore
+
+    root, stats = features
+    sid, w = catalogue_shift_weights(root, 1.0, 5.0)
+    t = pads.dataset(TableStore(root).table_path("features"), format="parquet", partitioning="hive").to_table(
+        columns=["source_id", "snr"], filter=pc.field("split") == "train")
+    assert sorted(sid) == sorted(t.column("source_id").to_numpy()) and np.all(np.isfinite(w))
+    assert w.mean() == pytest.approx(1.0) and w.max() / w.min() <= 5.0**2 + 1e-9 and w.std() > 0.05
+    sid2, w2 = catalogue_shift_weights(root, 1.0, 5.0)
+    assert np.array_equal(sid, sid2) and np.array_equal(w, w2)
+    labels = stats["label_names"]
+    cfg = ModelConfig(max_epochs=1, patience=1, catalogue_weight=1.0)
+    a = train_member(root, cfg, labels, stats, 0, seed=7, threads=1)
+    b = train_member(root, cfg, labels, stats, 0, seed=7, threads=1)
+    c = train_member(root, ModelConfig(max_epochs=1, patience=1), labels, stats, 0, seed=7, threads=1)
+    assert a.weights == b.weights and a.weights != c.weights
+
+
 def test_branch_heads_train_but_never_change_a_prediction(features):
     """ModelConfig.branch_loss: each branch's own head is trained (its weights move, its loss falls
     below the untrained head's), while prediction reads the joint head only: the stacked ensemble
