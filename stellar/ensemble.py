@@ -221,8 +221,11 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
         judged.eval()
         mean, log_var = _forward_chunks(judged, val)
         val_loss = float(gaussian_nll(mean, log_var, val["labels"], val["label_err"]))
+        # each label's own validation NLL: where each would have stopped (one stopping point serves all)
+        by_label = {k: float(gaussian_nll(mean[:, i:i + 1], log_var[:, i:i + 1], val["labels"][:, i:i + 1],
+                                          val["label_err"][:, i:i + 1])) for i, k in enumerate(labels)}
         history.append({"epoch": epoch, "train_loss": total / max(n, 1), "val_loss": val_loss,
-                        "learning_rate": opt.param_groups[0]["lr"]})
+                        "val_loss_by_label": by_label, "learning_rate": opt.param_groups[0]["lr"]})
         if plateau is not None:  # ModelConfig.lr_factor: a smaller step once the validation loss stalls
             plateau.step(val_loss)
         if val_loss < best - 1e-5:

@@ -294,7 +294,9 @@ def log_training_run(cfg, ens, members, dropped, metrics: dict, figures: dict, c
             with mlflow.start_run(experiment_id=exp_id, run_name=f"member-{m.index}", nested=True):
                 mlflow.log_params({"member": m.index, "seed": m.seed})
                 for h in m.history:
-                    mlflow.log_metrics({"train_loss": h["train_loss"], "val_loss": h["val_loss"]}, step=h["epoch"])
+                    mlflow.log_metrics({"train_loss": h["train_loss"], "val_loss": h["val_loss"],
+                                        **{f"val_loss.{k}": v for k, v in h.get("val_loss_by_label", {}).items()}},
+                                       step=h["epoch"])
                 mlflow.log_metrics({"best_val_loss": m.best_val_loss, "best_epoch": m.best_epoch,
                                     "seconds": m.seconds})
                 mlflow.set_tag("dropped", str(m.index in dropped).lower())

@@ -75,10 +75,11 @@ def density_ratio_weights(x_train: np.ndarray, x_catalogue: np.ndarray, power: f
 
 
 def catalogue_shift_weights(features_root: str, power: float, cap: float) -> tuple[np.ndarray, np.ndarray]:
-    """(source_id (N,), weight (N,)) of the features table's training split: the density ratio of the
-    whole table (every star the model will label) over the training stars, in the observables
-    :data:`SHIFT_SCALARS` and log S/N (:func:`density_ratio_weights`). Deterministic: a larger table is
-    subsampled by a hash of source_id, not at random."""
+    """(source_id (N,), weight (N,), mean 1) of the features table's training split: the density ratio of
+    the whole table (every star the model will label) over the training stars, in the observables
+    :data:`SHIFT_SCALARS` and log S/N (:func:`density_ratio_weights`); stars lacking one of those
+    observables weigh 1 before the rescaling. Deterministic: a larger table is subsampled by a hash of
+    source_id, not at random."""
     import pyarrow.dataset as pads
 
     from stellar.features import SCALAR_NAMES
@@ -88,17 +89,23 @@ def catalogue_shift_weights(features_root: str, power: float, cap: float) -> tup
     t = pads.dataset(path, format="parquet", partitioning="hive").to_table(
         columns=["source_id", "split", "scalars", "snr"])
     ids = t.column("source_id").to_numpy(zero_copy_only=False)
-    split = np.asarray(t.column("split").to_pylist(), dtype=object)
+    split = t.column("split").to_numpy(zero_copy_only=False)
     flat = t.column("scalars").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     scalars = flat.reshape(len(ids), -1)
-    x = _design(scalars, t.column("snr").to_numpy(zero_copy_only=False).astype(np.float64), list(SCALAR_NAMES))
-    train = split == "train"
-    cat = np.ones(len(ids), bool)
+    names = list(SCALAR_NAMES)
+    x = _design(scalars, t.column("snr").to_numpy(zero_copy_only=False).astype(np.float64), names)
+    # preprocess fills a missing value with 0: such a star has no place in the observables' space, so it
+    # takes no part in the fit and keeps weight 1 (the block dropout already trains for missing inputs)
+    present = np.all(scalars[:, [names.index(k) for k in SHIFT_SCALARS]] != 0.0, axis=1)
+    train = (split == "train") & present
+    cat = present.copy()
     if cat.sum() > MAX_CATALOGUE_ROWS:  # a fixed, order-free subsample: the ids' hash, not a random draw
         h = (ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
-        cat = h < np.quantile(h, MAX_CATALOGUE_ROWS / len(ids))
+        cat &= h < np.quantile(h[cat], MAX_CATALOGUE_ROWS / cat.sum())
     order = np.argsort(ids[train], kind="stable")  # the fit must not depend on the table's row order
-    xt = x[train][order]
     cat_order = np.argsort(ids[cat], kind="stable")
-    w = density_ratio_weights(xt, x[cat][cat_order], power, cap)
-    return ids[train][order], w
+    w = density_ratio_weights(x[train][order], x[cat][cat_order], power, cap)
+    lacking = np.sort(ids[(split == "train") & ~present])
+    sid = np.concatenate([ids[train][order], lacking])
+    w = np.concatenate([w, np.ones(len(lacking))])
+    return sid, w / w.mean()

@@ -224,6 +224,9 @@ def test_learning_rate_falls_only_when_the_validation_loss_stalls(features):
         stalled += not improved
         assert nxt["learning_rate"] == pytest.approx(now["learning_rate"] * (1.0 if improved else 0.5))
     assert stalled >= 1, "a rate of 0.01 for 8 epochs should stall at least once; the test would not test"
+    for h in hist:  # each label's own validation NLL; the stopping loss is their (presence-weighted) mean
+        by = h["val_loss_by_label"]
+        assert list(by) == list(labels) and min(by.values()) - 1e-6 <= h["val_loss"] <= max(by.values()) + 1e-6
     flat = train_member(root, ModelConfig(max_epochs=3, patience=3), labels, stats, 0, seed=3, threads=1).history
     assert [h["learning_rate"] for h in flat] == [pytest.approx(1e-3)] * 3
 
