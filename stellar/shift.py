@@ -21,6 +21,8 @@ injected stars enters.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 # The observables the ratio is a function of: indices into stellar.features.SCALAR_NAMES, plus log S/N.
@@ -34,8 +36,7 @@ CLASSIFIER_C = 1.0  # inverse L2 strength of the logistic regression on standard
 def _design(scalars: np.ndarray, snr: np.ndarray, names: list[str]) -> np.ndarray:
     cols = [scalars[:, names.index(k)] for k in SHIFT_SCALARS]
     cols.append(np.log(np.clip(np.nan_to_num(snr, nan=1.0), 1.0, 1e4)))
-    x = np.nan_to_num(np.stack(cols, axis=1).astype(np.float64))
-    return x
+    return np.nan_to_num(np.stack(cols, axis=1).astype(np.float64))
 
 
 def _quadratic(z: np.ndarray) -> np.ndarray:
@@ -79,13 +80,19 @@ def catalogue_shift_weights(features_root: str, power: float, cap: float) -> tup
     the whole table (every star the model will label) over the training stars, in the observables
     :data:`SHIFT_SCALARS` and log S/N (:func:`density_ratio_weights`); stars lacking one of those
     observables weigh 1 before the rescaling. Deterministic: a larger table is subsampled by a hash of
-    source_id, not at random."""
+    source_id, not at random. Every member of an ensemble asks for the same weights: they are computed
+    once per process and committed table version (the path names the version), and returned read-only."""
+    from stellar.tables import TableStore
+
+    return _weights_of_table(str(TableStore(features_root).table_path("features")), power, cap)
+
+
+@functools.lru_cache(maxsize=4)
+def _weights_of_table(path: str, power: float, cap: float) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow.dataset as pads
 
     from stellar.features import SCALAR_NAMES
-    from stellar.tables import TableStore
 
-    path = TableStore(features_root).table_path("features")
     t = pads.dataset(path, format="parquet", partitioning="hive").to_table(
         columns=["source_id", "split", "scalars", "snr"])
     ids = t.column("source_id").to_numpy(zero_copy_only=False)
@@ -108,4 +115,7 @@ def catalogue_shift_weights(features_root: str, power: float, cap: float) -> tup
     lacking = np.sort(ids[(split == "train") & ~present])
     sid = np.concatenate([ids[train][order], lacking])
     w = np.concatenate([w, np.ones(len(lacking))])
-    return sid, w / w.mean()
+    w = w / w.mean()
+    sid.flags.writeable = False
+    w.flags.writeable = False
+    return sid, w
