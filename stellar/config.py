@@ -311,6 +311,10 @@ class TrainConfig(StrictModel):
     catastrophic_errors: dict[str, float] = Field(default_factory=lambda: {"teff": 1000.0, "logg": 1.0,
                                                                              "m_h": 0.5, "fe_h": 0.5})
     catastrophic_odds: float = Field(0.01, gt=0, lt=0.5)
+    # The uncertainty calibration's faint end: this many fainter copies of each validation star
+    # (stellar.train.calibration_stars: the star moved further away, its spectrum, G and parallax as
+    # noisy as the survey's own at the S/N drawn); 0 = the validation stars alone.
+    calibration_copies: int = Field(4, ge=0, le=32)
 
     @field_validator("catastrophic_errors")
     @classmethod

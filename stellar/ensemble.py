@@ -31,7 +31,7 @@ from safetensors.torch import save as st_save
 from safetensors.numpy import load as np_load
 from safetensors.numpy import save as np_save
 
-from stellar.augment import catalogue_snr_quantiles, degrade_spectra
+from stellar.augment import catalogue_snr_quantiles, degrade_spectra, spectrum_noise_excess
 from stellar.balance import label_density_weights, weight_lookup
 from stellar.devices import make_deterministic, pick_device
 from stellar.emulator import SpectrumEmulator
@@ -266,29 +266,33 @@ CALIBRATION_SLOPES = np.round(np.arange(-1.5, 1.5001, 0.01), 2)  # the slope b i
 MIN_CALIBRATION_STARS = 30  # fewer validation stars with a label: one factor, no slope
 
 
-def _calibration_factor(r: np.ndarray, s: np.ndarray, e: np.ndarray) -> float:
-    """c such that mean(r^2 / (c^2 s^2 + e^2)) = 1 (bisection: monotone in c)."""
+def _calibration_factor(r: np.ndarray, s: np.ndarray, e: np.ndarray, w: np.ndarray | None = None) -> float:
+    """c such that the (``w``-weighted) mean of r^2 / (c^2 s^2 + e^2) is 1 (bisection: monotone in c)."""
+    w = np.ones(len(r)) if w is None else np.asarray(w, dtype=np.float64)
+    w = w / w.sum()
     lo, hi = 1e-3, 1e3
     for _ in range(60):
         c = np.sqrt(lo * hi)
-        if np.mean(r**2 / (c**2 * s**2 + e**2)) > 1:
+        if np.sum(w * r**2 / (c**2 * s**2 + e**2)) > 1:
             lo = c
         else:
             hi = c
     return float(np.sqrt(lo * hi))
 
 
-def fit_snr_calibration(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.ndarray) -> tuple[float, float]:
+def fit_snr_calibration(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.ndarray,
+                        w: np.ndarray | None = None) -> tuple[float, float]:
     """(a, b) of c(t) = exp(a + b t) for residuals ``r``, predicted sigmas ``s``, label errors ``e`` and
     clipped log-S/N ``t``: for each slope on :data:`CALIBRATION_SLOPES`, the ``a`` that makes the
-    z-scores' mean square exactly 1, and of those the (a, b) of the highest Gaussian likelihood.
-    Deterministic (a grid and bisections, no optimiser state)."""
+    z-scores' (``w``-weighted) mean square exactly 1, and of those the (a, b) of the highest Gaussian
+    likelihood. Deterministic (a grid and bisections, no optimiser state)."""
+    w = np.ones(len(r)) if w is None else np.asarray(w, dtype=np.float64)
     best = (-np.inf, 0.0, 0.0)
     for b in CALIBRATION_SLOPES:
         g = np.exp(b * t)
-        a = np.log(_calibration_factor(r, s * g, e))
+        a = np.log(_calibration_factor(r, s * g, e, w))
         var = (np.exp(a) * g * s) ** 2 + e**2
-        loglike = -0.5 * float(np.sum(np.log(var) + r**2 / var))
+        loglike = -0.5 * float(np.sum(w * (np.log(var) + r**2 / var)))
         if loglike > best[0] + 1e-9:
             best = (loglike, float(a), float(b))
     return best[1], best[2]
@@ -322,8 +326,8 @@ def label_terms(mu_norm: np.ndarray, label_range: np.ndarray) -> np.ndarray:
 
 def fit_label_calibration(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.ndarray, u: np.ndarray,
                           prior: float = CALIBRATION_LABEL_PRIOR,
-                          curvature_prior: float = CALIBRATION_CURVATURE_PRIOR
-                          ) -> tuple[float, float, float, np.ndarray]:
+                          curvature_prior: float = CALIBRATION_CURVATURE_PRIOR,
+                          w: np.ndarray | None = None) -> tuple[float, float, float, np.ndarray]:
     """(a, b, q, g) of c = exp(a + b t + q t^2 + g . u) by maximum (penalised) Gaussian likelihood of the
     residuals, started from the S/N-only straight line; ``a`` is then set so the z-scores' mean square is
     exactly 1.
@@ -333,10 +337,13 @@ def fit_label_calibration(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.nda
         t: clipped log(S/N / pivot) (N,).
         u: (N, K) covariates of the predicted labels (:func:`label_terms`); K may be 0.
         prior, curvature_prior: the Gaussian priors' widths on g and on q.
+        w: (N,) weights of the stars (None: equal): a star of weight 2 counts as that star twice
+            (:func:`stellar.train.calibration_stars` gives each of a star's k faint copies 1 / k).
     """
     from scipy.optimize import minimize
 
-    a0, b0 = fit_snr_calibration(r, s, e, t)
+    w = np.ones(len(r)) if w is None else np.asarray(w, dtype=np.float64)
+    a0, b0 = fit_snr_calibration(r, s, e, t, w)
     u = np.asarray(u, dtype=np.float64).reshape(len(r), -1)
     X = np.column_stack([np.ones(len(r)), t, t**2, u])
     s2, e2, r2 = s**2, e**2, r**2
@@ -345,9 +352,9 @@ def fit_label_calibration(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.nda
     def nll(beta):
         c2 = np.exp(2.0 * (X @ beta))
         var = c2 * s2 + e2
-        f = 0.5 * np.sum(np.log(var) + r2 / var) + 0.5 * np.sum(pen * beta**2)
+        f = 0.5 * np.sum(w * (np.log(var) + r2 / var)) + 0.5 * np.sum(pen * beta**2)
         # d var / d beta = 2 c2 s2 X
-        dvar = (0.5 * (1.0 / var - r2 / var**2) * 2.0 * c2 * s2)
+        dvar = (0.5 * w * (1.0 / var - r2 / var**2) * 2.0 * c2 * s2)
         return f, X.T @ dvar + pen * beta
 
     beta0 = np.r_[a0, b0, 0.0, np.zeros(u.shape[1])]
@@ -355,7 +362,7 @@ def fit_label_calibration(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.nda
     beta = res.x if np.all(np.isfinite(res.x)) and res.fun <= nll(beta0)[0] else beta0
     g = np.exp(beta[1] * t + beta[2] * t**2
                + np.clip(u @ beta[3:], -CALIBRATION_LABEL_MAX_LOG, CALIBRATION_LABEL_MAX_LOG))
-    a = np.log(_calibration_factor(r, s * g, e))
+    a = np.log(_calibration_factor(r, s * g, e, w))
     return float(a), float(beta[1]), float(beta[2]), np.asarray(beta[3:], dtype=float)
 
 
@@ -573,27 +580,33 @@ class Ensemble:
                 "sigma_epistemic": np.sqrt(epistemic) * self.label_std, "epistemic_norm": np.sqrt(epistemic),
                 "sigma_norm": sigma_norm}
 
-    def calibrate(self, data: dict[str, torch.Tensor], keep: np.ndarray | None = None) -> np.ndarray:
+    def calibrate(self, data: dict[str, torch.Tensor], keep: np.ndarray | None = None,
+                  weights: np.ndarray | None = None, copy: np.ndarray | None = None) -> np.ndarray:
         """Per-label calibration on held-out stars: the all-S/N factor making the z-scores' mean square
         1 (label noise included), and the smooth S/N dependence (:func:`fit_snr_calibration`).
 
         ``keep``: the stars to fit on (default all) -- the trainer passes those the trust tests do not
-        flag, because the published uncertainties are meant for the stars users keep. Returns the
-        all-S/N factors."""
+        flag, because the published uncertainties are meant for the stars users keep. ``weights``: each
+        star's weight in the fits (default 1). ``copy``: the rows that are fainter copies of validation
+        stars (:func:`stellar.train.calibration_stars`); the S/N and predicted-label ranges the factor is
+        clipped to come from the real stars alone. Returns the all-S/N factors."""
         pred = self.predict(data, calibrated=False)
         truth, err = self.physical_labels(data)
         keep = np.ones(len(truth), bool) if keep is None else np.asarray(keep, bool)
+        copy = np.zeros(len(truth), bool) if copy is None else np.asarray(copy, bool)
+        real = keep & ~copy
         snr = data["snr"].numpy().astype(np.float64)
         t_all = np.log(np.where(np.isfinite(snr) & (snr > 0), snr, CALIBRATION_PIVOT_SNR) / CALIBRATION_PIVOT_SNR)
-        lo, hi = (np.quantile(t_all[keep], [0.02, 0.98]) if keep.sum() >= MIN_CALIBRATION_STARS else (0.0, 0.0))
+        lo, hi = (np.quantile(t_all[real], [0.02, 0.98]) if real.sum() >= MIN_CALIBRATION_STARS else (0.0, 0.0))
         t = np.clip(t_all, lo, hi)
         L = len(self.labels)
         overall, coef = [], np.zeros((L, 3))
         u_all = (np.asarray(pred["mean"], dtype=np.float64) - self.label_mean) / self.label_std
-        label_range = (np.quantile(u_all[keep], [0.02, 0.98], axis=0).T if keep.sum() >= MIN_CALIBRATION_STARS
+        label_range = (np.quantile(u_all[real], [0.02, 0.98], axis=0).T if real.sum() >= MIN_CALIBRATION_STARS
                        else np.zeros((L, 2)))
         u = label_terms(u_all, label_range)
         cov = np.array([k in CALIBRATION_COVARIATES for k in self.labels] * 2)
+        w_all = np.ones(len(truth)) if weights is None else np.asarray(weights, dtype=np.float64)
         label_coef = np.zeros((L, 2 * L))
         for j in range(L):
             ok = keep & np.isfinite(truth[:, j])
@@ -602,12 +615,12 @@ class Ensemble:
             if ok.sum() == 0:
                 overall.append(1.0)
                 continue
-            overall.append(_calibration_factor(r[ok], s[ok], e[ok]))
+            overall.append(_calibration_factor(r[ok], s[ok], e[ok], w_all[ok]))
             if ok.sum() >= MIN_LABEL_CALIBRATION_STARS:
-                a, b, q, g = fit_label_calibration(r[ok], s[ok], e[ok], t[ok], u[ok][:, cov])
+                a, b, q, g = fit_label_calibration(r[ok], s[ok], e[ok], t[ok], u[ok][:, cov], w=w_all[ok])
                 coef[j], label_coef[j, cov] = (a, b, q), g
             elif ok.sum() >= MIN_CALIBRATION_STARS:
-                coef[j] = (*fit_snr_calibration(r[ok], s[ok], e[ok], t[ok]), 0.0)
+                coef[j] = (*fit_snr_calibration(r[ok], s[ok], e[ok], t[ok], w_all[ok]), 0.0)
             else:
                 coef[j] = (np.log(overall[-1]), 0.0, 0.0)
         self.calibration = np.asarray(overall)
@@ -622,6 +635,21 @@ class Ensemble:
         self.emulator = SpectrumEmulator.fit(data["labels"].numpy(), data["spectrum"].numpy(),
                                              data["spectrum_error"].numpy(), data["spectrum_mask"].numpy(), window)
         return self.emulator
+
+    def noise_excess(self, data: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """How the spectra's noise departs from their quoted errors (:func:`stellar.augment.spectrum_noise_excess`),
+        from the residuals of ``data``'s stars (a held-out split) against the emulator at their catalogue
+        labels; (1, 0) without an emulator or labels."""
+        if self.emulator is None or "labels" not in data:
+            return 1.0, 0.0
+        z = data["labels"].numpy().astype(np.float64)
+        ok = np.all(np.isfinite(z), axis=1)
+        if ok.sum() == 0:
+            return 1.0, 0.0
+        model = self.emulator.model(z[ok])
+        return spectrum_noise_excess(data["spectrum"].numpy()[ok].astype(np.float64),
+                                     data["spectrum_error"].numpy()[ok].astype(np.float64),
+                                     data["spectrum_mask"].numpy()[ok], model)
 
     def consistency(self, mean: np.ndarray, data: dict) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
         """(spectrum_chi2, line_chi2) of each star's spectrum against the emulator at its predicted

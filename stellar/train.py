@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stellar.augment import catalogue_snr_quantiles, degraded_copies, fainter_star_model
 from stellar.config import StellarConfig
 from stellar.emulator import MAX_FIT_STARS, line_window
 from stellar.errors import StellarError
 from stellar.figures import coverage_figure
-from stellar.features import split_hash
+from stellar.features import Normaliser, split_hash
 from stellar.instruments import Instrument
 from stellar.mapping import MAP_FILE, MapReference
 from stellar.model_card import model_card
@@ -253,9 +254,51 @@ def fit_trust_and_calibration(cfg: StellarConfig, ens: Ensemble, instrument: Ins
     val_scores = map_scores(selection, val["source_id"].numpy())
     trust = ens.fit_trust(val, cfg.train.ood_false_flag_rate, val_scores, chi2_pool_sample(fit_set))
     keep = ens.flag(val, val_scores) == 0
-    ens.calibrate(val, keep=keep)
+    cal, cal_keep, weights, copy = calibration_stars(cfg, ens, val, keep, selection)
+    ens.calibrate(cal, keep=cal_keep, weights=weights, copy=copy)
     ens.fit_precision(val, keep, cfg.train.catastrophic_errors, cfg.train.catastrophic_odds)
     return trust
+
+
+def calibration_stars(cfg: StellarConfig, ens: Ensemble, val: dict, keep: np.ndarray, selection: Path | None
+                      ) -> tuple[dict, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The stars the uncertainty calibration is fitted on: (data, keep, weights, copy).
+
+    The validation stars, and with ``train.calibration_copies`` > 0 that many fainter copies of each
+    (:func:`stellar.augment.degraded_copies`): a label survey's stars are bright, and at the catalogue's
+    faint end the validation split has a few dozen of them, too few to fit how the errors grow there
+    for dwarfs and giants alike. A copy is the star moved further away until its spectrum has an S/N
+    drawn from the catalogue's: its spectrum gets the noise a real star of that S/N has (the survey's
+    own noise excess and pixel correlation, measured on the validation stars against the emulator:
+    :meth:`Ensemble.noise_excess`), its G and parallax what the survey's S/N-G and parallax-error-G
+    relations give (:func:`stellar.augment.fainter_star_model`). The trust tests judge the copies as
+    they judge real stars (flagged copies stay out, as flagged stars do). The copies of a star share its
+    intrinsic error, so together they weigh what the star weighs (each 1 / copies): they give the faint
+    end's shape, not more evidence. ``copy`` marks them; the calibration's S/N and label ranges come
+    from the real stars only."""
+    n = int(cfg.train.calibration_copies)
+    if n <= 0 or not val:
+        return val, keep, None, None
+    features_root = cfg.preprocess.output_dir
+    excess, lag1 = ens.noise_excess(val)
+    scalars = Normaliser.from_stats(ens.stats["scalars"]).denormalise(val["scalars"].numpy())
+    fainter = fainter_star_model(scalars, val["snr"].numpy().astype(np.float64))
+    copies = degraded_copies(val, torch.from_numpy(catalogue_snr_quantiles(features_root)), n,
+                             cfg.train.seed + CALIBRATION_COPY_SEED, excess, lag1,
+                             None if fainter is None else (ens.stats["scalars"], fainter))
+    ens.meta["calibration_copies"] = {"copies": n, "made": int(len(copies.get("snr", []))),
+                                      "noise_excess": round(excess, 4), "noise_lag1": round(lag1, 4),
+                                      "dln_snr_dG": None if fainter is None else round(fainter[0], 4),
+                                      "dln_parallax_error_dG": None if fainter is None else round(fainter[1], 4)}
+    if not copies:
+        return val, keep, None, None
+    copy_keep = ens.flag(copies, map_scores(selection, copies["source_id"].numpy())) == 0
+    data = {k: torch.cat([val[k], copies[k]]) for k in val}
+    copy = np.r_[np.zeros(len(keep), bool), np.ones(len(copy_keep), bool)]
+    return data, np.concatenate([keep, copy_keep]), np.where(copy, 1.0 / n, 1.0), copy
+
+
+CALIBRATION_COPY_SEED = 7919  # added to train.seed: the copies' noise draws
 
 
 def emulator_sample(features_root: str, labels: list[str], stats: dict) -> dict:

@@ -198,6 +198,80 @@ def test_snr_augmentation_brings_spectra_to_the_catalogues_snr():
     assert torch.equal(untouched, torch.ones(n, p))
 
 
+def test_noise_excess_recovers_correlated_noise_and_passes_honest_errors():
+    """stellar.augment.spectrum_noise_excess: noise 1.5x its quoted errors, neighbour-correlated 0.3,
+    over a model that misfits by a constant 0.004, is read as excess 2.25 and lag1 0.3; honest white
+    noise as excess 1 and lag1 0."""
+    from stellar.augment import spectrum_noise_excess
+
+    rng = np.random.default_rng(21)
+    n, p = 600, 300
+    model = 1.0 - 0.3 * np.exp(-0.5 * ((np.arange(p) - 150) / 4.0) ** 2)[None, :].repeat(n, 0)
+    snr = np.exp(rng.uniform(np.log(15), np.log(300), n))
+    err = (1.0 / snr)[:, None] * np.ones((1, p))
+    a = (1.0 - np.sqrt(1.0 - 2.0 * 0.3**2)) / (2.0 * 0.3)  # kernel (a, 1, a): lag-1 correlation 0.3
+    w = rng.standard_normal((n, p + 2))
+    corr = (a * w[:, :-2] + w[:, 1:-1] + a * w[:, 2:]) / np.sqrt(1 + 2 * a * a)
+    misfit = 0.004 * rng.standard_normal((n, p))
+    mask = np.zeros((n, p), np.uint8)
+    excess, lag1 = spectrum_noise_excess(model + misfit + 1.5 * err * corr, err, mask, model)
+    assert excess == pytest.approx(2.25, rel=0.1) and lag1 == pytest.approx(0.3, abs=0.05)
+    excess, lag1 = spectrum_noise_excess(model + misfit + err * rng.standard_normal((n, p)), err, mask, model)
+    assert excess == pytest.approx(1.0, abs=0.08) and lag1 < 0.05
+
+
+def test_degraded_copies_are_as_noisy_as_real_stars_of_their_snr():
+    """stellar.augment.degraded_copies: each copy's added noise has variance excess * ((s0/s)^2 - 1) *
+    error^2 and the asked correlation, its quoted errors grow by s0/s, only copies below the star's S/N
+    are kept, and the same seed gives the same copies; move_away makes G fainter by ln(s/s0) / dlnS/N/dG,
+    keeps the reduced parallax on average and grows the parallax error as the survey's does."""
+    from stellar.augment import degraded_copies, fainter_star_model, move_away
+    from stellar.features import SCALAR_NAMES, Normaliser, scalar_features
+
+    rng = np.random.default_rng(4)
+    n, p = 400, 200
+    g = rng.uniform(9.0, 14.0, n)
+    snr0 = np.exp(7.5 - 0.45 * g + 0.05 * rng.standard_normal(n))
+    plx_err = np.exp(-4.0 + 0.2 * g)
+    plx = rng.uniform(0.5, 5.0, n)
+    phys = scalar_features(g, g + 0.4, g - 0.5, plx, plx_err).astype(np.float64)
+    d_snr, d_plx = fainter_star_model(phys, snr0)
+    assert d_snr == pytest.approx(-0.45, abs=0.02) and d_plx == pytest.approx(0.2, abs=0.02)
+    stats = {"mean": phys.mean(0).tolist(), "std": (phys.std(0) + 1e-9).tolist()}
+    data = {"spectrum": torch.ones(n, p), "spectrum_error": torch.full((n, p), 0.01),
+            "snr": torch.from_numpy(snr0.astype(np.float32)), "source_id": torch.arange(n),
+            "scalars": torch.from_numpy(Normaliser.from_stats(stats).normalise(phys))}
+    q = torch.linspace(5.0, 20.0, 101, dtype=torch.float64)
+    c = degraded_copies(data, q, 3, seed=1, excess=2.0, lag1=0.25, fainter=(stats, (d_snr, d_plx)))
+    c2 = degraded_copies(data, q, 3, seed=1, excess=2.0, lag1=0.25, fainter=(stats, (d_snr, d_plx)))
+    assert all(torch.equal(c[k], c2[k]) for k in c)
+    src = c["source_id"].numpy()
+    s0, s = snr0[src], c["snr"].numpy().astype(np.float64)
+    assert len(src) > n and np.all(s < s0 * (1 + 1e-6))
+    k = s0 / s
+    np.testing.assert_allclose(c["spectrum_error"].numpy()[:, 0], 0.01 * k, rtol=1e-4)
+    noise = (c["spectrum"].numpy() - 1.0) / (0.01 * np.sqrt(np.maximum(k**2 - 1.0, 1e-12)))[:, None]
+    big = k > 1.5
+    assert noise[big].var() == pytest.approx(2.0, rel=0.05)
+    lag = np.mean(noise[big][:, 1:] * noise[big][:, :-1]) / noise[big].var()
+    assert lag == pytest.approx(0.25, abs=0.03)
+    out = Normaliser.from_stats(stats).denormalise(c["scalars"].numpy())
+    i = SCALAR_NAMES.index
+    np.testing.assert_allclose(out[:, i("phot_g_mean_mag")] - g[src], np.log(s / s0) / d_snr, atol=1e-4)
+    np.testing.assert_allclose(out[:, i("parallax_error")], plx_err[src] * np.exp(d_plx * np.log(s / s0) / d_snr),
+                               rtol=1e-4)
+    np.testing.assert_allclose(out[:, i("bp_rp")], phys[src, i("bp_rp")], atol=1e-4)
+    rel = out[:, i("reduced_parallax")] / phys[src, i("reduced_parallax")]
+    assert abs(np.mean(rel) - 1.0) < 0.02  # the same luminosity, further away
+    # a star without a parallax keeps its (zero-filled) parallax columns
+    blank = phys.copy()
+    blank[:, [i("parallax"), i("parallax_error"), i("reduced_parallax"), i("log_reduced_parallax")]] = 0.0
+    moved = move_away(torch.from_numpy(Normaliser.from_stats(stats).normalise(blank)), stats, snr0, snr0 / 2,
+                      (d_snr, d_plx), torch.Generator().manual_seed(0))
+    back = Normaliser.from_stats(stats).denormalise(moved.numpy())
+    assert np.allclose(back[:, i("parallax")], 0.0, atol=1e-4) and np.allclose(back[:, i("parallax_error")], 0.0, atol=1e-4)
+
+
 def test_snr_augmented_training_is_deterministic_and_reads_the_catalogues_snr(features):
     """ModelConfig.snr_augment: the target S/N distribution is every star's in the features table, and a
     member trained with it is the same on a rerun and differs from one trained without it."""
@@ -389,6 +463,12 @@ def test_register_load_by_alias_identical_predictions(features, tmp_path, rvs_in
     summary = train_ensemble(cfg, rvs_instrument)
     ens = summary["ensemble"]
     assert summary["version"] == 1 and summary["alias"] == "challenger" and summary["kept"] >= 2
+    # the calibration's faint copies were made and measured: the test survey's noise is white and its
+    # errors honest (excess ~1, no pixel correlation); its S/N falls and its parallax error grows with G
+    cc = ens.meta["calibration_copies"]
+    assert cc["copies"] == 4 and cc["made"] > len(load_split(root, "validation", ens.labels, stats)["snr"])
+    assert 1.0 <= cc["noise_excess"] < 1.3 and cc["noise_lag1"] < 0.1, cc
+    assert cc["dln_snr_dG"] < -0.2 and cc["dln_parallax_error_dG"] > 0.0, cc
     loaded, ident = load_registered(cfg, "challenger")
     assert ident["version"] == 1 and ident["run_id"] == summary["run_id"]
     test = load_split(root, "test", ens.labels, stats)

@@ -347,6 +347,27 @@ def test_uncertainty_calibration_follows_the_kind_of_star():
     assert np.all(np.abs(g0) < 0.15), g0
 
 
+def test_weighted_calibration_equals_repeating_the_stars():
+    """A star of weight 2 in the calibration fit counts as that star twice (the copies of the faint end
+    weigh 1 / copies each), and the weighted factor makes the weighted z-scores' mean square 1."""
+    from stellar.ensemble import fit_label_calibration, label_terms
+
+    rng = np.random.default_rng(8)
+    n = 400
+    u = label_terms(rng.normal(0, 0.5, (n, 1)), np.array([[-1.5, 1.5]]))
+    t = rng.uniform(-0.7, 1.9, n)
+    s = rng.uniform(0.05, 0.1, n)
+    e = np.full(n, 0.01)
+    r = rng.normal(0, np.sqrt((0.8 * s * np.exp(0.1 * t)) ** 2 + e**2))
+    w = np.where(rng.random(n) < 0.3, 2.0, 1.0)
+    rep = np.repeat(np.arange(n), w.astype(int))
+    a, b, q, g = fit_label_calibration(r, s, e, t, u, w=w)
+    a2, b2, q2, g2 = fit_label_calibration(r[rep], s[rep], e[rep], t[rep], u[rep])
+    assert np.allclose([a, b, q, *g], [a2, b2, q2, *g2], atol=2e-3)
+    c = np.exp(a + b * t + q * t**2 + np.clip(u @ g, -np.log(2), np.log(2)))
+    assert np.sum(w * r**2 / ((c * s) ** 2 + e**2)) / w.sum() == pytest.approx(1.0, abs=1e-6)
+
+
 def test_uncertainty_calibration_follows_snr_smoothly():
     """Raw sigmas 1.5x too large at S/N 200 and right at S/N 15: the fitted factor follows, with
     no step and no extrapolation beyond the S/N the fit saw."""
