@@ -72,6 +72,18 @@ def model_card(ens, metrics: dict, features_counts: dict, cfg, identity: dict | 
               "with log S/N and the predicted labels, fitted on the validation stars the trust tests keep. "
               "All-S/N factors: " + ", ".join(f"{lab} {f:.3f}" for lab, f in zip(ens.labels, ens.calibration)) + "; "
               f"pivot S/N {sc.get('pivot')}.", ""]
+    cc = meta.get("calibration_copies")
+    if cc:
+        excess = cc.get("noise_excess")
+        lines += [f"The fit's faint end came from {cc.get('made')} fainter copies of the validation stars "
+                  f"({cc.get('copies')} per star, weighing together what the star weighs). Measured on the "
+                  f"validation stars against the spectrum emulator: the spectra's real noise is "
+                  f"{np.sqrt(excess):.2f}x their quoted flux errors (variance ratio {excess:.2f}; neighbouring "
+                  f"pixels correlated {cc.get('noise_lag1')}); "
+                  + ("the quoted errors look honest." if excess < 1.1 else
+                     "the survey's quoted flux errors understate its noise.")
+                  + f" S/N falls as exp({cc.get('dln_snr_dG')} G) and the parallax error grows as "
+                  f"exp({cc.get('dln_parallax_error_dG')} G) in this survey.", ""]
     corrected = [lab for lab, row in zip(ens.labels, ens.mean_coef) if np.any(row)]
     lines += ["Mean correction (a quadratic in the predicted Teff and log g, fitted on the validation stars' "
               "labels, kept where a 2-fold cross-validation says it helps): "
