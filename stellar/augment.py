@@ -7,13 +7,20 @@ label. :func:`degrade_spectra` adds Gaussian noise to a random share of each tra
 chosen stars' spectra get an S/N drawn from the catalogue's own S/N distribution
 (:func:`catalogue_snr_quantiles`, every star in the features table, labelled or not); a star already
 fainter than its draw is left as it is (noise cannot be taken away). Only the spectrum changes: XP,
-photometry and parallax keep their values, and the labels are the star's own. Validation, early
-stopping and the calibration see the real spectra.
+photometry and parallax keep their values, and the labels are the star's own. Validation and early
+stopping see the real spectra.
+
+The same noise makes the uncertainty calibration's faint copies of the validation stars
+(:func:`degraded_copies`, used by :func:`stellar.train.calibration_stars`), there with the survey's own
+noise as measured (:func:`spectrum_noise_excess`: its excess over the quoted errors, its pixel
+correlation) and with G and parallax moved as the survey's relations say (:func:`fainter_star_model`,
+:func:`move_away`).
 
 The spectrum is the continuum-normalised flux with its error per pixel (the features' ``spectrum`` and
 ``spectrum_error``) and ``snr`` the features' S/N, so a star of S/N s0 reaches S/N s by adding noise
-of standard deviation ``error * sqrt((s0 / s)^2 - 1)`` per pixel. White noise, whatever correlation
-the survey's own noise has.
+of standard deviation ``error * sqrt((s0 / s)^2 - 1)`` per pixel: white noise for the training
+augmentation (whatever correlation the survey's own noise has), the measured excess and correlation for
+the calibration's copies.
 """
 
 from __future__ import annotations
@@ -142,12 +149,11 @@ def spectrum_noise_excess(flux: np.ndarray, error: np.ndarray, mask: np.ndarray,
     excess = float(np.clip(beta[0], 1.0, 10.0))
     noisy = x >= np.quantile(x, 2.0 / 3.0)
     q = np.where(g, r / np.sqrt(np.where(e2 > 0, e2, 1.0)), 0.0)[noisy]
-    both = (g[:, 1:] & g[:, :-1])[noisy]
-    num = np.sum(q[:, 1:] * q[:, :-1] * both)
-    den = np.sum(np.where(g[noisy], q**2, 0.0)) * both.sum() / max(g[noisy].sum(), 1)
-    lag1 = float(np.clip(num / den if den > 0 else 0.0, 0.0, 0.45))
+    both = (g[:, 1:] & g[:, :-1])[noisy]  # pairs of neighbouring good pixels
+    left, right = np.where(both, q[:, :-1], 0.0), np.where(both, q[:, 1:], 0.0)
+    den = np.sqrt(np.sum(left**2) * np.sum(right**2))
+    lag1 = float(np.clip(np.sum(left * right) / den if den > 0 else 0.0, 0.0, 0.45))
     return excess, lag1
-
 
 
 def _robust_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
