@@ -254,14 +254,14 @@ def fit_trust_and_calibration(cfg: StellarConfig, ens: Ensemble, instrument: Ins
     val_scores = map_scores(selection, val["source_id"].numpy())
     trust = ens.fit_trust(val, cfg.train.ood_false_flag_rate, val_scores, chi2_pool_sample(fit_set))
     keep = ens.flag(val, val_scores) == 0
-    cal, cal_keep, weights, copy = calibration_stars(cfg, ens, val, keep, selection)
+    cal, cal_keep, weights, copy = calibration_stars(cfg, ens, val, keep, val_scores)
     ens.calibrate(cal, keep=cal_keep, weights=weights, copy=copy)
     ens.fit_precision(val, keep, cfg.train.catastrophic_errors, cfg.train.catastrophic_odds)
     return trust
 
 
-def calibration_stars(cfg: StellarConfig, ens: Ensemble, val: dict, keep: np.ndarray, selection: Path | None
-                      ) -> tuple[dict, np.ndarray, np.ndarray | None, np.ndarray | None]:
+def calibration_stars(cfg: StellarConfig, ens: Ensemble, val: dict, keep: np.ndarray,
+                      val_scores: np.ndarray | None) -> tuple[dict, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The stars the uncertainty calibration is fitted on: (data, keep, weights, copy).
 
     The validation stars, and with ``train.calibration_copies`` > 0 that many fainter copies of each
@@ -275,7 +275,8 @@ def calibration_stars(cfg: StellarConfig, ens: Ensemble, val: dict, keep: np.nda
     they judge real stars (flagged copies stay out, as flagged stars do). The copies of a star share its
     intrinsic error, so together they weigh what the star weighs (each 1 / copies): they give the faint
     end's shape, not more evidence. ``copy`` marks them; the calibration's S/N and label ranges come
-    from the real stars only."""
+    from the real stars only. ``val_scores``: the validation stars' selection-map scores (None: no map),
+    which a copy shares with its star."""
     n = int(cfg.train.calibration_copies)
     if n <= 0 or not val:
         return val, keep, None, None
@@ -292,7 +293,12 @@ def calibration_stars(cfg: StellarConfig, ens: Ensemble, val: dict, keep: np.nda
                                       "dln_parallax_error_dG": None if fainter is None else round(fainter[1], 4)}
     if not copies:
         return val, keep, None, None
-    copy_keep = ens.flag(copies, map_scores(selection, copies["source_id"].numpy())) == 0
+    copy_scores = None
+    if val_scores is not None:  # a copy is its star: the same source_id, the same map score
+        ids = val["source_id"].numpy()
+        order = np.argsort(ids, kind="stable")
+        copy_scores = np.asarray(val_scores)[order[np.searchsorted(ids[order], copies["source_id"].numpy())]]
+    copy_keep = ens.flag(copies, copy_scores) == 0
     data = {k: torch.cat([val[k], copies[k]]) for k in val}
     copy = np.r_[np.zeros(len(keep), bool), np.ones(len(copy_keep), bool)]
     return data, np.concatenate([keep, copy_keep]), np.where(copy, 1.0 / n, 1.0), copy
