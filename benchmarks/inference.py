@@ -61,7 +61,7 @@ def random_ensemble(stats: dict, labels: list[str], members: int, features_root:
     from safetensors.torch import save as st_save
 
     from stellar.emulator import line_window
-    from stellar.train import emulator_sample
+    from stellar.train import chi2_pool_sample, emulator_sample
     from stellar.ensemble import load_split
 
     cfg = load_model_preset("hybrid", str(ROOT / "conf"))
@@ -71,12 +71,13 @@ def random_ensemble(stats: dict, labels: list[str], members: int, features_root:
         weights.append(st_save({k: v.contiguous() for k, v in build_net(cfg, stats, labels).state_dict().items()}))
     ens = Ensemble(cfg, labels, stats, weights)
     if features_root is not None:
-        ens.fit_emulator(emulator_sample(features_root, labels, stats),
+        fit_set = emulator_sample(features_root, labels, stats)
+        ens.fit_emulator(fit_set,
                          line_window(stats["wavelength"], [(ln.wavelength, ln.strength) for ln in inst.lines
                                                              if ln.kind != "dib"]))
         train = TrainConfig()  # the trainer's defaults: budget and precision limits (the imprecise bit)
         val = load_split(features_root, "validation", labels, stats)
-        ens.fit_trust(val, train.ood_false_flag_rate)
+        ens.fit_trust(val, train.ood_false_flag_rate, chi2_pool=chi2_pool_sample(fit_set))  # label reference too
         ens.fit_precision(val, ens.flag(val) == 0, train.catastrophic_errors, train.catastrophic_odds)
     return ens
 

@@ -41,8 +41,8 @@ from stellar.loader import FeatureDataset
 from stellar.mapping import MAP_FILE, MapReference
 from stellar.model import HybridNet, ModelConfig, gaussian_nll
 from stellar.shift import catalogue_shift_weights
-from stellar.trust import (TrustThresholds, assess, blocks_read, bound_outputs, drop_blocks, fit_precision_limits,
-                           fit_thresholds, label_bounds)
+from stellar.trust import (LABEL_REFERENCE_FILE, TrustThresholds, assess, blocks_read, bound_outputs, drop_blocks,
+                           fit_precision_limits, fit_thresholds, label_bounds)
 
 SNR_BINS = ((15.0, 25.0), (25.0, 50.0), (50.0, np.inf))
 
@@ -665,18 +665,22 @@ class Ensemble:
         """The out-of-distribution tests' thresholds from held-out (validation) stars: together they
         flag ``rate`` of them. ``map_score``: those stars' selection-map scores (None: no map test
         threshold; predict then uses train_like). ``chi2_pool``: more stars (a training sample) whose
-        consistency statistics join the validation stars' in the chi-square trends and thresholds."""
+        consistency statistics join the validation stars' in the chi-square trends and thresholds, and
+        whose catalogue labels are the label-density test's reference (the label hull)."""
         pred = self.predict(data)
         trained = [b for b, r in self.cfg.input_dropout.items() if r > 0]
         chi2, line = self.consistency(pred["mean"], data)
         pool = None
+        reference = None
+        if chi2_pool is not None and len(chi2_pool.get("source_id", [])):
+            reference = chi2_pool["labels"].numpy().astype(np.float64)
         if chi2_pool is not None and chi2 is not None and len(chi2_pool.get("source_id", [])):
             pc2, pl2 = self.consistency(self.predict(chi2_pool)["mean"], chi2_pool)
             pool = {"spectrum_chi2": pc2, "line_chi2": pl2, "snr": chi2_pool["snr"].numpy()}
         self.trust = fit_thresholds(self.stats, self.labels, data["xp"].numpy(), data["scalars"].numpy(),
                                     data["quality"].numpy(), pred["mean"], pred["epistemic_norm"], rate, trained,
                                     blocks_read(self.cfg.use_xp, self.cfg.use_scalars), chi2, line,
-                                    data["snr"].numpy(), map_score, pool, pred["sigma_norm"])
+                                    data["snr"].numpy(), map_score, pool, pred["sigma_norm"], reference)
         return self.trust
 
     def fit_precision(self, data: dict[str, torch.Tensor], keep: np.ndarray, catastrophic: dict[str, float],
@@ -726,6 +730,8 @@ class Ensemble:
             files["emulator.safetensors"] = np_save(self.emulator.to_tensors())
         if self.selection_map is not None:
             files.update(self.selection_map.to_files())
+        if self.trust is not None:
+            files.update(self.trust.reference_files())
         return files
 
     @classmethod
@@ -737,9 +743,12 @@ class Ensemble:
             weights = [files[f"member_{i:02d}.safetensors"] for i in range(spec["n_members"])]
         except KeyError as exc:
             raise ValueError(f"ensemble files incomplete: {exc.args[0]} missing") from None
+        trust = TrustThresholds.from_dict(spec.get("trust"))
+        if trust is not None:
+            trust.attach_reference(files)
         return cls(ModelConfig.model_validate(spec["model"]), spec["labels"], stats, weights,
                    np.asarray(spec["calibration"]), spec.get("meta"), spec.get("snr_calibration"),
-                   TrustThresholds.from_dict(spec.get("trust")),
+                   trust,
                    SpectrumEmulator.from_tensors(np_load(files["emulator.safetensors"]))
                    if "emulator.safetensors" in files else None,
                    MapReference.from_files(files) if MAP_FILE in files else None, spec.get("mean_correction"))
@@ -761,7 +770,8 @@ class Ensemble:
             raise FileNotFoundError(f"{folder} holds no ensemble.json")
         n = json.loads((folder / "ensemble.json").read_text())["n_members"]
         names = ["ensemble.json", "stats.json"] + [f"member_{i:02d}.safetensors" for i in range(n)]
-        names += [name for name in ("emulator.safetensors", MAP_FILE) if (folder / name).is_file()]
+        names += [name for name in ("emulator.safetensors", MAP_FILE, LABEL_REFERENCE_FILE)
+                  if (folder / name).is_file()]
         return cls.from_files({name: (folder / name).read_bytes() for name in names})
 
 

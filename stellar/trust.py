@@ -12,7 +12,9 @@ the others. Three layers stand between the network and the catalogue:
    are untouched; beyond it they fade smoothly, so training stays sane.
 2. **Tests of unlikeness**, each a bit of ``ood_reason`` (:data:`OOD_BITS`):
    the selection map's verdict, inputs beyond the training inputs' range,
-   labels beyond the training labels' range, ensemble disagreement far above
+   labels beyond the training labels' range, label combinations where the
+   training set holds no stars (the label hull, as a k-nearest-neighbour
+   density), ensemble disagreement far above
    its level on held-out stars, input blocks the model cannot do without,
    and (guard) a label outside the physical envelope, which is then withheld.
    One more bit is a precision test, not a likeness one: ``imprecise``, a
@@ -57,6 +59,7 @@ OOD_LINES = 1 << 6
 OOD_UNCERTAINTY = 1 << 7
 OOD_ENVELOPE = 1 << 8
 OOD_IMPRECISE = 1 << 9
+OOD_LABEL_DENSITY = 1 << 10
 
 # name: (bit, meaning) -- the documented bitmask (README, column descriptions, export headers)
 OOD_BITS: dict[str, tuple[int, str]] = {
@@ -65,6 +68,11 @@ OOD_BITS: dict[str, tuple[int, str]] = {
     "input_range": (OOD_INPUT_RANGE, "an XP coefficient, colour, magnitude or parallax feature lies beyond the "
                                      "training stars' range by more than the validation-calibrated margin"),
     "label_range": (OOD_LABEL_RANGE, "a predicted label lies outside the training labels' range (extrapolation)"),
+    "label_density": (OOD_LABEL_DENSITY, "the predicted labels together lie where the training set has no stars "
+                                         "(each label may be in range): the distance to the k-th nearest "
+                                         "training star in label space, in units of each label's training "
+                                         "spread, is above the validation-calibrated level -- a combination the "
+                                         "label survey never held, such as alpha-rich at super-solar metallicity"),
     "disagreement": (OOD_DISAGREEMENT, "the ensemble members disagree far more than on held-out stars "
                                        "(above the validation-calibrated level)"),
     "missing_input": (OOD_MISSING_INPUT, "an input block the model reads (XP, BP, RP, parallax, photometry) is "
@@ -260,16 +268,25 @@ class TrustThresholds:
     # Precision limits (physical units) on the calibrated uncertainty, by label: the catastrophic error
     # over ``precision_z``, the validation stars' |z| quantile at ``catastrophic_odds``
     # (:func:`fit_precision_limits`); outside the false-flag budget (empty: test off).
+    # The label hull: the distance from a star's predicted labels (normalised) to its ``label_k``-th
+    # nearest training star's catalogue labels (:func:`label_sparsity`); flag above ``label_density``.
+    # The reference labels (a hash-chosen sample of the training split, normalised, in the model's label
+    # order) travel as their own safetensors file, not in the JSON (:data:`LABEL_REFERENCE_FILE`).
+    label_k: int = 10
+    label_density: float = np.inf
+    label_reference: np.ndarray | None = field(default=None, repr=False, compare=False)
     precision_limit: dict[str, float] = field(default_factory=dict)
     precision_z: float = 0.0
     catastrophic_odds: float = 0.0
     n_validation: int = 0
 
-    _INF_FIELDS = ("disagreement", "spectrum_chi2", "line_chi2", "map_score", "uncertainty")
+    _INF_FIELDS = ("disagreement", "spectrum_chi2", "line_chi2", "map_score", "uncertainty", "label_density")
 
     def to_dict(self) -> dict:
-        """The thresholds as a JSON-able dict; an infinite threshold (test off) is null."""
+        """The thresholds as a JSON-able dict; an infinite threshold (test off) is null. The label
+        reference is not in it (:meth:`reference_files`)."""
         d = asdict(self)
+        d.pop("label_reference", None)
         for k in self._INF_FIELDS:  # JSON has no infinity: null means "test off"
             d[k] = None if not np.isfinite(getattr(self, k)) else float(getattr(self, k))
         return d
@@ -287,8 +304,29 @@ class TrustThresholds:
             d.pop("line_trend", None)
         for k in cls._INF_FIELDS:
             d[k] = (-np.inf if k == "map_score" else np.inf) if d.get(k) is None else float(d[k])
-        known = set(cls.__dataclass_fields__)
+        known = set(cls.__dataclass_fields__) - {"label_reference"}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    def reference_files(self) -> dict[str, bytes]:
+        """The label reference as a safetensors file (empty without one)."""
+        if self.label_reference is None:
+            return {}
+        from safetensors.numpy import save as np_save
+
+        return {LABEL_REFERENCE_FILE: np_save({"labels": np.ascontiguousarray(self.label_reference, np.float32)})}
+
+    def attach_reference(self, files: dict[str, bytes]) -> None:
+        """Take the label reference from a model's files; without the file the label-density test is off
+        (a model from before the test)."""
+        if LABEL_REFERENCE_FILE not in files:
+            self.label_density = np.inf
+            return
+        from safetensors.numpy import load as np_load
+
+        ref = np_load(files[LABEL_REFERENCE_FILE]).get("labels")
+        if ref is None or ref.ndim != 2:
+            raise ValueError(f"{LABEL_REFERENCE_FILE}: a 2-D array 'labels' expected")
+        self.label_reference = ref.astype(np.float64)
 
     def chi2_excess(self, chi2: np.ndarray, snr: np.ndarray | None, trend: list[float]) -> np.ndarray:
         """The standardised excess of log chi2 over its S/N trend (unknown S/N: the pivot's)."""
@@ -307,6 +345,35 @@ class TrustThresholds:
             y = np.log(np.maximum(sig[:, j], 1e-12))
             out = np.maximum(out, (y - (a + b * t + c * t * t)) / np.exp(d + e * t))
         return out
+
+
+LABEL_REFERENCE_FILE = "label_reference.safetensors"
+
+
+def label_sparsity(reference: np.ndarray, z: np.ndarray, k: int) -> np.ndarray:
+    """Per row of ``z`` (N, L): the Euclidean distance to its ``k``-th nearest row of ``reference`` (M, L),
+    both in normalised label units; NaN for a row with a non-finite label (other tests see those).
+
+    A k-d tree query, about 1 microsecond a star for a few thousand reference stars in five labels."""
+    from scipy.spatial import cKDTree
+
+    z = np.asarray(z, dtype=np.float64)
+    out = np.full(len(z), np.nan)
+    ok = np.isfinite(z).all(axis=1)
+    ref = np.asarray(reference, dtype=np.float64)
+    if not ok.any() or len(ref) == 0:
+        return out
+    kk = int(min(max(k, 1), len(ref)))
+    d, _ = cKDTree(ref).query(z[ok], k=[kk])
+    out[ok] = d[:, 0]
+    return out
+
+
+def _label_z(stats: dict, labels: list[str], mean: np.ndarray) -> np.ndarray:
+    idx = [stats["label_names"].index(k) for k in labels]
+    mu = np.asarray(stats["labels"]["mean"], dtype=np.float64)[idx]
+    sd = np.asarray(stats["labels"]["std"], dtype=np.float64)[idx]
+    return (np.asarray(mean, dtype=np.float64) - mu) / sd
 
 
 def _snr_t(snr: np.ndarray | None, n: int) -> np.ndarray:
@@ -364,7 +431,8 @@ def fit_thresholds(stats: dict, labels: list[str], xp: np.ndarray, scalars: np.n
                    reads: set[str] = frozenset(BLOCKS), spectrum_chi2: np.ndarray | None = None,
                    line_chi2: np.ndarray | None = None, snr: np.ndarray | None = None,
                    map_score: np.ndarray | None = None, chi2_pool: dict | None = None,
-                   sigma_norm: np.ndarray | None = None) -> TrustThresholds:
+                   sigma_norm: np.ndarray | None = None,
+                   label_reference: np.ndarray | None = None) -> TrustThresholds:
     """Thresholds under which all tests together flag ``rate`` of the validation stars.
 
     Args:
@@ -386,6 +454,8 @@ def fit_thresholds(stats: dict, labels: list[str], xp: np.ndarray, scalars: np.n
             the emulator's 21 numbers per pixel hardly fit any one star.
         sigma_norm: (N, L) the network's uncalibrated uncertainties, normalised units (None: the
             uncertainty test is off).
+        label_reference: (M, L) training stars' normalised catalogue labels, in ``labels`` order (None:
+            the label-density test is off).
     """
     n = len(xp)
     ref = np.median(epistemic, axis=0) if len(epistemic) else np.ones(epistemic.shape[1])
@@ -417,12 +487,20 @@ def fit_thresholds(stats: dict, labels: list[str], xp: np.ndarray, scalars: np.n
         sig = np.asarray(sigma_norm, dtype=np.float64)
         base.sigma_trend = [chi2_trend(tc, np.log(np.maximum(sig[:, j], 1e-12))) for j in range(sig.shape[1])]
         unc = base.uncertainty_excess(sig, snr)
+    sparse = None
+    if label_reference is not None and len(label_reference):
+        ref = np.asarray(label_reference, dtype=np.float64)
+        base.label_reference = ref[np.isfinite(ref).all(axis=1)]
+        sparse = label_sparsity(base.label_reference, _label_z(stats, labels, mean), base.label_k)
     neg_score = None
     if map_score is not None and np.isfinite(np.asarray(map_score, dtype=np.float64)).any():
         neg_score = -np.asarray(map_score, dtype=np.float64)
 
     def at(r: float) -> TrustThresholds:
         thr = TrustThresholds(**{**asdict(base), "per_test_rate": float(r)})
+        thr.label_reference = base.label_reference
+        if sparse is not None:
+            thr.label_density = _quantile_threshold(sparse, r)
         thr.input_excess = max(0.0, _quantile_threshold(excess, r))
         thr.disagreement = _quantile_threshold(disagree, r)
         if spec_res is not None:
@@ -516,6 +594,10 @@ def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.n
         if sigma_norm is not None and thr.sigma_trend and np.isfinite(thr.uncertainty):
             res = thr.uncertainty_excess(sigma_norm, snr)
             reason |= np.where(np.nan_to_num(res, nan=-np.inf) > thr.uncertainty, OOD_UNCERTAINTY, 0).astype(np.int32)
+        if thr.label_reference is not None and np.isfinite(thr.label_density):
+            d = label_sparsity(thr.label_reference, _label_z(stats, labels, mean), thr.label_k)
+            reason |= np.where(np.nan_to_num(d, nan=-np.inf) > thr.label_density,
+                               OOD_LABEL_DENSITY, 0).astype(np.int32)
         if sigma is not None and thr.precision_limit:
             s = np.asarray(sigma, dtype=np.float64)
             over = np.zeros(n, dtype=bool)

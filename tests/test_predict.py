@@ -716,7 +716,20 @@ def test_trust_flags_on_a_small_survey(registry, tmp_path):
     # catastrophic error over a validation |z| quantile no smaller than the Gaussian one
     from stellar.ensemble import Ensemble
 
-    trust = Ensemble.from_files(resolve_model(cfg).files).trust
+    ens = Ensemble.from_files(resolve_model(cfg).files)
+    trust = ens.trust
+    # the label hull travels with the model, and the label-density bit is set exactly where a star's
+    # published labels are further from the training labels than the validation-calibrated distance
+    from stellar.trust import label_sparsity
+
+    assert trust.label_reference is not None and trust.label_reference.shape[1] == len(ens.labels)
+    assert np.isfinite(trust.label_density) and trust.label_density > 0
+    z = (m[ens.labels].to_numpy(float) - ens.label_mean) / ens.label_std
+    dist = label_sparsity(trust.label_reference, z, trust.label_k)
+    dens = ((reason & OOD_BITS["label_density"][0]) != 0).to_numpy()
+    published = np.isfinite(dist)
+    clear = published & (np.abs(dist - trust.label_density) > 1e-3)  # float32 rounding of the published labels
+    assert (dens[clear] == (dist[clear] > trust.label_density)).all() and 0 < dens.sum() < len(m)
     assert 2.57 < trust.precision_z < 6 and trust.catastrophic_odds == cfg.train.catastrophic_odds
     assert trust.precision_limit == pytest.approx({k: v / trust.precision_z
                                                    for k, v in cfg.train.catastrophic_errors.items()})

@@ -10,8 +10,8 @@ from stellar.features import Q_NO_BP, Q_NO_PARALLAX, Q_NO_XP, SCALAR_NAMES
 from stellar.inference_core import forward_members
 from stellar.model import StackedEnsemble
 from stellar.model import HybridNet, ModelConfig
-from stellar.trust import (OOD_DISAGREEMENT, OOD_ENVELOPE, OOD_IMPRECISE, OOD_INPUT_RANGE, OOD_LABEL_RANGE,
-                           OOD_LINES, OOD_MAP, OOD_MISSING_INPUT, OOD_SPECTRUM, OOD_UNCERTAINTY, PHYSICAL_ENVELOPE,
+from stellar.trust import (OOD_DISAGREEMENT, OOD_ENVELOPE, OOD_IMPRECISE, OOD_INPUT_RANGE, OOD_LABEL_DENSITY,
+                           OOD_LABEL_RANGE, OOD_LINES, OOD_MAP, OOD_MISSING_INPUT, OOD_SPECTRUM, OOD_UNCERTAINTY, PHYSICAL_ENVELOPE,
                            TrustThresholds, assess, bound_outputs, drop_blocks, fit_thresholds, label_bounds,
                            missing_features)
 
@@ -234,6 +234,51 @@ def test_thresholds_flag_the_chosen_share_of_validation_stars_and_catch_outliers
     r5, _ = assess(stats, thr, LABELS, xp[:3], sc[:3], np.zeros(3, int), mean[:3], np.full((3, 5), 0.1), None,
                    snr=snr[:3], sigma_norm=sigma[:3])
     assert not (r5 & OOD_IMPRECISE).any()
+
+
+def _population(n: int, rng) -> np.ndarray:
+    """Physical labels of a Galactic-like population: alpha-rich only when metal-poor, dwarfs only when warm."""
+    m_h = rng.uniform(-1.5, 0.4, n)
+    alpha = np.where(m_h < -0.5, 0.3, 0.02) + rng.normal(0, 0.03, n)
+    giant = rng.random(n) < 0.6
+    teff = np.where(giant, rng.uniform(4000, 5100, n), rng.uniform(5000, 6600, n))
+    logg = np.where(giant, 1.0 + (teff - 4000) / 550, 4.0 + (teff - 5000) / -4000 + rng.normal(0, 0.1, n))
+    return np.stack([teff, logg, m_h, alpha, m_h + 0.8 * alpha], axis=1)
+
+
+def test_label_density_flags_label_combinations_the_training_set_never_held():
+    rng = np.random.default_rng(3)
+    stats = fake_stats()
+    mu, sd = np.asarray(stats["labels"]["mean"]), np.asarray(stats["labels"]["std"])
+    reference = (_population(4000, rng) - mu) / sd
+    n = 2000
+    mean = _population(n, rng) + rng.normal(0, 1, (n, 5)) * [60, 0.08, 0.04, 0.03, 0.04]  # predicted: noisy
+    xp, sc = _normalised_inputs(stats, n, rng)
+    epistemic = rng.lognormal(-2, 0.3, (n, 5))
+    thr = fit_thresholds(stats, LABELS, xp, sc, np.zeros(n, int), mean, epistemic, rate=0.03,
+                         label_reference=reference)
+    assert np.isfinite(thr.label_density) and thr.label_reference.shape == (4000, 5)
+    reason, _ = assess(stats, thr, LABELS, xp, sc, np.zeros(n, int), mean, epistemic, None)
+    assert 0.002 <= ((reason & OOD_LABEL_DENSITY) != 0).mean() <= thr.per_test_rate + 1e-3
+    # each label in range, the combination never seen: alpha-rich at [M/H] +0.3; a 6,300 K star with a
+    # giant's log g; and two ordinary stars
+    probe = np.array([[5800.0, 4.2, 0.3, 0.30, 0.45], [6300.0, 2.0, -0.2, 0.02, -0.18],
+                      [4500.0, 1.9, -0.2, 0.02, -0.18], [5600.0, 4.1, -1.0, 0.30, -0.76]])
+    assert (probe >= np.asarray(stats["labels"]["min"])).all() and (probe <= np.asarray(stats["labels"]["max"])).all()
+    r, _ = assess(stats, thr, LABELS, xp[:4], sc[:4], np.zeros(4, int), probe, np.full((4, 5), 0.1), None)
+    assert ((r & OOD_LABEL_DENSITY) != 0).tolist() == [True, True, False, False]
+    assert not (r & OOD_LABEL_RANGE).any()
+    # the reference travels as its own safetensors file; without it (an older model) the test is off
+    back = TrustThresholds.from_dict(thr.to_dict())
+    back.attach_reference(thr.reference_files())
+    assert back.label_density == thr.label_density
+    np.testing.assert_allclose(back.label_reference, thr.label_reference, rtol=1e-6, atol=1e-6)
+    r_back, _ = assess(stats, back, LABELS, xp[:4], sc[:4], np.zeros(4, int), probe, np.full((4, 5), 0.1), None)
+    assert (r_back == r).all()
+    old = TrustThresholds.from_dict(thr.to_dict())
+    old.attach_reference({})
+    r_old, _ = assess(stats, old, LABELS, xp[:4], sc[:4], np.zeros(4, int), probe, np.full((4, 5), 0.1), None)
+    assert not (r_old & OOD_LABEL_DENSITY).any()
 
 
 def test_precision_limits_follow_the_held_out_stars_error_tails():
