@@ -366,6 +366,46 @@ def fit_label_calibration(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.nda
     return float(a), float(beta[1]), float(beta[2]), np.asarray(beta[3:], dtype=float)
 
 
+# An error floor in quadrature, sigma' = sqrt((c sigma)^2 + f^2): the network's sigma shrinks with S/N
+# faster than its errors do. On the demo the giants' log g errors above S/N 50 stayed at 0.06-0.08 dex
+# whatever sigma said (z-score spread 1.44 among the fifth with the smallest sigma, 1.04 among the
+# largest), and a factor of S/N and kind of star cannot lift the small sigmas alone. For a floor f the
+# factor c is fitted as if f^2 were more label variance (it adds to the residuals' variance alike); f is
+# chosen per label on this grid (times the fit stars' median raw sigma) by the Gaussian likelihood of
+# the same residuals. 0 (no floor) is on it, so a label whose errors follow its sigma keeps none.
+CALIBRATION_FLOORS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0)
+
+
+def calibration_nll(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.ndarray, u: np.ndarray,
+                    coef: tuple[float, float, float, np.ndarray], w: np.ndarray | None = None) -> float:
+    """The (``w``-weighted) Gaussian negative log-likelihood of residuals ``r`` under the calibrated
+    variance (c s)^2 + e^2, c = exp(a + b t + q t^2 + clip(g . u)) as the ensemble applies it."""
+    a, b, q, g = coef
+    w = np.ones(len(r)) if w is None else np.asarray(w, dtype=np.float64)
+    u = np.asarray(u, dtype=np.float64).reshape(len(r), -1)
+    lab = np.clip(u @ np.asarray(g, dtype=np.float64), -CALIBRATION_LABEL_MAX_LOG, CALIBRATION_LABEL_MAX_LOG) \
+        if u.shape[1] else 0.0
+    var = (np.exp(a + b * t + q * t * t + lab) * s) ** 2 + e**2
+    return float(0.5 * np.sum(w * (np.log(var) + r**2 / var)))
+
+
+def fit_calibration_with_floor(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.ndarray, u: np.ndarray,
+                               w: np.ndarray | None = None) -> tuple[float, float, float, np.ndarray, float]:
+    """(a, b, q, g, f): :func:`fit_label_calibration` with the label errors ``e`` widened to
+    sqrt(e^2 + f^2), for each floor f of :data:`CALIBRATION_FLOORS` (times median s), and of those the
+    fit of the highest likelihood. The published sigma is then sqrt((c s)^2 + f^2)."""
+    med = float(np.median(s)) if len(s) else 0.0
+    best = None
+    for k in CALIBRATION_FLOORS:
+        f = k * med
+        ef = np.sqrt(e**2 + f**2)
+        coef = fit_label_calibration(r, s, ef, t, u, w=w)
+        nll = calibration_nll(r, s, ef, t, u, coef, w)
+        if best is None or nll < best[0] - 1e-9:
+            best = (nll, (*coef, f))
+    return best[1]
+
+
 # The mean correction: the members' mean is pulled toward the dense middle of the training labels at the
 # edges of the label set (regularisation and dropout attenuate; the demo's dwarfs came out 0.04 dex low in
 # log g at a scatter of 0.03, its lowest-gravity giants 0.1 high, on validation and test stars alike), and a
@@ -458,6 +498,8 @@ class Ensemble:
                                      dtype=float).reshape(len(labels), 2 * len(labels))
         self.label_range = np.asarray(sc.get("label_range", np.zeros((len(labels), 2))),
                                       dtype=float).reshape(len(labels), 2)
+        # the error floor per label (normalised units; fit_calibration_with_floor); absent before it: none
+        self.sigma_floor = np.asarray(sc.get("floor", np.zeros(len(labels))), dtype=float).reshape(len(labels))
         # the mean correction (fit_mean_correction); absent in models trained before it: none
         mc = mean_correction or {}
         self.mean_coef = np.asarray(mc.get("coef", np.zeros((len(labels), 1 + 2 * len(labels)))),
@@ -559,7 +601,7 @@ class Ensemble:
         ``ensemble.json``, read back by the constructor."""
         return {"kind": "logquadratic_labels", "pivot": self.snr_pivot, "t_range": list(self.snr_t_range),
                 "coef": self.snr_coef.tolist(), "label_coef": self.label_coef.tolist(),
-                "label_range": self.label_range.tolist()}
+                "label_range": self.label_range.tolist(), "floor": self.sigma_floor.tolist()}
 
     def combine(self, means: np.ndarray, variances: np.ndarray, calibrated: bool = True,
                 snr: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -575,6 +617,8 @@ class Ensemble:
         sigma_norm = sigma
         if calibrated:
             sigma = sigma * self.factors(snr, mu.shape[0], mu)
+            if np.any(self.sigma_floor):
+                sigma = np.sqrt(sigma**2 + self.sigma_floor**2)
         return {"mean": mu * self.label_std + self.label_mean, "sigma": sigma * self.label_std,
                 "sigma_aleatoric": np.sqrt(aleatoric) * self.label_std,
                 "sigma_epistemic": np.sqrt(epistemic) * self.label_std, "epistemic_norm": np.sqrt(epistemic),
@@ -608,6 +652,7 @@ class Ensemble:
         cov = np.array([k in CALIBRATION_COVARIATES for k in self.labels] * 2)
         w_all = np.ones(len(truth)) if weights is None else np.asarray(weights, dtype=np.float64)
         label_coef = np.zeros((L, 2 * L))
+        floor = np.zeros(L)
         for j in range(L):
             ok = keep & np.isfinite(truth[:, j])
             s, e = pred["sigma"][:, j], np.nan_to_num(err[:, j])
@@ -617,8 +662,10 @@ class Ensemble:
                 continue
             overall.append(_calibration_factor(r[ok], s[ok], e[ok], w_all[ok]))
             if ok.sum() >= MIN_LABEL_CALIBRATION_STARS:
-                a, b, q, g = fit_label_calibration(r[ok], s[ok], e[ok], t[ok], u[ok][:, cov], w=w_all[ok])
-                coef[j], label_coef[j, cov] = (a, b, q), g
+                a, b, q, g, f = fit_calibration_with_floor(r[ok], s[ok], e[ok], t[ok], u[ok][:, cov], w=w_all[ok])
+                coef[j], label_coef[j, cov], floor[j] = (a, b, q), g, f / self.label_std[j]
+                if f > 0:  # the all-S/N factor (stars without an S/N) on the floored sigmas too
+                    overall[-1] = _calibration_factor(r[ok], s[ok], np.sqrt(e[ok] ** 2 + f * f), w_all[ok])
             elif ok.sum() >= MIN_CALIBRATION_STARS:
                 coef[j] = (*fit_snr_calibration(r[ok], s[ok], e[ok], t[ok], w_all[ok]), 0.0)
             else:
@@ -628,6 +675,7 @@ class Ensemble:
         self.snr_pivot = CALIBRATION_PIVOT_SNR
         self.snr_t_range = (float(lo), float(hi))
         self.label_coef, self.label_range = label_coef, np.asarray(label_range, dtype=float)
+        self.sigma_floor = floor
         return self.calibration
 
     def fit_emulator(self, data: dict[str, torch.Tensor], window: np.ndarray) -> SpectrumEmulator:

@@ -71,7 +71,9 @@ def model_card(ens, metrics: dict, features_counts: dict, cfg, identity: dict | 
               "Uncertainties are the ensemble's (members' variance + spread) times a factor per label that varies "
               "with log S/N and the predicted labels, fitted on the validation stars the trust tests keep. "
               "All-S/N factors: " + ", ".join(f"{lab} {f:.3f}" for lab, f in zip(ens.labels, ens.calibration)) + "; "
-              f"pivot S/N {sc.get('pivot')}.", ""]
+              f"pivot S/N {sc.get('pivot')}. Error floors added in quadrature (the errors the network's "
+              "sigma does not shrink below, chosen by likelihood on the same stars; 0: none): "
+              + ", ".join(f"{lab} {f:.3g}" for lab, f in zip(ens.labels, ens.sigma_floor * ens.label_std)) + ".", ""]
     cc = meta.get("calibration_copies")
     if cc:
         excess = cc.get("noise_excess")

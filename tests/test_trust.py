@@ -413,6 +413,36 @@ def test_weighted_calibration_equals_repeating_the_stars():
     assert np.sum(w * r**2 / ((c * s) ** 2 + e**2)) / w.sum() == pytest.approx(1.0, abs=1e-6)
 
 
+def test_calibration_floor_lifts_the_smallest_sigmas_and_stays_off_where_errors_follow_sigma():
+    """Errors that stop shrinking with sigma get a floor in quadrature; errors that follow sigma get none."""
+    from stellar.ensemble import fit_calibration_with_floor, fit_label_calibration
+
+    rng = np.random.default_rng(11)
+
+    def sample(n, floor):
+        snr = np.exp(rng.uniform(np.log(15), np.log(300), n))
+        s = 0.05 * (snr / 30) ** -0.8 * np.exp(rng.normal(0, 0.4, n))  # sigma varies at a given S/N too
+        e = np.full(n, 0.01)
+        r = rng.normal(0, np.sqrt((1.3 * s) ** 2 + floor**2 + e**2))
+        return np.clip(np.log(snr / 30), np.log(0.5), np.log(10)), s, e, r
+
+    none = np.zeros((3000, 0))
+    t, s, e, r = sample(3000, 0.03)
+    a, b, q, g, f = fit_calibration_with_floor(r, s, e, t, none)
+    assert 0.018 <= f <= 0.045, f
+    a0, b0, q0, _ = fit_label_calibration(r, s, e, t, none)
+    t2, s2, e2, r2 = sample(6000, 0.03)
+    smallest = s2 < np.quantile(s2, 0.2)
+    z = r2 / np.sqrt((np.exp(a + b * t2 + q * t2**2) * s2) ** 2 + f * f + e2**2)
+    assert 0.9 <= z[smallest].std() <= 1.1 and 0.9 <= z[~smallest].std() <= 1.1, (z[smallest].std(), z.std())
+    # without the floor the S/N factor cannot lift the smallest sigmas: their errors are too small
+    z0 = r2 / np.sqrt((np.exp(a0 + b0 * t2 + q0 * t2**2) * s2) ** 2 + e2**2)
+    assert z0[smallest].std() > 1.12, z0[smallest].std()
+    t, s, e, r = sample(3000, 0.0)
+    *_, f0 = fit_calibration_with_floor(r, s, e, t, none)
+    assert f0 <= 0.2 * np.median(s), (f0, np.median(s))
+
+
 def test_uncertainty_calibration_follows_snr_smoothly():
     """Raw sigmas 1.5x too large at S/N 200 and right at S/N 15: the fitted factor follows, with
     no step and no extrapolation beyond the S/N the fit saw."""
