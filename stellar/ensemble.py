@@ -793,6 +793,8 @@ class Ensemble:
             raise ValueError(f"ensemble files incomplete: {exc.args[0]} missing") from None
         trust = TrustThresholds.from_dict(spec.get("trust"))
         if trust is not None:
+            if not trust.label_columns and LABEL_REFERENCE_FILE in files:
+                trust.label_columns = list(spec["labels"])  # the first models with the test used every label
             trust.attach_reference(files)
         return cls(ModelConfig.model_validate(spec["model"]), spec["labels"], stats, weights,
                    np.asarray(spec["calibration"]), spec.get("meta"), spec.get("snr_calibration"),

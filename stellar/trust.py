@@ -274,6 +274,7 @@ class TrustThresholds:
     # order) travel as their own safetensors file, not in the JSON (:data:`LABEL_REFERENCE_FILE`).
     label_k: int = 10
     label_density: float = np.inf
+    label_columns: list[str] = field(default_factory=list)  # the labels the distance is over
     label_reference: np.ndarray | None = field(default=None, repr=False, compare=False)
     precision_limit: dict[str, float] = field(default_factory=dict)
     precision_z: float = 0.0
@@ -324,8 +325,9 @@ class TrustThresholds:
         from safetensors.numpy import load as np_load
 
         ref = np_load(files[LABEL_REFERENCE_FILE]).get("labels")
-        if ref is None or ref.ndim != 2:
-            raise ValueError(f"{LABEL_REFERENCE_FILE}: a 2-D array 'labels' expected")
+        if ref is None or ref.ndim != 2 or ref.shape[1] != len(self.label_columns):
+            raise ValueError(f"{LABEL_REFERENCE_FILE}: a 2-D array 'labels' with one column per label of "
+                             f"label_columns ({len(self.label_columns)}) expected")
         self.label_reference = ref.astype(np.float64)
 
     def chi2_excess(self, chi2: np.ndarray, snr: np.ndarray | None, trend: list[float]) -> np.ndarray:
@@ -367,6 +369,11 @@ def label_sparsity(reference: np.ndarray, z: np.ndarray, k: int) -> np.ndarray:
     d, _ = cKDTree(ref).query(z[ok], k=[kk])
     out[ok] = d[:, 0]
     return out
+
+
+# A label takes part in the distance only where at least this share of the reference stars has it (a
+# survey's lithium, say, is mostly upper limits); reference stars missing one of those labels are left out.
+LABEL_REFERENCE_MIN_FINITE = 0.5
 
 
 def _label_z(stats: dict, labels: list[str], mean: np.ndarray) -> np.ndarray:
@@ -490,8 +497,13 @@ def fit_thresholds(stats: dict, labels: list[str], xp: np.ndarray, scalars: np.n
     sparse = None
     if label_reference is not None and len(label_reference):
         ref = np.asarray(label_reference, dtype=np.float64)
-        base.label_reference = ref[np.isfinite(ref).all(axis=1)]
-        sparse = label_sparsity(base.label_reference, _label_z(stats, labels, mean), base.label_k)
+        use = np.isfinite(ref).mean(axis=0) >= LABEL_REFERENCE_MIN_FINITE
+        ref = ref[:, use]
+        ref = ref[np.isfinite(ref).all(axis=1)]
+        if use.any() and len(ref) > base.label_k:
+            base.label_reference = ref
+            base.label_columns = [lab for lab, u in zip(labels, use) if u]
+            sparse = label_sparsity(ref, _label_z(stats, base.label_columns, mean[:, use]), base.label_k)
     neg_score = None
     if map_score is not None and np.isfinite(np.asarray(map_score, dtype=np.float64)).any():
         neg_score = -np.asarray(map_score, dtype=np.float64)
@@ -594,8 +606,11 @@ def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.n
         if sigma_norm is not None and thr.sigma_trend and np.isfinite(thr.uncertainty):
             res = thr.uncertainty_excess(sigma_norm, snr)
             reason |= np.where(np.nan_to_num(res, nan=-np.inf) > thr.uncertainty, OOD_UNCERTAINTY, 0).astype(np.int32)
-        if thr.label_reference is not None and np.isfinite(thr.label_density):
-            d = label_sparsity(thr.label_reference, _label_z(stats, labels, mean), thr.label_k)
+        if (thr.label_reference is not None and np.isfinite(thr.label_density) and thr.label_columns
+                and set(thr.label_columns) <= set(labels)):
+            cols = [labels.index(lab) for lab in thr.label_columns]
+            d = label_sparsity(thr.label_reference, _label_z(stats, thr.label_columns, np.asarray(mean)[:, cols]),
+                               thr.label_k)
             reason |= np.where(np.nan_to_num(d, nan=-np.inf) > thr.label_density,
                                OOD_LABEL_DENSITY, 0).astype(np.int32)
         if sigma is not None and thr.precision_limit:

@@ -275,6 +275,17 @@ def test_label_density_flags_label_combinations_the_training_set_never_held():
     np.testing.assert_allclose(back.label_reference, thr.label_reference, rtol=1e-6, atol=1e-6)
     r_back, _ = assess(stats, back, LABELS, xp[:4], sc[:4], np.zeros(4, int), probe, np.full((4, 5), 0.1), None)
     assert (r_back == r).all()
+    # a label most reference stars lack (a survey's lithium) is left out of the distance, not the stars
+    with_li = np.c_[reference, np.where(rng.random(len(reference)) < 0.8, np.nan, 0.0)]
+    stats6 = {**stats, "label_names": LABELS + ["a_li"],
+              "labels": {k: list(v) + [1.0] for k, v in stats["labels"].items()}}
+    thr6 = fit_thresholds(stats6, LABELS + ["a_li"], xp, sc, np.zeros(n, int), np.c_[mean, np.ones(n)],
+                          np.c_[epistemic, epistemic[:, :1]],
+                          rate=0.03, label_reference=with_li)
+    assert thr6.label_columns == LABELS and thr6.label_reference.shape == (4000, 5)
+    r6, _ = assess(stats6, thr6, LABELS + ["a_li"], xp[:4], sc[:4], np.zeros(4, int), np.c_[probe, np.ones(4)],
+                   np.full((4, 6), 0.1), None)
+    assert ((r6 & OOD_LABEL_DENSITY) != 0).tolist() == [True, True, False, False]
     old = TrustThresholds.from_dict(thr.to_dict())
     old.attach_reference({})
     r_old, _ = assess(stats, old, LABELS, xp[:4], sc[:4], np.zeros(4, int), probe, np.full((4, 5), 0.1), None)
