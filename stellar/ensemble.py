@@ -271,12 +271,13 @@ def _calibration_factor(r: np.ndarray, s: np.ndarray, e: np.ndarray, w: np.ndarr
     w = np.ones(len(r)) if w is None else np.asarray(w, dtype=np.float64)
     w = w / w.sum()
     lo, hi = 1e-3, 1e3
-    for _ in range(60):
-        c = np.sqrt(lo * hi)
-        if np.sum(w * r**2 / (c**2 * s**2 + e**2)) > 1:
-            lo = c
-        else:
-            hi = c
+    with np.errstate(over="ignore", invalid="ignore"):  # an infinite sigma only means "c too large"
+        for _ in range(60):
+            c = np.sqrt(lo * hi)
+            if np.sum(w * r**2 / (c**2 * s**2 + e**2)) > 1:
+                lo = c
+            else:
+                hi = c
     return float(np.sqrt(lo * hi))
 
 
@@ -350,12 +351,18 @@ def fit_label_calibration(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.nda
     pen = np.r_[0.0, 0.0, 1.0 / curvature_prior**2, np.full(u.shape[1], 1.0 / prior**2)]
 
     def nll(beta):
-        c2 = np.exp(2.0 * (X @ beta))
-        var = c2 * s2 + e2
-        f = 0.5 * np.sum(w * (np.log(var) + r2 / var)) + 0.5 * np.sum(pen * beta**2)
-        # d var / d beta = 2 c2 s2 X
-        dvar = (0.5 * w * (1.0 / var - r2 / var**2) * 2.0 * c2 * s2)
-        return f, X.T @ dvar + pen * beta
+        # The line search may try steps whose factor overflows (with an error floor that explains the
+        # residuals the likelihood is flat as c -> 0): such a step is infinitely unlikely, not an error.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            c2 = np.exp(2.0 * (X @ beta))
+            var = c2 * s2 + e2
+            f = 0.5 * np.sum(w * (np.log(var) + r2 / var)) + 0.5 * np.sum(pen * beta**2)
+            # d var / d beta = 2 c2 s2 X
+            dvar = (0.5 * w * (1.0 / var - r2 / var**2) * 2.0 * c2 * s2)
+            grad = X.T @ dvar + pen * beta
+        if not (np.isfinite(f) and np.all(np.isfinite(grad))):
+            return np.inf, np.zeros_like(beta)
+        return f, grad
 
     beta0 = np.r_[a0, b0, 0.0, np.zeros(u.shape[1])]
     res = minimize(nll, beta0, jac=True, method="L-BFGS-B", options={"maxiter": 500, "gtol": 1e-8})
@@ -385,8 +392,10 @@ def calibration_nll(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.ndarray, 
     u = np.asarray(u, dtype=np.float64).reshape(len(r), -1)
     lab = np.clip(u @ np.asarray(g, dtype=np.float64), -CALIBRATION_LABEL_MAX_LOG, CALIBRATION_LABEL_MAX_LOG) \
         if u.shape[1] else 0.0
-    var = (np.exp(a + b * t + q * t * t + lab) * s) ** 2 + e**2
-    return float(0.5 * np.sum(w * (np.log(var) + r**2 / var)))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        var = (np.exp(a + b * t + q * t * t + lab) * s) ** 2 + e**2
+        nll = float(0.5 * np.sum(w * (np.log(var) + r**2 / var)))
+    return nll if np.isfinite(nll) else np.inf
 
 
 def fit_calibration_with_floor(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.ndarray, u: np.ndarray,
