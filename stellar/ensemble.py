@@ -727,13 +727,12 @@ class Ensemble:
         pred = self.predict(data)
         trained = [b for b, r in self.cfg.input_dropout.items() if r > 0]
         chi2, line = self.consistency(pred["mean"], data)
-        pool = None
-        reference = None
+        pool = reference = None
         if chi2_pool is not None and len(chi2_pool.get("source_id", [])):
             reference = chi2_pool["labels"].numpy().astype(np.float64)
-        if chi2_pool is not None and chi2 is not None and len(chi2_pool.get("source_id", [])):
-            pc2, pl2 = self.consistency(self.predict(chi2_pool)["mean"], chi2_pool)
-            pool = {"spectrum_chi2": pc2, "line_chi2": pl2, "snr": chi2_pool["snr"].numpy()}
+            if chi2 is not None:
+                pc2, pl2 = self.consistency(self.predict(chi2_pool)["mean"], chi2_pool)
+                pool = {"spectrum_chi2": pc2, "line_chi2": pl2, "snr": chi2_pool["snr"].numpy()}
         self.trust = fit_thresholds(self.stats, self.labels, data["xp"].numpy(), data["scalars"].numpy(),
                                     data["quality"].numpy(), pred["mean"], pred["epistemic_norm"], rate, trained,
                                     blocks_read(self.cfg.use_xp, self.cfg.use_scalars), chi2, line,
