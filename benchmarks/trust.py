@@ -59,6 +59,10 @@ SNR_BINS = ((15.0, 25.0), (25.0, 50.0), (50.0, np.inf))
 # the splits whose stars the model was fitted on (members; early stopping and calibration)
 FITTED_SPLITS = ("train", "validation")
 CATASTROPHIC = {"teff": 1000.0, "logg": 1.0, "m_h": 0.5}
+# SB2 recall by the components' separation and the secondary's RVS light ratio (the RVS resolution
+# element is ~26 km/s)
+SB2_DV_BINS = (0.0, 26.0, 40.0, 60.0, 90.0, 500.0)
+SB2_LIGHT_BINS = (0.0, 0.25, 0.4, 0.6, 1.01)
 # the hard survey's settings (--hard; benchmarks/accuracy.py builds it alike)
 HARD_SETS = ["synth.realism=hard", "synth.ood_fraction=0.05", "synth.training_fraction=0.21"]
 
@@ -107,6 +111,15 @@ def figures(work: Path, pred=None) -> dict:
         sel = (published.ood_kind == k).to_numpy()
         out["recall"][k]["by_reason"] = {name: float(((reason[sel] & bit) != 0).mean())
                                          for name, (bit, _) in OOD_BITS.items()}
+    sb2 = (published.ood_kind == "sb2_binary").to_numpy()
+    if sb2.any():  # what a binary's detectability rests on: the separation and the secondary's light
+        dv = np.abs(published.sb2_dv.to_numpy(float))
+        lr = published.light_ratio.to_numpy(float)
+        out["sb2_recall"] = {}
+        for name, x, edges in (("|dv| km/s", dv, SB2_DV_BINS), ("light ratio", lr, SB2_LIGHT_BINS)):
+            out["sb2_recall"][name] = {f"{lo:g}-{hi:g}": (int((s := sb2 & (x >= lo) & (x < hi)).sum()),
+                                                          float(ood[s].mean()) if s.any() else float("nan"))
+                                       for lo, hi in zip(edges[:-1], edges[1:])}
     unseen = ~published.split.isin(FITTED_SPLITS).to_numpy(bool)
     for key, sel in (("z_std", ~ood & ~injected & unseen), ("z_std_train", ~ood & ~injected &
                                                                (published.split == "train").to_numpy(bool))):
@@ -142,6 +155,8 @@ def report(f: dict) -> str:
     for k, r in f["recall"].items():
         lines.append(f"  ood recall {k:<22} {r['ood']:.3f} of {r['n']}  by reason: " +
                      ", ".join(f"{n} {v:.2f}" for n, v in r["by_reason"].items() if v))
+    for name, bins in f.get("sb2_recall", {}).items():
+        lines.append(f"    sb2 recall by {name}: " + ", ".join(f"{b} {r:.2f} ({n})" for b, (n, r) in bins.items() if n))
     lines.append(f"  z-score spread among unflagged in-distribution stars the model never fitted ({f['z_std_stars']}; "
                  "all / S/N 15-25 / 25-50 / >50), and [training stars]:")
     for k, row in f["z_std"].items():

@@ -126,6 +126,20 @@ class RealismConfig(StrictModel):
     # survey observes at high resolution, so its stars are mostly brighter than the RVS catalogue's; at
     # 0.5 the labelled stars' median S/N is ~1.6x the catalogue's. 0: labels regardless of brightness.
     label_snr_power: float = Field(0.0, ge=0.0, le=2.0)
+    # Double-lined binaries (the injected SB2 stars): the range of the components' velocity separation
+    # |dv| in km/s. The RVS resolution element is ~26 km/s; below it the lines only broaden and blend.
+    sb2_dv_kms: tuple[float, float] = (40.0, 120.0)
+    # SB2 secondaries as on the main sequence: 0.65-1 of the primary's Teff, light ratio ~ (Teff2/Teff1)^5
+    # (0.17 at 0.7), their light blended into the colours and the XP spectra. Off: a secondary 0.8-1 of
+    # the primary's Teff at a light ratio of 0.4-1 in the spectrum only.
+    sb2_blend: bool = False
+
+    @field_validator("sb2_dv_kms")
+    @classmethod
+    def _dv_range(cls, v):
+        if not (0.0 <= v[0] <= v[1] <= 500.0):
+            raise ValueError(f"sb2_dv_kms must be 0 <= low <= high <= 500 km/s, got {list(v)}")
+        return v
 
 
 class SynthConfig(StrictModel):

@@ -108,10 +108,18 @@ GRVS_COUNT_SLOPE = 0.17
 
 
 def draw_population(rng: np.random.Generator, n: int, ood_fraction: float, grvs_limit: float,
-                    snr_at_limit: float, gal_b_deg: np.ndarray, extinction_scale: float = 1.0) -> dict[str, np.ndarray]:
+                    snr_at_limit: float, gal_b_deg: np.ndarray, extinction_scale: float = 1.0,
+                    sb2_dv_kms: tuple[float, float] = (40.0, 120.0),
+                    sb2_blend: bool = False) -> dict[str, np.ndarray]:
     """All per-star truth quantities for ``n`` stars at the given Galactic latitudes.
 
-    ``extinction_scale`` multiplies the dust layer's extinction per kpc (realism.extinction_scale)."""
+    ``extinction_scale`` multiplies the dust layer's extinction per kpc (realism.extinction_scale).
+    ``sb2_dv_kms``: the range of the two components' velocity separation |dv| (realism.sb2_dv_kms).
+    ``sb2_blend`` (realism.sb2_blend): secondaries from 0.65 to 1 of the primary's Teff whose light
+    follows it as on the main sequence (RVS-band light ratio ~ (Teff2/Teff1)^5, so a 0.7 ratio gives
+    0.17), their light blended into the colours (and, in the survey, the XP spectra); otherwise a
+    secondary 0.8-1 of the primary's Teff at a light ratio drawn from 0.4-1 and the colours the
+    primary's. The random stream is the same either way, so the stars' other draws do not change."""
     kind = np.zeros(n, dtype=np.int8)
     is_ood = rng.random(n) < ood_fraction
     kind[is_ood] = rng.choice([OOD_HOT, OOD_EMP, OOD_SB2], size=is_ood.sum())
@@ -131,10 +139,14 @@ def draw_population(rng: np.random.Generator, n: int, ood_fraction: float, grvs_
 
     # SB2: a secondary of similar chemistry; brighter-than-single combined light.
     sb2 = kind == OOD_SB2
-    teff2 = np.where(sb2, teff * rng.uniform(0.8, 1.0, n), np.nan)
+    t_ratio = rng.uniform(0.65, 1.0, n) if sb2_blend else rng.uniform(0.8, 1.0, n)
+    teff2 = np.where(sb2, teff * t_ratio, np.nan)
     logg2 = np.where(sb2, np.clip(logg + rng.uniform(0.0, 0.4, n), 0.5, 5.0), np.nan)
-    light_ratio = np.where(sb2, rng.uniform(0.4, 1.0, n), 0.0)
-    dv = np.where(sb2, rng.uniform(40.0, 120.0, n) * rng.choice([-1, 1], n), 0.0)
+    if sb2_blend:  # light from the Teff ratio with a 25 % scatter, never brighter than the primary
+        light_ratio = np.where(sb2, np.minimum(t_ratio**5 * rng.uniform(0.8, 1.25, n), 1.0), 0.0)
+    else:
+        light_ratio = np.where(sb2, rng.uniform(0.4, 1.0, n), 0.0)
+    dv = np.where(sb2, rng.uniform(*sb2_dv_kms, n) * rng.choice([-1, 1], n), 0.0)
 
     # Magnitude-limited sample: p(G_RVS) ~ 10^(0.17 m) puts about a third at S/N 15-25.
     m_lo = GRVS_BRIGHTEST
@@ -146,6 +158,12 @@ def draw_population(rng: np.random.Generator, n: int, ood_fraction: float, grvs_
     snr = np.clip(snr, 8.0, 1500.0)
 
     bp_rp0 = bp_rp_intrinsic(teff, m_h)
+    # the secondary's share of the light in BP: redder secondaries give less there than in RVS/RP
+    light_ratio_bp = light_ratio.copy()
+    if sb2_blend and sb2.any():
+        dcol = bp_rp_intrinsic(np.where(sb2, teff2, teff), m_h) - bp_rp0
+        light_ratio_bp = np.where(sb2, light_ratio * 10 ** (-0.4 * dcol), 0.0)
+        bp_rp0 = bp_rp0 - 2.5 * np.log10((1.0 + light_ratio_bp) / (1.0 + light_ratio))
     g_grvs0 = np.clip(0.05 + 0.62 * bp_rp0 - 0.03 * bp_rp0**2, -0.1, 1.8)
     mg = absolute_g(teff, logg, mass) - np.where(sb2, 2.5 * np.log10(1 + light_ratio), 0.0)
     # Extinction grows with distance through a dust layer; iterate twice for self-consistency.
@@ -170,7 +188,7 @@ def draw_population(rng: np.random.Generator, n: int, ood_fraction: float, grvs_
         "ood_kind": kind, "component": comp.astype(np.int8), "stage": stage.astype(np.int8),
         "teff": teff, "logg": logg, "m_h": m_h, "alpha_m": alpha_m, "fe_h": fe_h, "a_li": a_li,
         "mass": mass, "vbroad": vbroad, "teff2": teff2, "logg2": logg2, "light_ratio": light_ratio,
-        "sb2_dv": dv, "grvs_mag": grvs, "snr": snr, "a_v": a_v, "distance_pc": dist_pc,
+        "light_ratio_bp": light_ratio_bp, "sb2_dv": dv, "grvs_mag": grvs, "snr": snr, "a_v": a_v, "distance_pc": dist_pc,
         "parallax_true": plx_true, "parallax_error": plx_err,
         "parallax": plx_true + plx_err * rng.standard_normal(n),
         "phot_g_mean_mag": g_mag, "phot_bp_mean_mag": bp_mag, "phot_rp_mean_mag": rp_mag,

@@ -329,7 +329,7 @@ def generate_file(task: FileTask, cfg: SynthConfig, instrument: Instrument, out_
     n = source_id.size
     l_deg, b_deg = galactic(ra, dec)
     pop = draw_population(rng, n, cfg.ood_fraction, cfg.grvs_limit, instrument.snr_at_limit, b_deg,
-                          cfg.realism.extinction_scale)
+                          cfg.realism.extinction_scale, tuple(cfg.realism.sb2_dv_kms), cfg.realism.sb2_blend)
     n_transits = np.clip(rng.poisson(22, n), 5, 60).astype(np.int32)
     if cfg.realism.fast_rotator_fraction > 0:  # rotation: fast-spinning dwarfs inside the distribution
         fast = (pop["ood_kind"] == OOD_NONE) & (pop["stage"] < 2) & (rng.random(n) < cfg.realism.fast_rotator_fraction)
@@ -345,7 +345,15 @@ def generate_file(task: FileTask, cfg: SynthConfig, instrument: Instrument, out_
 
     xp = XpModel()
     band_flux = {b: 10 ** (-0.4 * (pop[f"phot_{b}_mean_mag"] - zp)) for b, zp in (("bp", ZP_BP), ("rp", ZP_RP))}
-    xp_obs = xp.observe(rng, xp.coefficients(pop["teff"], pop["m_h"], pop["a_v"], band_flux))
+    coeff = xp.coefficients(pop["teff"], pop["m_h"], pop["a_v"], band_flux)
+    sb2 = np.flatnonzero(pop["ood_kind"] == OOD_SB2)
+    if cfg.realism.sb2_blend and sb2.size:  # the secondary's light in each band's XP spectrum
+        sec = xp.coefficients(pop["teff2"][sb2], pop["m_h"][sb2], pop["a_v"][sb2],
+                              {b: f[sb2] for b, f in band_flux.items()})
+        for band, ratio in (("bp", pop["light_ratio_bp"][sb2]), ("rp", pop["light_ratio"][sb2])):
+            w = (ratio / (1.0 + ratio))[:, None]
+            coeff[band][sb2] = (1.0 - w) * coeff[band][sb2] + w * sec[band]
+    xp_obs = xp.observe(rng, coeff)
     has_bp = rng.random(n) >= cfg.missing_bp_fraction
 
     labelled = labels_catalogue.choose_training(rng, pop, cfg.training_fraction, cfg.grvs_limit,
