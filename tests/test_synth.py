@@ -296,3 +296,41 @@ def test_label_survey_favours_bright_stars_as_the_hard_preset_says():
     assert np.median(pop["snr"][plain]) / np.median(pop["snr"]) < 1.15
     # the weight's normalisation is computed, not taken from the stars at hand: mean 1 over the sample
     assert abs(brightness_weight(pop["grvs_mag"], 14.1, power).mean() - 1.0) < 0.03
+
+
+def test_hard_binaries_follow_main_sequence_light_and_blend_into_the_colours():
+    """realism.sb2_dv_kms / sb2_blend: the hard preset's binaries reach below the RVS resolution element,
+    their light ratio follows the Teff ratio (fainter and redder secondaries than the demo's), the
+    secondary reddens the system's colour, and every other draw of the population is the demo's."""
+    from stellar.config import load_config
+    from stellar.errors import ConfigError
+    from stellar.synth.population import OOD_SB2, draw_population
+
+    hard = load_config(None, ["synth.realism=hard"]).synth.realism
+    assert tuple(hard.sb2_dv_kms) == (15.0, 150.0) and hard.sb2_blend
+    demo = load_config(None, []).synth.realism
+    assert tuple(demo.sb2_dv_kms) == (40.0, 120.0) and not demo.sb2_blend
+    with pytest.raises(ConfigError, match="sb2_dv_kms must be 0 <= low <= high"):
+        load_config(None, ["synth.realism={sb2_dv_kms: [50, 20]}"])
+
+    args = (40000, 0.3, 14.1, 18.0, np.zeros(40000), 1.0)
+    plain = draw_population(np.random.default_rng(7), *args)
+    blend = draw_population(np.random.default_rng(7), *args, sb2_dv_kms=(15.0, 150.0), sb2_blend=True)
+    sb2 = plain["ood_kind"] == OOD_SB2
+    assert np.array_equal(sb2, blend["ood_kind"] == OOD_SB2) and sb2.sum() > 3000
+    for k in ("teff", "logg", "m_h", "alpha_m", "snr"):  # the same stream either way
+        assert np.array_equal(plain[k], blend[k]), k
+    for k in ("phot_g_mean_mag", "parallax_error", "a_v"):  # the binaries' colours, and all they set, alone differ
+        assert np.array_equal(plain[k][~sb2], blend[k][~sb2]), k
+    dv = np.abs(blend["sb2_dv"][sb2])
+    assert 15.0 <= dv.min() < 17.0 and 148.0 < dv.max() <= 150.0
+    assert 40.0 <= np.abs(plain["sb2_dv"][sb2]).min()
+    ratio = blend["teff2"][sb2] / blend["teff"][sb2]
+    lr = blend["light_ratio"][sb2]
+    assert lr.max() <= 1.0 and np.quantile(lr, 0.1) < 0.2 < np.quantile(plain["light_ratio"][sb2], 0.01) + 0.3
+    assert np.corrcoef(np.log(ratio), np.log(lr))[0, 1] > 0.95  # light follows the Teff ratio
+    assert np.all(blend["light_ratio_bp"][sb2] <= lr + 1e-12)  # cooler secondaries give less light in BP
+    # the secondary's light reddens the system: intrinsic colour redder than the primary's alone
+    dcol = blend["bp_rp0"][sb2] - plain["bp_rp0"][sb2]
+    assert np.all(dcol >= -1e-9) and np.median(dcol) > 0.005
+    assert np.array_equal(blend["bp_rp0"][~sb2], plain["bp_rp0"][~sb2])
