@@ -133,12 +133,19 @@ class RealismConfig(StrictModel):
     # (0.17 at 0.7), their light blended into the colours and the XP spectra. Off: a secondary 0.8-1 of
     # the primary's Teff at a light ratio of 0.4-1 in the spectrum only.
     sb2_blend: bool = False
+    # The injected hot stars' Teff range (K); the training set ends near 7,000 K.
+    hot_teff: tuple[float, float] = (7500.0, 11500.0)
+    # The injected extremely metal-poor stars' [M/H] range; the in-distribution population ends at -2.5.
+    emp_m_h: tuple[float, float] = (-4.0, -3.0)
+    # Share of the extremely metal-poor stars that are turn-off dwarfs (5,600-6,500 K) instead of giants.
+    emp_dwarf_fraction: float = Field(0.0, ge=0.0, le=1.0)
 
-    @field_validator("sb2_dv_kms")
+    @field_validator("sb2_dv_kms", "hot_teff", "emp_m_h")
     @classmethod
-    def _dv_range(cls, v):
-        if not (0.0 <= v[0] <= v[1] <= 500.0):
-            raise ValueError(f"sb2_dv_kms must be 0 <= low <= high <= 500 km/s, got {list(v)}")
+    def _ranges(cls, v, info):
+        limits = {"sb2_dv_kms": (0.0, 500.0), "hot_teff": (6000.0, 50000.0), "emp_m_h": (-5.0, -2.0)}[info.field_name]
+        if not (limits[0] <= v[0] <= v[1] <= limits[1]):
+            raise ValueError(f"{info.field_name} must be {limits[0]:g} <= low <= high <= {limits[1]:g}, got {list(v)}")
         return v
 
 

@@ -310,7 +310,7 @@ def test_hard_binaries_follow_main_sequence_light_and_blend_into_the_colours():
     assert tuple(hard.sb2_dv_kms) == (15.0, 150.0) and hard.sb2_blend
     demo = load_config(None, []).synth.realism
     assert tuple(demo.sb2_dv_kms) == (40.0, 120.0) and not demo.sb2_blend
-    with pytest.raises(ConfigError, match="sb2_dv_kms must be 0 <= low <= high"):
+    with pytest.raises(ConfigError, match="sb2_dv_kms must be 0 <= low <= high <= 500"):
         load_config(None, ["synth.realism={sb2_dv_kms: [50, 20]}"])
 
     args = (40000, 0.3, 14.1, 18.0, np.zeros(40000), 1.0)
@@ -334,3 +334,29 @@ def test_hard_binaries_follow_main_sequence_light_and_blend_into_the_colours():
     dcol = blend["bp_rp0"][sb2] - plain["bp_rp0"][sb2]
     assert np.all(dcol >= -1e-9) and np.median(dcol) > 0.005
     assert np.array_equal(blend["bp_rp0"][~sb2], plain["bp_rp0"][~sb2])
+
+
+def test_hard_odd_stars_reach_closer_to_the_training_edges():
+    """realism.hot_teff / emp_m_h / emp_dwarf_fraction: the hard preset's hot stars stop at 9,500 K, its
+    very metal-poor stars start 0.1 dex below the population's -2.5 edge and a share are turn-off dwarfs;
+    the in-distribution stars are drawn exactly as without them."""
+    from stellar.config import load_config
+    from stellar.synth.population import OOD_EMP, OOD_HOT, OOD_NONE, draw_population
+
+    hard = load_config(None, ["synth.realism=hard"]).synth.realism
+    args = (40000, 0.3, 14.1, 18.0, np.zeros(40000), 1.0)
+    plain = draw_population(np.random.default_rng(11), *args)
+    odd = draw_population(np.random.default_rng(11), *args, hot_teff=tuple(hard.hot_teff),
+                          emp_m_h=tuple(hard.emp_m_h), emp_dwarf_fraction=hard.emp_dwarf_fraction)
+    ind = plain["ood_kind"] == OOD_NONE
+    for k in ("teff", "logg", "m_h", "alpha_m", "phot_g_mean_mag", "parallax"):
+        assert np.array_equal(plain[k][ind], odd[k][ind]), k
+    assert plain["m_h"][ind].min() >= -2.5
+    hot, emp = odd["ood_kind"] == OOD_HOT, odd["ood_kind"] == OOD_EMP
+    assert 7500 <= odd["teff"][hot].min() and odd["teff"][hot].max() <= 9500 < plain["teff"][hot].max()
+    assert -4.0 <= odd["m_h"][emp].min() and -2.61 < odd["m_h"][emp].max() <= -2.6
+    assert plain["m_h"][emp].max() <= -3.0
+    dwarf = emp & (odd["stage"] == 0)
+    assert abs(dwarf.sum() / emp.sum() - hard.emp_dwarf_fraction) < 0.03 and not np.any(emp & (plain["stage"] == 0))
+    assert odd["logg"][dwarf].min() >= 4.0 and 5400 < np.median(odd["teff"][dwarf]) < 6400
+    assert np.all(odd["logg"][emp & ~dwarf] <= 2.8)

@@ -30,7 +30,8 @@ def _component(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.choice(3, size=n, p=[0.72, 0.23, 0.05])
 
 
-def _chemistry(rng: np.random.Generator, comp: np.ndarray, kind: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _chemistry(rng: np.random.Generator, comp: np.ndarray, kind: np.ndarray,
+               emp_m_h: tuple[float, float] = (-4.0, -3.0)) -> tuple[np.ndarray, np.ndarray]:
     n = comp.size
     m_h = np.select(
         [comp == 0, comp == 1, comp == 2],
@@ -43,13 +44,18 @@ def _chemistry(rng: np.random.Generator, comp: np.ndarray, kind: np.ndarray) -> 
     alpha_m = np.where(comp == 0, alpha_thin, alpha_thick)
     emp = kind == OOD_EMP
     if emp.any():
-        m_h[emp] = rng.uniform(-4.0, -3.0, emp.sum())
+        m_h[emp] = rng.uniform(*emp_m_h, emp.sum())
         alpha_m[emp] = rng.normal(0.4, 0.05, emp.sum())
     return m_h, alpha_m
 
 
-def _evolution(rng: np.random.Generator, m_h: np.ndarray, kind: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Teff and log g along a rough isochrone locus; returns (teff, logg, stage)."""
+def _evolution(rng: np.random.Generator, m_h: np.ndarray, kind: np.ndarray,
+               hot_teff: tuple[float, float] = (7500.0, 11500.0),
+               emp_dwarf_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Teff and log g along a rough isochrone locus; returns (teff, logg, stage).
+
+    Extremely metal-poor stars are giants, and a share ``emp_dwarf_fraction`` of them turn-off dwarfs
+    (5,600-6,500 K, log g 4.0-4.5), made from the same draws so the random stream does not change."""
     n = m_h.size
     # stage: 0 dwarf, 1 subgiant, 2 RGB, 3 red clump
     stage = rng.choice(4, size=n, p=[0.38, 0.10, 0.37, 0.15])
@@ -70,14 +76,22 @@ def _evolution(rng: np.random.Generator, m_h: np.ndarray, kind: np.ndarray) -> t
     teff[c] = 4750 - 180 * m_h[c] + rng.normal(0, 70, c.sum())
     hot = kind == OOD_HOT
     if hot.any():
-        teff[hot] = rng.uniform(7500, 11500, hot.sum())
+        teff[hot] = rng.uniform(*hot_teff, hot.sum())
         logg[hot] = rng.uniform(3.6, 4.3, hot.sum())
         stage[hot] = 0
     emp = kind == OOD_EMP
     if emp.any():
         stage[emp] = 2
         logg[emp] = rng.uniform(1.0, 2.8, emp.sum())
+        u = (logg[emp] - 1.0) / 1.8
         teff[emp] = 4650 + 330 * (logg[emp] - 2.5) + 900 + rng.normal(0, 70, emp.sum())
+        if emp_dwarf_fraction > 0:  # the lowest draws become dwarfs near the metal-poor turn-off
+            dw = u < emp_dwarf_fraction
+            v = u[dw] / emp_dwarf_fraction
+            idx = np.flatnonzero(emp)[dw]
+            stage[idx] = 0
+            teff[idx] = teff[idx] - (4650 + 330 * (logg[idx] - 2.5) + 900) + 5600 + 900 * v  # keeps the scatter
+            logg[idx] = 4.0 + 0.5 * v
     return np.clip(teff, 3500, 12000), np.clip(logg, 0.5, 5.0), stage
 
 
@@ -110,7 +124,9 @@ GRVS_COUNT_SLOPE = 0.17
 def draw_population(rng: np.random.Generator, n: int, ood_fraction: float, grvs_limit: float,
                     snr_at_limit: float, gal_b_deg: np.ndarray, extinction_scale: float = 1.0,
                     sb2_dv_kms: tuple[float, float] = (40.0, 120.0),
-                    sb2_blend: bool = False) -> dict[str, np.ndarray]:
+                    sb2_blend: bool = False, hot_teff: tuple[float, float] = (7500.0, 11500.0),
+                    emp_m_h: tuple[float, float] = (-4.0, -3.0),
+                    emp_dwarf_fraction: float = 0.0) -> dict[str, np.ndarray]:
     """All per-star truth quantities for ``n`` stars at the given Galactic latitudes.
 
     ``extinction_scale`` multiplies the dust layer's extinction per kpc (realism.extinction_scale).
@@ -119,18 +135,21 @@ def draw_population(rng: np.random.Generator, n: int, ood_fraction: float, grvs_
     follows it as on the main sequence (RVS-band light ratio ~ (Teff2/Teff1)^5, so a 0.7 ratio gives
     0.17), their light blended into the colours (and, in the survey, the XP spectra); otherwise a
     secondary 0.8-1 of the primary's Teff at a light ratio drawn from 0.4-1 and the colours the
-    primary's. The random stream is the same either way, so the stars' other draws do not change."""
+    primary's. ``hot_teff``, ``emp_m_h``: the injected hot and extremely metal-poor stars' Teff and [M/H]
+    ranges; ``emp_dwarf_fraction``: the share of the latter that are turn-off dwarfs, not giants. The
+    random stream is the same whatever these are, so the stars' other draws do not change."""
     kind = np.zeros(n, dtype=np.int8)
     is_ood = rng.random(n) < ood_fraction
     kind[is_ood] = rng.choice([OOD_HOT, OOD_EMP, OOD_SB2], size=is_ood.sum())
     comp = _component(rng, n)
-    m_h, alpha_m = _chemistry(rng, comp, kind)
-    teff, logg, stage = _evolution(rng, m_h, kind)
+    m_h, alpha_m = _chemistry(rng, comp, kind, emp_m_h)
+    teff, logg, stage = _evolution(rng, m_h, kind, hot_teff, emp_dwarf_fraction)
     fe_h = m_h - 0.25 * alpha_m + rng.normal(0.0, 0.02, n)
     # A(Li): depleted in giants and cool dwarfs, ~2.5-3.2 in warm dwarfs, a few Li-rich giants.
     a_li = np.where(stage >= 2, rng.normal(0.9, 0.4, n), 1.0 + 2.1 / (1 + np.exp(-(teff - 5700) / 180)))
     a_li += rng.normal(0.0, 0.15, n)
-    li_rich = (stage >= 2) & (rng.random(n) < 0.01)
+    # (the extremely metal-poor turn-off dwarfs were drawn as giants: the draw's count must not change)
+    li_rich = ((stage >= 2) | ((kind == OOD_EMP) & (stage == 0))) & (rng.random(n) < 0.01)
     a_li[li_rich] = rng.uniform(2.0, 3.5, li_rich.sum())
     a_li = np.clip(a_li, -0.5, 3.8)
     mass = np.where(stage >= 2, rng.uniform(0.9, 1.6, n), 0.6 + 0.7 * (teff - 4000) / 2600)

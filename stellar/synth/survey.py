@@ -329,7 +329,8 @@ def generate_file(task: FileTask, cfg: SynthConfig, instrument: Instrument, out_
     n = source_id.size
     l_deg, b_deg = galactic(ra, dec)
     pop = draw_population(rng, n, cfg.ood_fraction, cfg.grvs_limit, instrument.snr_at_limit, b_deg,
-                          cfg.realism.extinction_scale, tuple(cfg.realism.sb2_dv_kms), cfg.realism.sb2_blend)
+                          cfg.realism.extinction_scale, tuple(cfg.realism.sb2_dv_kms), cfg.realism.sb2_blend,
+                          tuple(cfg.realism.hot_teff), tuple(cfg.realism.emp_m_h), cfg.realism.emp_dwarf_fraction)
     n_transits = np.clip(rng.poisson(22, n), 5, 60).astype(np.int32)
     if cfg.realism.fast_rotator_fraction > 0:  # rotation: fast-spinning dwarfs inside the distribution
         fast = (pop["ood_kind"] == OOD_NONE) & (pop["stage"] < 2) & (rng.random(n) < cfg.realism.fast_rotator_fraction)
