@@ -169,6 +169,11 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
     snr_q = (torch.from_numpy(catalogue_snr_quantiles(features_root)) if cfg.snr_augment > 0 else None)
     dropout = {k: v for k, v in cfg.input_dropout.items() if v > 0}
     net = build_net(cfg, stats, labels).to(dev)
+    if cfg.pretrain_epochs > 0:  # stellar.pretrain: learn the inputs' structure from the unlabelled catalogue
+        from stellar.pretrain import pretrain
+
+        pretrain(net, features_root, stats, cfg.pretrain_epochs, cfg.batch_size,
+                                   cfg.learning_rate, seed, dev, cfg.pretrain_span)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.lr_factor, patience=cfg.lr_patience,
                                                           threshold=1e-5, threshold_mode="abs")

@@ -111,6 +111,11 @@ class ModelConfig(StrictModel):
     # variance ** nll_beta (gradient stopped), so labels the network is unsure of still pull the means.
     # Validation, early stopping and the calibration use the plain NLL. 0: the plain NLL.
     nll_beta: float = Field(0.0, ge=0, le=1)
+    # Self-supervised pre-training (stellar.pretrain): epochs of masked-input reconstruction on the unlabelled
+    # catalogue stars before the supervised training (0: off), and the share of the spectrum each star has
+    # masked as one contiguous span during it.
+    pretrain_epochs: int = Field(0, ge=0, le=500)
+    pretrain_span: float = Field(0.3, gt=0, lt=1)
 
     def model_post_init(self, _ctx) -> None:
         """Refuse an architecture without an input branch, and input dropout of unknown blocks or at rates
