@@ -89,13 +89,14 @@ def split_labels(features_root: str, split: str, labels: list[str], stats: dict)
     return t.column("source_id").to_numpy(zero_copy_only=False), (y - mean) / std
 
 
-def _dims(stats: dict) -> tuple[int, int, int]:
+def input_dims(stats: dict) -> tuple[int, int, int]:
+    """(spectrum pixels, XP coefficients, scalar features) of the features the statistics describe."""
     return stats["n_spectrum"], 2 * stats["xp_bases"], len(stats["scalar_names"])
 
 
 def build_net(cfg: ModelConfig, stats: dict, labels: list[str]) -> HybridNet:
     """The network for these statistics, its means bounded to the training labels' range plus margin."""
-    n_pix, n_xp, n_s = _dims(stats)
+    n_pix, n_xp, n_s = input_dims(stats)
     return HybridNet(cfg, n_pix, n_xp, n_s, len(labels), bounds=label_bounds(stats, list(labels), cfg.output_margin))
 
 
@@ -172,8 +173,8 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
     if cfg.pretrain_epochs > 0:  # stellar.pretrain: learn the inputs' structure from the unlabelled catalogue
         from stellar.pretrain import pretrain
 
-        pretrain(net, features_root, stats, cfg.pretrain_epochs, cfg.batch_size,
-                                   cfg.learning_rate, seed, dev, cfg.pretrain_span)
+        pretrain(net, features_root, stats, cfg.pretrain_epochs, cfg.batch_size, cfg.learning_rate, seed, dev,
+                 cfg.pretrain_span)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.lr_factor, patience=cfg.lr_patience,
                                                           threshold=1e-5, threshold_mode="abs")

@@ -221,6 +221,12 @@ class HybridNet(nn.Module):
         heads = self.branch_heads if self.branch_heads is not None else []
         return (*self._joint(parts), [self._outputs(head(part)) for head, part in zip(heads, parts)])
 
+    def fused_features(self, spectrum: torch.Tensor, mask: torch.Tensor, xp: torch.Tensor,
+                       scalars: torch.Tensor) -> torch.Tensor:
+        """The head's last hidden layer, (B, width): the features the label outputs are a linear function of
+        (what self-supervised pre-training, stellar.pretrain, reconstructs the inputs from)."""
+        return self.head(torch.cat(self._branches(spectrum, mask, xp, scalars), dim=1))
+
     def _joint(self, parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The joint head on the branches' features: bounded mean and log-variance."""
         return self._outputs(self.out(self.head(torch.cat(parts, dim=1))))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from stellar.ensemble import input_dims
 from stellar.inference_core import INPUTS
 from stellar.loader import FeatureDataset
 from stellar.trust import drop_blocks
@@ -25,11 +26,6 @@ from stellar.trust import drop_blocks
 PRETRAIN_SPLIT = "observed"  # the catalogue stars without a usable label: never trained or evaluated on
 SPECTRUM_BIN = 4  # the reconstructed spectrum is binned by this many pixels (the detail is noise)
 CORRUPT_BLOCKS = {"xp": 0.15, "bp": 0.15, "rp": 0.15, "parallax": 0.15}
-
-
-def fused_features(net, spectrum, mask, xp, scalars) -> torch.Tensor:
-    """The head's last hidden layer: the features the label outputs are a linear function of."""
-    return net.head(torch.cat(net._branches(spectrum, mask, xp, scalars), dim=1))
 
 
 def _targets(b: dict, dev) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,9 +60,9 @@ def pretrain(net: nn.Module, features_root: str, stats: dict, epochs: int, batch
     data = FeatureDataset(features_root, split=PRETRAIN_SPLIT, batch_size=batch_size, shuffle=True,
                           seed=seed + 31, stats=stats)
     gen = torch.Generator().manual_seed(seed + 15485863)
-    width = net.out.in_features
-    n_target = None
-    decoder = None
+    n_pix, n_xp, n_sc = input_dims(stats)
+    decoder = nn.Linear(net.out.in_features, n_pix // SPECTRUM_BIN + n_xp + n_sc).to(dev)
+    opt = torch.optim.Adam([*net.parameters(), *decoder.parameters()], lr=learning_rate)
     losses = []
     for epoch in range(epochs):
         data.set_epoch(epoch)
@@ -74,16 +70,11 @@ def pretrain(net: nn.Module, features_root: str, stats: dict, epochs: int, batch
         total, count = 0.0, 0
         for b in data:
             target, weight = _targets(b, dev)
-            if decoder is None:  # the target's width is known once a batch is read
-                n_target = target.shape[1]
-                decoder = nn.Linear(width, n_target).to(dev)
-                opt = torch.optim.Adam([*net.parameters(), *decoder.parameters()], lr=learning_rate)
             xp, sc = b["xp"].clone(), b["scalars"].clone()
             drop_blocks(xp, sc, CORRUPT_BLOCKS, stats, gen)
-            mask = _mask_span(b["spectrum_mask"], span, gen)
-            spec = torch.where(mask, torch.ones_like(b["spectrum"]), b["spectrum"])
-            inputs = dict(b, spectrum=spec, spectrum_mask=mask, xp=xp, scalars=sc)
-            h = fused_features(net, *(inputs[k].to(dev) for k in INPUTS))
+            # the network zeroes masked pixels itself: masking the span is the whole corruption
+            inputs = dict(b, spectrum_mask=_mask_span(b["spectrum_mask"], span, gen), xp=xp, scalars=sc)
+            h = net.fused_features(*(inputs[k].to(dev) for k in INPUTS))
             loss = (weight * (decoder(h) - target) ** 2).sum(1).mean()
             opt.zero_grad()
             loss.backward()
