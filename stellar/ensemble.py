@@ -60,6 +60,8 @@ class Member:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
+    pretrain_losses: list[float] = field(default_factory=list)  # stellar.pretrain's loss per epoch
+    pretrain_seconds: float = 0.0  # of ``seconds``, the pre-training's
 
 
 def load_split(features_root: str, split: str, labels: list[str], stats: dict) -> dict[str, torch.Tensor]:
@@ -144,10 +146,13 @@ def member_progress_line(folder: str | os.PathLike | None, members: int | None =
     recs.sort(key=lambda r: r["member"])
     running = [r for r in recs if not r.get("done")]
     text = f"members {len(recs) - len(running)}/{members or len(recs)} done"
-    if running:
-        text += (", epoch" + ("s " if len(running) > 1 else " ") + " ".join(str(r["epoch"] + 1) for r in running)
-                 + f" of <={running[0]['max_epochs']}")
-    return text + f", best val loss {min(r['best_val_loss'] for r in recs):.3f}"
+    for phase, what, bound in (("pretrain", "pre-training epoch", ""), ("train", "epoch", "<=")):
+        now = [r for r in running if r.get("phase", "train") == phase]
+        if now:
+            text += (f", {what}" + ("s " if len(now) > 1 else " ") + " ".join(str(r["epoch"] + 1) for r in now)
+                     + f" of {bound}{now[0]['max_epochs']}")
+    best = [r["best_val_loss"] for r in recs if "best_val_loss" in r]
+    return text + (f", best val loss {min(best):.3f}" if best else "")
 
 
 def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats: dict, index: int,
@@ -170,11 +175,18 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
     snr_q = (torch.from_numpy(catalogue_snr_quantiles(features_root)) if cfg.snr_augment > 0 else None)
     dropout = {k: v for k, v in cfg.input_dropout.items() if v > 0}
     net = build_net(cfg, stats, labels).to(dev)
+    pre_losses: list[float] = []
     if cfg.pretrain_epochs > 0:  # stellar.pretrain: learn the inputs' structure from the unlabelled catalogue
         from stellar.pretrain import pretrain
 
-        pretrain(net, features_root, stats, cfg.pretrain_epochs, cfg.batch_size, cfg.learning_rate, seed, dev,
-                 cfg.pretrain_span)
+        def pre_progress(epoch: int, loss: float) -> None:
+            write_member_progress(progress, index, {"member": index, "phase": "pretrain", "epoch": epoch,
+                                                    "max_epochs": cfg.pretrain_epochs, "pretrain_loss": loss,
+                                                    "done": False, "seconds": round(time.perf_counter() - t0, 1)})
+
+        pre_losses = pretrain(net, features_root, stats, cfg.pretrain_epochs, cfg.batch_size, cfg.learning_rate,
+                              seed, dev, cfg.pretrain_span, on_epoch=pre_progress)
+    pre_seconds = time.perf_counter() - t0
     opt = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.lr_factor, patience=cfg.lr_patience,
                                                           threshold=1e-5, threshold_mode="abs")
@@ -246,7 +258,8 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
                                                 "seconds": round(time.perf_counter() - t0, 1)})
         if stop:
             break
-    return Member(index, seed, st_save(best_state), best_epoch, best, history, time.perf_counter() - t0, str(dev))
+    return Member(index, seed, st_save(best_state), best_epoch, best, history, time.perf_counter() - t0, str(dev),
+                  pre_losses, pre_seconds if cfg.pretrain_epochs > 0 else 0.0)
 
 
 def outlier_members(losses: list[float], n_mad: float = 3.0) -> list[int]:

@@ -10,10 +10,13 @@ the label outputs read) must reconstruct the uncorrupted inputs through a linear
 others (colours from XP, line strengths from XP and photometry) are the ones that carry Teff, log g
 and metallicity. The decoder is discarded; supervised training then starts from these weights.
 
-Off by default (``ModelConfig.pretrain_epochs`` 0); measured in the README ("Self-supervised pre-training").
+``ModelConfig.pretrain_epochs`` (0: off) sets the epochs; the hybrid preset's default and what it was
+measured to gain and cost are in the README ("Self-supervised pre-training").
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -54,9 +57,12 @@ def _mask_span(mask: torch.Tensor, fraction: float, gen: torch.Generator) -> tor
 
 
 def pretrain(net: nn.Module, features_root: str, stats: dict, epochs: int, batch_size: int, learning_rate: float,
-             seed: int, dev, span: float = 0.3) -> list[float]:
+             seed: int, dev, span: float = 0.3, on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
     """Train ``net``'s branches and head in place on masked-input reconstruction over the unlabelled split
-    for ``epochs`` epochs; returns each epoch's mean loss. Deterministic for a given ``seed``."""
+    for ``epochs`` epochs; returns each epoch's mean loss (empty when the split holds no star: every
+    catalogue star labelled leaves nothing to pre-train on, and the weights are left as initialised).
+    ``on_epoch(epoch, loss)`` is called after each epoch (the progress line). Deterministic for a given
+    ``seed``."""
     data = FeatureDataset(features_root, split=PRETRAIN_SPLIT, batch_size=batch_size, shuffle=True,
                           seed=seed + 31, stats=stats)
     gen = torch.Generator().manual_seed(seed + 15485863)
@@ -81,5 +87,9 @@ def pretrain(net: nn.Module, features_root: str, stats: dict, epochs: int, batch
             opt.step()
             total += float(loss.detach()) * len(target)
             count += len(target)
-        losses.append(total / max(count, 1))
+        if count == 0:  # no unlabelled star: nothing to learn from
+            return []
+        losses.append(total / count)
+        if on_epoch is not None:
+            on_epoch(epoch, losses[-1])
     return losses

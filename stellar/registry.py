@@ -297,8 +297,10 @@ def log_training_run(cfg, ens, members, dropped, metrics: dict, figures: dict, c
                     mlflow.log_metrics({"train_loss": h["train_loss"], "val_loss": h["val_loss"],
                                         **{f"val_loss.{k}": v for k, v in h.get("val_loss_by_label", {}).items()}},
                                        step=h["epoch"])
+                for epoch, loss in enumerate(m.pretrain_losses):
+                    mlflow.log_metric("pretrain_loss", loss, step=epoch)
                 mlflow.log_metrics({"best_val_loss": m.best_val_loss, "best_epoch": m.best_epoch,
-                                    "seconds": m.seconds})
+                                    "seconds": m.seconds, "pretrain_seconds": m.pretrain_seconds})
                 mlflow.set_tag("dropped", str(m.index in dropped).lower())
         mlflow.log_metrics({k.replace("/", "."): v for k, v in metrics.items()})
         mlflow.log_dict({"calibration": dict(zip(ens.labels, ens.calibration.tolist())), **meta}, "ensemble_meta.json")

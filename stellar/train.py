@@ -208,6 +208,7 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper: Executor 
                "trust": trust.to_dict(),
                "z_std_uncalibrated": raw_cal, "metrics": metrics,
                "member_seconds": [round(m.seconds, 2) for m in members],
+               "member_pretrain_seconds": [round(m.pretrain_seconds, 2) for m in members],
                "member_best_epochs": [m.best_epoch for m in members],
                "member_devices": [m.device for m in members],
                "seconds": round(time.perf_counter() - t0, 2)}

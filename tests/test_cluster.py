@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 BIN = ROOT / ".venv" / "bin"
 SETS = ["synth.n_stars=3000", "synth.stars_per_file=500", "synth.training_fraction=0.5", "train.members=2",
-        "train.model_overrides={max_epochs: 2, patience: 2}", "select.place_batch=500",
+        "train.model_overrides={max_epochs: 2, patience: 2, pretrain_epochs: 1}", "select.place_batch=500",
         "promote.max_z_std_error=10", "predict.batch_size=32"]
 STAGES = ["ingest", "preprocess", "select", "train", "promote", "predict"]
 LABEL_COLS = ["teff", "teff_err", "logg", "m_h", "m_h_err", "alpha_m", "fe_h"]

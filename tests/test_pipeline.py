@@ -20,7 +20,7 @@ from stellar.tables import read_table
 from conftest import ROOT
 
 SETS = ["synth.n_stars=4000", "synth.stars_per_file=500", "synth.training_fraction=0.5", "train.members=2",
-        "train.model_overrides={max_epochs: 2, patience: 2}", "select.place_batch=500",
+        "train.model_overrides={max_epochs: 2, patience: 2, pretrain_epochs: 1}", "select.place_batch=500",
         "promote.max_z_std_error=10", "predict.batch_size=32"]
 
 

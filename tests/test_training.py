@@ -428,6 +428,33 @@ def test_members_report_every_epoch_to_the_progress_line(features, tmp_path, mon
     assert p.line().startswith("  [train] starting, 0:00 elapsed; members 1/2 done, best val loss ")
 
 
+def test_pretraining_shows_on_the_progress_line_and_in_the_member_record(features, tmp_path, monkeypatch):
+    """With pretrain_epochs the progress line first counts the pre-training epochs (no validation loss yet),
+    then the supervised ones; the member keeps each pre-training epoch's loss and the time it took."""
+    from stellar import ensemble as ens_mod
+    from stellar.ensemble import member_progress_line
+
+    root, stats = features
+    folder = tmp_path / "progress"
+    seen = []
+    real = ens_mod.write_member_progress
+
+    def spy(f, index, record):
+        real(f, index, record)
+        seen.append(member_progress_line(f, 2))
+
+    monkeypatch.setattr(ens_mod, "write_member_progress", spy)
+    m = train_member(root, ModelConfig(max_epochs=2, patience=2, pretrain_epochs=2), stats["label_names"], stats, 0,
+                     seed=7, threads=1, progress=str(folder))
+    monkeypatch.undo()
+    assert seen[0] == "members 0/2 done, pre-training epoch 1 of 2"
+    assert seen[1] == "members 0/2 done, pre-training epoch 2 of 2"
+    assert seen[2].startswith("members 0/2 done, epoch 1 of <=2, best val loss ")
+    assert seen[3].startswith("members 1/2 done, best val loss ")
+    assert len(m.pretrain_losses) == 2 and all(np.isfinite(m.pretrain_losses))
+    assert 0 < m.pretrain_seconds < m.seconds
+
+
 @pytest.mark.slow
 def test_small_ensemble_is_accurate_and_calibrated(features):
     root, stats = features
@@ -448,7 +475,7 @@ def _cfg(tmp_path, features_root, *sets):
     return load_config(ROOT / "conf" / "local.yaml", [
         f"work_dir={tmp_path}", f"preprocess.output_dir={features_root}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"mlflow.artifact_root={tmp_path}/mlartifacts",
-        "train.members=3", "train.model_overrides={max_epochs: 2, patience: 2}", *sets])
+        "train.members=3", "train.model_overrides={max_epochs: 2, patience: 2, pretrain_epochs: 1}", *sets])
 
 
 def test_register_load_by_alias_identical_predictions(features, tmp_path, rvs_instrument):
@@ -526,7 +553,7 @@ def test_spectrum_only_preset_on_second_instrument(tmp_path, hr15n_instrument):
     run_survey(cfg.synth, hr15n_instrument)
     cfg = load_config(ROOT / "conf" / "local.yaml", [
         f"work_dir={tmp_path}", "instrument=ges_hr15n", "train.model=gaia_eso2023", "train.members=2",
-        "train.model_overrides={max_epochs: 2}", "preprocess.label_cuts.min_snr=null"])
+        "train.model_overrides={max_epochs: 2, pretrain_epochs: 1}", "preprocess.label_cuts.min_snr=null"])
     ingest(cfg.ingest, hr15n_instrument, cfg.conf_dir)
     preprocess(cfg.preprocess, hr15n_instrument, cfg.ingest.output_dir)
     s = train_ensemble(cfg, hr15n_instrument, log_mlflow=False)
