@@ -176,6 +176,7 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
     dropout = {k: v for k, v in cfg.input_dropout.items() if v > 0}
     net = build_net(cfg, stats, labels).to(dev)
     pre_losses: list[float] = []
+    pre_seconds = 0.0
     if cfg.pretrain_epochs > 0:  # stellar.pretrain: learn the inputs' structure from the unlabelled catalogue
         from stellar.pretrain import pretrain
 
@@ -186,7 +187,7 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
 
         pre_losses = pretrain(net, features_root, stats, cfg.pretrain_epochs, cfg.batch_size, cfg.learning_rate,
                               seed, dev, cfg.pretrain_span, on_epoch=pre_progress)
-    pre_seconds = time.perf_counter() - t0
+        pre_seconds = time.perf_counter() - t0
     opt = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.lr_factor, patience=cfg.lr_patience,
                                                           threshold=1e-5, threshold_mode="abs")
@@ -259,7 +260,7 @@ def train_member(features_root: str, cfg: ModelConfig, labels: list[str], stats:
         if stop:
             break
     return Member(index, seed, st_save(best_state), best_epoch, best, history, time.perf_counter() - t0, str(dev),
-                  pre_losses, pre_seconds if cfg.pretrain_epochs > 0 else 0.0)
+                  pre_losses, pre_seconds)
 
 
 def outlier_members(losses: list[float], n_mad: float = 3.0) -> list[int]:

@@ -553,7 +553,7 @@ def test_spectrum_only_preset_on_second_instrument(tmp_path, hr15n_instrument):
     run_survey(cfg.synth, hr15n_instrument)
     cfg = load_config(ROOT / "conf" / "local.yaml", [
         f"work_dir={tmp_path}", "instrument=ges_hr15n", "train.model=gaia_eso2023", "train.members=2",
-        "train.model_overrides={max_epochs: 2, pretrain_epochs: 1}", "preprocess.label_cuts.min_snr=null"])
+        "train.model_overrides={max_epochs: 2}", "preprocess.label_cuts.min_snr=null"])
     ingest(cfg.ingest, hr15n_instrument, cfg.conf_dir)
     preprocess(cfg.preprocess, hr15n_instrument, cfg.ingest.output_dir)
     s = train_ensemble(cfg, hr15n_instrument, log_mlflow=False)
