@@ -15,7 +15,7 @@ exactly as a resolved registry version). Then, in the same run:
     ratio to bare torch (targets: >= 0.7x and >= 10,000 stars/s on 2 cores);
   * the same job without Spark (one process);
   * the Spark job again with an ensemble without the spectrum-consistency emulator, to show what
-    the check (emulated spectrum, spectrum_chi2 and line_chi2 per star) costs;
+    the check (emulated spectrum, spectrum_chi2, line_chi2 and line_broadening per star) costs;
   * the Python API (``stellar.api.StellarModel.predict``) on the stars' archive arrays held in memory
     (2401-pixel spectra, XP coefficients, astrometry; read before timing), in calls of 20,000 stars:
     features from raw, the map placement on the model's stored t-SNE map, forward, trust tests;

@@ -105,6 +105,9 @@ def prediction_columns(labels: list[str]) -> list[Column]:
                "emulator at the predicted labels"),
         Column("line_chi2", DIMENSIONLESS, "stat.fit.chi2", "reduced chi-square over the strongest lines' windows "
                "(Ca II triplet for RVS)"),
+        Column("line_broadening", DIMENSIONLESS, "stat.fit.residual", "how much broader the lines are than the "
+               "emulator's at the predicted labels: the residuals' matched-filter significance against the emulated "
+               "spectrum's second difference (binaries closer than the resolution element, rapid rotators)"),
         Column("ood", DIMENSIONLESS, "meta.code", "true: unlike the training set by at least one test (ood_reason "
                "says which): the one flag to filter on"),
         Column("ood_reason", DIMENSIONLESS, "meta.code", "bitmask of the out-of-distribution tests that flag the star",

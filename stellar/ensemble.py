@@ -728,11 +728,12 @@ class Ensemble:
                                      data["spectrum_error"].numpy()[ok].astype(np.float64),
                                      data["spectrum_mask"].numpy()[ok], model)
 
-    def consistency(self, mean: np.ndarray, data: dict) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
-        """(spectrum_chi2, line_chi2) of each star's spectrum against the emulator at its predicted
-        (physical) labels; (None, None) without an emulator."""
+    def consistency(self, mean: np.ndarray, data: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[None, None, None]:
+        """(spectrum_chi2, line_chi2, line_broadening) of each star's spectrum against the emulator at its
+        predicted (physical) labels (:meth:`SpectrumEmulator.statistics`); (None, None, None) without an
+        emulator."""
         if self.emulator is None:
-            return None, None
+            return None, None, None
         z = (np.asarray(mean, dtype=np.float64) - self.label_mean) / self.label_std
         arr = lambda v: v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)  # noqa: E731
         return self.emulator.statistics(z, arr(data["spectrum"]), arr(data["spectrum_error"]), arr(data["spectrum_mask"]))
@@ -746,17 +747,19 @@ class Ensemble:
         whose catalogue labels are the label-density test's reference (the label hull)."""
         pred = self.predict(data)
         trained = [b for b, r in self.cfg.input_dropout.items() if r > 0]
-        chi2, line = self.consistency(pred["mean"], data)
+        chi2, line, broad = self.consistency(pred["mean"], data)
         pool = reference = None
         if chi2_pool is not None and len(chi2_pool.get("source_id", [])):
             reference = chi2_pool["labels"].numpy().astype(np.float64)
             if chi2 is not None:
-                pc2, pl2 = self.consistency(self.predict(chi2_pool)["mean"], chi2_pool)
-                pool = {"spectrum_chi2": pc2, "line_chi2": pl2, "snr": chi2_pool["snr"].numpy()}
+                pc2, pl2, pb = self.consistency(self.predict(chi2_pool)["mean"], chi2_pool)
+                pool = {"spectrum_chi2": pc2, "line_chi2": pl2, "line_broadening": pb,
+                        "snr": chi2_pool["snr"].numpy()}
         self.trust = fit_thresholds(self.stats, self.labels, data["xp"].numpy(), data["scalars"].numpy(),
                                     data["quality"].numpy(), pred["mean"], pred["epistemic_norm"], rate, trained,
                                     blocks_read(self.cfg.use_xp, self.cfg.use_scalars), chi2, line,
-                                    data["snr"].numpy(), map_score, pool, pred["sigma_norm"], reference)
+                                    data["snr"].numpy(), map_score, pool, pred["sigma_norm"], reference,
+                                    line_broadening=broad)
         return self.trust
 
     def fit_precision(self, data: dict[str, torch.Tensor], keep: np.ndarray, catastrophic: dict[str, float],
@@ -777,11 +780,11 @@ class Ensemble:
     def flag(self, data: dict[str, torch.Tensor], map_score: np.ndarray | None = None) -> np.ndarray:
         """``ood_reason`` of each star of ``data`` under this ensemble's thresholds."""
         pred = self.predict(data)
-        chi2, line = self.consistency(pred["mean"], data)
+        chi2, line, broad = self.consistency(pred["mean"], data)
         reason, _ = assess(self.stats, self.trust, self.labels, data["xp"].numpy(), data["scalars"].numpy(),
                            data["quality"].numpy(), pred["mean"], pred["epistemic_norm"], None,
                            blocks_read(self.cfg.use_xp, self.cfg.use_scalars), chi2, line, data["snr"].numpy(),
-                           map_score, pred["sigma_norm"])
+                           map_score, pred["sigma_norm"], line_broadening=broad)
         return reason
 
     def physical_labels(self, data: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:

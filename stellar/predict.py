@@ -120,6 +120,7 @@ def output_schema(labels: list[str]) -> pa.Schema:
     fields += [pa.field("out_of_range", pa.int32()), pa.field("problem", pa.string()),
                pa.field("train_like", pa.bool_()), pa.field("selection_score", pa.float32()),
                pa.field("spectrum_chi2", pa.float32()), pa.field("line_chi2", pa.float32()),
+               pa.field("line_broadening", pa.float32()),
                pa.field("ood", pa.bool_()), pa.field("ood_reason", pa.int32())]
     return pa.schema(fields)
 
@@ -172,7 +173,7 @@ class BatchPredictor:
         out = self.ens.combine(means, variances, snr=snr)
         out["xp_norm"], out["scalars_norm"] = data["xp"].numpy(), data["scalars"].numpy()
         if "spectrum_error" in arrays:
-            out["spectrum_chi2"], out["line_chi2"] = self.ens.consistency(out["mean"], arrays)
+            out["spectrum_chi2"], out["line_chi2"], out["line_broadening"] = self.ens.consistency(out["mean"], arrays)
         return out
 
     def predict_batch(self, batch: pa.RecordBatch | pa.Table, selection: pa.Table | None = None) -> pa.RecordBatch:
@@ -190,6 +191,7 @@ class BatchPredictor:
         withheld = np.zeros((n, n_lab), dtype=bool)
         chi2 = np.full(n, np.nan)
         line = np.full(n, np.nan)
+        broad = np.full(n, np.nan)
         if ok.any():
             sub = {k: v[ok] for k, v in arrays.items()}
             snr = pc.fill_null(cols["snr"], np.nan).to_numpy(zero_copy_only=False)[ok]
@@ -199,11 +201,12 @@ class BatchPredictor:
             tl = pc.fill_null(train_like.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)[ok]
             msc = pc.fill_null(score.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)[ok]
             if out.get("spectrum_chi2") is not None:
-                chi2[ok], line[ok] = out["spectrum_chi2"], out["line_chi2"]
+                chi2[ok], line[ok], broad[ok] = out["spectrum_chi2"], out["line_chi2"], out["line_broadening"]
             reason[ok], withheld[ok] = assess(self.ens.stats, self.ens.trust, self.labels, out["xp_norm"],
                                               out["scalars_norm"], quality, out["mean"], out["epistemic_norm"], tl,
                                               self.reads, out.get("spectrum_chi2"), out.get("line_chi2"), snr, msc,
-                                              out["sigma_norm"], out["sigma"])
+                                              out["sigma_norm"], out["sigma"],
+                                              line_broadening=out.get("line_broadening"))
         outside = ((mean < self.lo) | (mean > self.hi)) & ok[:, None]
         bits = (outside * (1 << np.arange(n_lab))).sum(axis=1).astype(np.int32)
         for j, lab in enumerate(self.labels):
@@ -216,6 +219,7 @@ class BatchPredictor:
         cols["selection_score"] = score
         cols["spectrum_chi2"] = pa.array(chi2.astype(np.float32), mask=~np.isfinite(chi2))
         cols["line_chi2"] = pa.array(line.astype(np.float32), mask=~np.isfinite(line))
+        cols["line_broadening"] = pa.array(broad.astype(np.float32), mask=~np.isfinite(broad))
         cols["ood"] = pa.array(reason != 0, mask=~ok)
         cols["ood_reason"] = pa.array(reason, mask=~ok)
         return pa.RecordBatch.from_pydict(cols, schema=self.schema)

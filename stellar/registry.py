@@ -238,6 +238,7 @@ def pyfunc_signature(labels: list[str]):
                 ColSpec(DataType.double, "selection_score", required=False),
                 ColSpec(DataType.double, "spectrum_chi2", required=False),
                 ColSpec(DataType.double, "line_chi2", required=False),
+                ColSpec(DataType.double, "line_broadening", required=False),
                 ColSpec(DataType.boolean, "ood", required=False), ColSpec(DataType.integer, "ood_reason", required=False),
                 ColSpec(DataType.string, "ood_reasons", required=False),
                 ColSpec(DataType.long, "source_id", required=False)]

@@ -37,7 +37,7 @@ def _prediction_fields(labels: list[str]):
     fields += [T.StructField("out_of_range", T.IntegerType()), T.StructField("problem", T.StringType()),
                T.StructField("train_like", T.BooleanType()), T.StructField("selection_score", T.FloatType()),
                T.StructField("spectrum_chi2", T.FloatType()), T.StructField("line_chi2", T.FloatType()),
-               T.StructField("ood", T.BooleanType()), T.StructField("ood_reason", T.IntegerType()),
+               T.StructField("line_broadening", T.FloatType()), T.StructField("ood", T.BooleanType()), T.StructField("ood_reason", T.IntegerType()),
                T.StructField("ood_reasons", T.StringType())]
     return fields
 

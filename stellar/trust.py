@@ -16,6 +16,9 @@ the others. Three layers stand between the network and the catalogue:
    training set holds no stars (the label hull, as a k-nearest-neighbour
    density), ensemble disagreement far above
    its level on held-out stars, input blocks the model cannot do without,
+   the spectrum emulated at the predicted labels failing to reproduce the
+   observed one (overall, around the strongest lines, or lines broader than
+   emulated: :mod:`stellar.emulator`),
    and (guard) a label outside the physical envelope, which is then withheld.
    One more bit is a precision test, not a likeness one: ``imprecise``, a
    label whose calibrated uncertainty is so large that, at the odds
@@ -60,6 +63,7 @@ OOD_UNCERTAINTY = 1 << 7
 OOD_ENVELOPE = 1 << 8
 OOD_IMPRECISE = 1 << 9
 OOD_LABEL_DENSITY = 1 << 10
+OOD_BROADENING = 1 << 11
 
 # name: (bit, meaning) -- the documented bitmask (README, column descriptions, export headers)
 OOD_BITS: dict[str, tuple[int, str]] = {
@@ -81,6 +85,11 @@ OOD_BITS: dict[str, tuple[int, str]] = {
                                "(spectrum_chi2 above the validation-calibrated level for its S/N)"),
     "lines": (OOD_LINES, "residuals around the strongest lines (Ca II triplet): doubled, shifted or too-weak lines "
                          "(line_chi2 above the validation-calibrated level for its S/N)"),
+    "broadening": (OOD_BROADENING, "the lines are broader than the spectrum emulated at the predicted labels "
+                                   "(line_broadening, a matched filter of the residuals against the emulated "
+                                   "spectrum's second difference, above the validation-calibrated level for its "
+                                   "S/N): a double-lined binary closer than the resolution element, or a rapid "
+                                   "rotator"),
     "uncertainty": (OOD_UNCERTAINTY, "the network's own uncertainty of a label is far above its level on held-out "
                                      "stars of the same S/N (the validation-calibrated level): the inputs do not "
                                      "pin the star down the way they pin down training-like stars"),
@@ -256,6 +265,11 @@ class TrustThresholds:
     line_trend: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0, 0.0])
     spectrum_chi2: float = np.inf  # flag when the standardised excess exceeds this
     line_chi2: float = np.inf  # ... over the strong-line windows
+    # The broadening matched filter (stellar.emulator) is a signed significance, not a chi-square: its
+    # excess is (b - m(t)) / s(t) on b itself, with the same kind of trend (empty: a model from before it,
+    # test off), and only a positive excess (lines broader than emulated) flags.
+    broadening_trend: list[float] = field(default_factory=list)
+    line_broadening: float = np.inf
     n_chi2_fit: int = 0  # stars the chi-square trends and thresholds were fitted on
     # The network's own (uncalibrated, normalised) uncertainty per label grows as S/N falls: the test is
     # on the largest standardised excess of log sigma over its S/N trend (one chi2_trend per label,
@@ -281,7 +295,8 @@ class TrustThresholds:
     catastrophic_odds: float = 0.0
     n_validation: int = 0
 
-    _INF_FIELDS = ("disagreement", "spectrum_chi2", "line_chi2", "map_score", "uncertainty", "label_density")
+    _INF_FIELDS = ("disagreement", "spectrum_chi2", "line_chi2", "map_score", "uncertainty", "label_density",
+                   "line_broadening")
 
     def to_dict(self) -> dict:
         """The thresholds as a JSON-able dict; an infinite threshold (test off) is null. The label
@@ -336,6 +351,15 @@ class TrustThresholds:
         a, b, c, d, e = trend
         y = np.log(np.maximum(np.asarray(chi2, dtype=np.float64), 1e-12))
         return (y - (a + b * t + c * t * t)) / np.exp(d + e * t)
+
+    def broadening_excess(self, broadening: np.ndarray, snr: np.ndarray | None) -> np.ndarray:
+        """The standardised excess of the broadening statistic over its S/N trend (NaN without a trend)."""
+        b = np.asarray(broadening, dtype=np.float64)
+        if len(self.broadening_trend) != 5:
+            return np.full(b.shape, np.nan)
+        t = np.clip(_snr_t(snr, len(b)), self.chi2_t_range[0], self.chi2_t_range[1])
+        a, bb, c, d, e = self.broadening_trend
+        return (b - (a + bb * t + c * t * t)) / np.exp(d + e * t)
 
 
     def uncertainty_excess(self, sigma_norm: np.ndarray, snr: np.ndarray | None) -> np.ndarray:
@@ -440,7 +464,8 @@ def fit_thresholds(stats: dict, labels: list[str], xp: np.ndarray, scalars: np.n
                    line_chi2: np.ndarray | None = None, snr: np.ndarray | None = None,
                    map_score: np.ndarray | None = None, chi2_pool: dict | None = None,
                    sigma_norm: np.ndarray | None = None,
-                   label_reference: np.ndarray | None = None) -> TrustThresholds:
+                   label_reference: np.ndarray | None = None,
+                   line_broadening: np.ndarray | None = None) -> TrustThresholds:
     """Thresholds under which all tests together flag ``rate`` of the validation stars.
 
     Args:
@@ -464,6 +489,8 @@ def fit_thresholds(stats: dict, labels: list[str], xp: np.ndarray, scalars: np.n
             uncertainty test is off).
         label_reference: (M, L) training stars' normalised catalogue labels, in ``labels`` order (None:
             the label-density test is off).
+        line_broadening: the emulator's broadening statistic of the validation stars (None: test off);
+            the pool's ``line_broadening``, where given, joins it as for the chi-squares.
     """
     n = len(xp)
     ref = np.median(epistemic, axis=0) if len(epistemic) else np.ones(epistemic.shape[1])
@@ -471,7 +498,7 @@ def fit_thresholds(stats: dict, labels: list[str], xp: np.ndarray, scalars: np.n
                            trained_missing=list(trained_missing or []), n_validation=int(n))
     excess = input_excess(stats, xp, scalars, quality)
     disagree = disagreement_statistic(epistemic, ref)
-    spec_res = line_res = None
+    spec_res = line_res = broad_res = None
     if spectrum_chi2 is not None and line_chi2 is not None:
         pool = chi2_pool or {}
         all_snr = np.concatenate([np.asarray(snr if snr is not None else np.full(n, np.nan), np.float64),
@@ -487,6 +514,13 @@ def fit_thresholds(stats: dict, labels: list[str], xp: np.ndarray, scalars: np.n
         base.n_chi2_fit = int(len(all_snr))
         spec_res = base.chi2_excess(all_spec, all_snr, base.spectrum_trend)
         line_res = base.chi2_excess(all_line, all_snr, base.line_trend)
+        if line_broadening is not None:
+            pool_b = pool.get("line_broadening")
+            all_b = np.concatenate([np.asarray(line_broadening, np.float64),
+                                    np.asarray(pool_b if pool_b is not None else np.full(len(all_snr) - n, np.nan),
+                                               np.float64)])
+            base.broadening_trend = chi2_trend(tc, all_b)
+            broad_res = base.broadening_excess(all_b, all_snr)
     unc = None
     if sigma_norm is not None and len(sigma_norm):
         t = _snr_t(snr, n)
@@ -518,6 +552,8 @@ def fit_thresholds(stats: dict, labels: list[str], xp: np.ndarray, scalars: np.n
         if spec_res is not None:
             thr.spectrum_chi2 = _quantile_threshold(spec_res, r)
             thr.line_chi2 = _quantile_threshold(line_res, r)
+        if broad_res is not None:
+            thr.line_broadening = _quantile_threshold(broad_res, r)
         if neg_score is not None:
             thr.map_score = -_quantile_threshold(neg_score, r)
         if unc is not None:
@@ -526,7 +562,7 @@ def fit_thresholds(stats: dict, labels: list[str], xp: np.ndarray, scalars: np.n
 
     def flagged(thr: TrustThresholds) -> float:
         reason, _ = assess(stats, thr, labels, xp, scalars, quality, mean, epistemic, None, reads,
-                           spectrum_chi2, line_chi2, snr, map_score, sigma_norm)
+                           spectrum_chi2, line_chi2, snr, map_score, sigma_norm, line_broadening=line_broadening)
         return float((reason != 0).mean()) if n else 0.0
 
     lo, hi = 0.0, float(rate)
@@ -546,7 +582,8 @@ def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.n
            train_like: np.ndarray | None, reads: set[str] = frozenset(BLOCKS), spectrum_chi2: np.ndarray | None = None,
            line_chi2: np.ndarray | None = None, snr: np.ndarray | None = None,
            map_score: np.ndarray | None = None,
-           sigma_norm: np.ndarray | None = None, sigma: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+           sigma_norm: np.ndarray | None = None, sigma: np.ndarray | None = None,
+           line_broadening: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``ood_reason`` bits of a batch, and which label values must be withheld (outside the envelope).
 
     Args:
@@ -567,6 +604,7 @@ def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.n
         sigma_norm: (N, L) the network's uncalibrated uncertainties, normalised (None: not tested).
         sigma: (N, L) the published (calibrated, physical) uncertainties, for the precision test (None:
             not tested -- so at train time, before calibration, the test stays out of the budget).
+        line_broadening: (N,) the emulator's broadening statistic (None: not run).
 
     Returns:
         (ood_reason int32 (N,), withheld bool (N, L)).
@@ -603,6 +641,10 @@ def assess(stats: dict, thr: TrustThresholds | None, labels: list[str], xp: np.n
             if values is not None and np.isfinite(limit):
                 res = thr.chi2_excess(values, snr, trend)
                 reason |= np.where(np.nan_to_num(res, nan=-np.inf) > limit, bit, 0).astype(np.int32)
+        if line_broadening is not None and np.isfinite(thr.line_broadening):
+            res = thr.broadening_excess(line_broadening, snr)
+            reason |= np.where(np.nan_to_num(res, nan=-np.inf) > thr.line_broadening,
+                               OOD_BROADENING, 0).astype(np.int32)
         if sigma_norm is not None and thr.sigma_trend and np.isfinite(thr.uncertainty):
             res = thr.uncertainty_excess(sigma_norm, snr)
             reason |= np.where(np.nan_to_num(res, nan=-np.inf) > thr.uncertainty, OOD_UNCERTAINTY, 0).astype(np.int32)

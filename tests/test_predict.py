@@ -730,6 +730,12 @@ def test_trust_flags_on_a_small_survey(registry, tmp_path):
     published = np.isfinite(dist)
     clear = published & (np.abs(dist - trust.label_density) > 1e-3)  # float32 rounding of the published labels
     assert (dens[clear] == (dist[clear] > trust.label_density)).all() and 0 < dens.sum() < len(m)
+    # the broadening filter is published for every predicted star, its test travels with the model, and
+    # the binaries' lines read wider than nine in ten in-distribution stars'
+    broad = m.line_broadening
+    assert broad[m.problem.isna()].notna().mean() > 0.99
+    assert np.isfinite(trust.line_broadening) and len(trust.broadening_trend) == 5
+    assert broad[m.ood_kind == "sb2_binary"].median() > broad[~m.is_ood].quantile(0.9)
     assert 2.57 < trust.precision_z < 6 and trust.catastrophic_odds == cfg.train.catastrophic_odds
     assert trust.precision_limit == pytest.approx({k: v / trust.precision_z
                                                    for k, v in cfg.train.catastrophic_errors.items()})

@@ -10,7 +10,7 @@ from stellar.features import Q_NO_BP, Q_NO_PARALLAX, Q_NO_XP, SCALAR_NAMES
 from stellar.inference_core import forward_members
 from stellar.model import StackedEnsemble
 from stellar.model import HybridNet, ModelConfig
-from stellar.trust import (OOD_DISAGREEMENT, OOD_ENVELOPE, OOD_IMPRECISE, OOD_INPUT_RANGE, OOD_LABEL_DENSITY,
+from stellar.trust import (OOD_BROADENING, OOD_DISAGREEMENT, OOD_ENVELOPE, OOD_IMPRECISE, OOD_INPUT_RANGE, OOD_LABEL_DENSITY,
                            OOD_LABEL_RANGE, OOD_LINES, OOD_MAP, OOD_MISSING_INPUT, OOD_SPECTRUM, OOD_UNCERTAINTY, PHYSICAL_ENVELOPE,
                            TrustThresholds, assess, bound_outputs, drop_blocks, fit_thresholds, label_bounds,
                            missing_features)
@@ -167,21 +167,36 @@ def test_thresholds_flag_the_chosen_share_of_validation_stars_and_catch_outliers
     # grows with S/N, as a real emulator's, and so does its spread
     chi2 = np.exp(0.3 * np.log(snr / 30) + rng.normal(0, 0.08 * (snr / 30) ** 0.5, n))
     line = np.exp(rng.normal(0, 0.2, n))
+    # the broadening significance: centred above 0 and wider at high S/N (emulator mismatch), signed
+    broad = 0.5 + rng.normal(0, 1.0, n) * (snr / 30) ** 0.4
     score = rng.uniform(0.3, 2.0, n)
     # the network's own uncertainty falls with S/N (sigma ~ 1/S/N^0.7), with a log-normal spread
     sigma = 0.3 * (snr[:, None] / 30) ** -0.7 * np.exp(rng.normal(0, 0.15, (n, 5)))
     thr = fit_thresholds(stats, LABELS, xp, sc, np.zeros(n, int), mean, epistemic, rate=0.03,
                          trained_missing=["bp"], spectrum_chi2=chi2, line_chi2=line, snr=snr, map_score=score,
-                         sigma_norm=sigma)
+                         sigma_norm=sigma, line_broadening=broad)
     assert TrustThresholds.from_dict(thr.to_dict()) == thr
     assert abs(thr.spectrum_trend[1] - 0.3) < 0.05 and abs(thr.spectrum_trend[2]) < 0.05  # the S/N trend is out
     reason, withheld = assess(stats, thr, LABELS, xp, sc, np.zeros(n, int), mean, epistemic, np.ones(n),
-                              spectrum_chi2=chi2, line_chi2=line, snr=snr, map_score=score, sigma_norm=sigma)
+                              spectrum_chi2=chi2, line_chi2=line, snr=snr, map_score=score, sigma_norm=sigma,
+                              line_broadening=broad)
     assert not withheld.any()
     assert 0.02 <= (reason != 0).mean() <= 0.03  # all tests together flag the chosen share
     assert abs(thr.sigma_trend[0][1] + 0.7) < 0.1  # the uncertainty's S/N trend is out
-    for bit in (OOD_INPUT_RANGE, OOD_DISAGREEMENT, OOD_SPECTRUM, OOD_LINES, OOD_MAP, OOD_UNCERTAINTY):
+    for bit in (OOD_INPUT_RANGE, OOD_DISAGREEMENT, OOD_SPECTRUM, OOD_LINES, OOD_MAP, OOD_UNCERTAINTY,
+                OOD_BROADENING):
         assert 0.002 <= ((reason & bit) != 0).mean() <= thr.per_test_rate + 1e-3
+    wide = (reason & OOD_BROADENING) != 0
+    assert abs(wide[snr < 60].mean() - wide[snr > 150].mean()) < 0.01  # its S/N trend is out too
+    # a star with lines broader than its S/N allows is flagged, one as much narrower (negative) is not
+    r_b, _ = assess(stats, thr, LABELS, xp[:2], sc[:2], np.zeros(2, int), mean[:2], np.full((2, 5), 0.1), None,
+                    snr=np.array([30.0, 30.0]), line_broadening=np.array([8.0, -8.0]))
+    assert r_b[0] & OOD_BROADENING and not r_b[1] & OOD_BROADENING
+    # a model fitted before the test (no trend in its JSON) keeps it off
+    old_model = {k: v for k, v in thr.to_dict().items() if k not in ("broadening_trend", "line_broadening")}
+    r_o, _ = assess(stats, TrustThresholds.from_dict(old_model), LABELS, xp[:1], sc[:1], np.zeros(1, int), mean[:1],
+                    np.full((1, 5), 0.1), None, snr=np.array([30.0]), line_broadening=np.array([50.0]))
+    assert not r_o[0] & OOD_BROADENING
     # each chi-square test flags alike at low and high S/N: the trend is out
     spec = (reason & OOD_SPECTRUM) != 0
     assert abs(spec[snr < 60].mean() - spec[snr > 150].mean()) < 0.01
@@ -324,6 +339,10 @@ def test_precision_limits_follow_the_held_out_stars_error_tails():
 
 
 def test_emulator_recovers_a_quadratic_model_and_reacts_to_doubled_lines():
+    """The quadratic emulator fits, its chi-squares are ~1 on stars like the training ones, line_chi2 sees a
+    binary 60 km/s apart, and line_broadening (a matched filter, ~N(0, 1) on single stars) sees one only
+    15 km/s apart, where the lines merge into one wider line, and grows with the separation; lines only weaker
+    than emulated leave it at zero."""
     from stellar.emulator import SpectrumEmulator, design, line_window
 
     rng = np.random.default_rng(5)
@@ -350,13 +369,32 @@ def test_emulator_recovers_a_quadratic_model_and_reacts_to_doubled_lines():
     assert float(np.abs(emu.model(z[:50]) - spectra(z[:50])).max()) < 0.005
     assert float(emu.scatter.max()) < 0.005  # nothing the quadratic misses
     zt = rng.normal(size=(200, L))
-    chi2, line = emu.statistics(zt, spectra(zt) + 0.01 * rng.normal(size=(200, wave.size)), err[:200],
-                                np.zeros((200, wave.size), np.uint8))
+    chi2, line, broad = emu.statistics(zt, spectra(zt) + 0.01 * rng.normal(size=(200, wave.size)), err[:200],
+                                       np.zeros((200, wave.size), np.uint8))
     assert 0.9 < np.median(chi2) < 1.1 and 0.85 < np.median(line) < 1.15
+    assert abs(np.median(broad)) < 0.3 and 0.8 < np.std(broad) < 1.25  # a significance: N(0, 1) on single stars
     # a double-lined binary: the same star with half the light shifted by 60 km/s (0.17 nm)
-    chi2_b, line_b = emu.statistics(zt, spectra(zt, shift=0.17) + 0.01 * rng.normal(size=(200, wave.size)),
-                                    err[:200], np.zeros((200, wave.size), np.uint8))
+    chi2_b, line_b, broad_b = emu.statistics(zt, spectra(zt, shift=0.17) + 0.01 * rng.normal(size=(200, wave.size)),
+                                             err[:200], np.zeros((200, wave.size), np.uint8))
     assert np.median(line_b) > 5 * np.median(line) and np.median(line_b) > np.median(chi2_b)
+    assert np.median(broad_b) > 5
+    # 15 km/s (0.043 nm, under the lines' 0.19 nm FWHM): one wider line, flagged at the single stars' own
+    # 99th percentile; closer pairs read lower, but above the single stars' median
+    noise = lambda: 0.01 * rng.normal(size=(200, wave.size))  # noqa: E731
+    masked = np.zeros((200, wave.size), np.uint8)
+    masked[:, 300:340] = 1  # masked pixels change nothing but the count
+    _, line_c, broad_c = emu.statistics(zt, spectra(zt, shift=0.043) + noise(), err[:200], masked)
+    assert np.mean(broad_c > np.quantile(broad, 0.99)) > 0.9
+    medians = [np.median(emu.statistics(zt, spectra(zt, shift=d) + noise(), err[:200], masked)[2])
+               for d in (0.01, 0.02, 0.03)]
+    assert np.median(broad) < medians[0] < medians[1] < medians[2] < np.median(broad_c)
+    # lines only weaker than emulated (a metal-poorer star at the same labels): line_chi2 sees it, the
+    # broadening filter (orthogonal to the absorption) does not
+    weak = 1 - 0.7 * (1 - spectra(zt)) + noise()
+    _, line_w, broad_w = emu.statistics(zt, weak, err[:200], masked)
+    assert np.median(line_w) > 5 and abs(np.median(broad_w)) < 1
+    _, _, none = emu.statistics(zt[:1], spectra(zt[:1]), err[:1], np.ones((1, wave.size), np.uint8))
+    assert np.isnan(none[0])
     from safetensors.numpy import load, save
 
     emu.theta = np.asfortranarray(emu.theta)  # a transposed layout must survive the bytes too

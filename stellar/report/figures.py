@@ -412,7 +412,7 @@ RESIDUAL_STARS_PER_REASON = 2
 
 def _residuals(cfg: StellarConfig, ens, preds, out: Path, labels: list[str]):
     """Observed spectra against the emulator at the predicted labels, for the most discrepant stars of
-    each consistency reason (spectrum, lines), the lowest-scoring map-flagged star and a typical
+    each consistency reason (spectrum, lines, broadening), the lowest-scoring map-flagged star and a typical
     unflagged one; and, over all flagged stars shown, the share of the squared residual that falls in
     the strong-line windows (to set beside the saliency's share there)."""
     from stellar.trust import OOD_BITS
@@ -424,10 +424,13 @@ def _residuals(cfg: StellarConfig, ens, preds, out: Path, labels: list[str]):
     sid = preds["source_id"].to_numpy(np.int64)
     has = np.isfinite(chi2) & preds[labels].notna().all(axis=1).to_numpy()
     picks: list[tuple[int, str]] = []
-    for name in ("spectrum", "lines", "map"):
+    broad = (preds["line_broadening"].to_numpy(dtype=float) if "line_broadening" in preds
+             else np.full(len(preds), np.nan))  # predictions made before the broadening statistic
+    for name in ("spectrum", "lines", "broadening", "map"):
         bit = OOD_BITS[name][0]
         cand = np.flatnonzero(has & ((reason & bit) != 0))
-        key = -chi2[cand] if name != "map" else preds["selection_score"].to_numpy(dtype=float)[cand]
+        key = {"map": preds["selection_score"].to_numpy(dtype=float)[cand],
+               "broadening": -broad[cand]}.get(name, -chi2[cand])
         order = cand[np.lexsort((sid[cand], np.nan_to_num(key, nan=np.inf)))]
         shown = {p for p, _ in picks}  # a star flagged for several reasons is shown once
         picks += [(int(i), name) for i in [i for i in order if int(i) not in shown][:RESIDUAL_STARS_PER_REASON]]
@@ -465,7 +468,8 @@ def _residuals(cfg: StellarConfig, ens, preds, out: Path, labels: list[str]):
         ax.set_ylabel("normalised flux")
         title = (f"Gaia DR3 {sid[i]}: {why}; {symbol('teff')} {preds.iloc[i]['teff']:.0f} K, {symbol('logg')} "
                  f"{preds.iloc[i]['logg']:.2f} dex, [M/H] {preds.iloc[i]['m_h']:.2f} dex; reduced $\\chi^2$ "
-                 f"{chi2[i]:.2f} (spectrum), {preds.iloc[i]['line_chi2']:.2f} (lines)")
+                 f"{chi2[i]:.2f} (spectrum), {preds.iloc[i]['line_chi2']:.2f} (lines); line broadening "
+                 f"{broad[i]:.1f}")
         ax.set_title(title, fontsize=8, loc="left")
         smooth = np.convolve(np.nan_to_num(resid) ** 2, np.ones(5) / 5, mode="same")
         stars.append({"source_id": int(sid[i]), "shown_for": why, "spectrum_chi2": float(chi2[i]),
