@@ -728,7 +728,8 @@ class Ensemble:
                                      data["spectrum_error"].numpy()[ok].astype(np.float64),
                                      data["spectrum_mask"].numpy()[ok], model)
 
-    def consistency(self, mean: np.ndarray, data: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[None, None, None]:
+    def consistency(self, mean: np.ndarray,
+                    data: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[None, None, None]:
         """(spectrum_chi2, line_chi2, line_broadening) of each star's spectrum against the emulator at its
         predicted (physical) labels (:meth:`SpectrumEmulator.statistics`); (None, None, None) without an
         emulator."""
