@@ -77,7 +77,7 @@ def main() -> None:
         rows.append({"star": stem, "source_id": int(r.source_id), "note": STARS.get(stem, ""),
                      **{k: (None if r[k] != r[k] else float(r[k])) for k in
                         ("teff", "teff_err", "logg", "logg_err", "m_h", "m_h_err", "spectrum_chi2", "line_chi2",
-                       "line_broadening")},
+                         "line_broadening")},
                      "ood": None if r.ood != r.ood else bool(r.ood),
                      "ood_reason": None if r.ood_reason != r.ood_reason else int(r.ood_reason)})
     rows.sort(key=lambda x: list(STARS).index(x["star"]) if x["star"] in STARS else 99)
@@ -87,7 +87,8 @@ def main() -> None:
         f = lambda v, e, d: "-" if v is None else f"{v:.{d}f}+-{e:.{d}f}"  # noqa: E731
         print(f"  {x['star']:<28} {f(x['teff'], x['teff_err'], 0):>12} {f(x['logg'], x['logg_err'], 2):>12} "
               f"{f(x['m_h'], x['m_h_err'], 2):>12} {x['spectrum_chi2'] or float('nan'):7.1f} "
-              f"{x['line_chi2'] or float('nan'):7.1f} {x['line_broadening'] or float('nan'):6.1f}  {str(x['ood']):<5} {decode(x['ood_reason'])}  ({x['note']})")
+              f"{x['line_chi2'] or float('nan'):7.1f} {x['line_broadening'] or float('nan'):6.1f}  "
+              f"{str(x['ood']):<5} {decode(x['ood_reason'])}  ({x['note']})")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -345,22 +345,24 @@ class TrustThresholds:
                              f"label_columns ({len(self.label_columns)}) expected")
         self.label_reference = ref.astype(np.float64)
 
-    def chi2_excess(self, chi2: np.ndarray, snr: np.ndarray | None, trend: list[float]) -> np.ndarray:
-        """The standardised excess of log chi2 over its S/N trend (unknown S/N: the pivot's)."""
-        t = np.clip(_snr_t(snr, len(chi2)), self.chi2_t_range[0], self.chi2_t_range[1])
+    def _excess(self, y: np.ndarray, snr: np.ndarray | None, trend: list[float]) -> np.ndarray:
+        """(y - m(t)) / s(t) for a :func:`chi2_trend` fit, t clipped to the fit's S/N range (unknown S/N: the
+        pivot's)."""
+        t = np.clip(_snr_t(snr, len(y)), self.chi2_t_range[0], self.chi2_t_range[1])
         a, b, c, d, e = trend
-        y = np.log(np.maximum(np.asarray(chi2, dtype=np.float64), 1e-12))
         return (y - (a + b * t + c * t * t)) / np.exp(d + e * t)
 
+    def chi2_excess(self, chi2: np.ndarray, snr: np.ndarray | None, trend: list[float]) -> np.ndarray:
+        """The standardised excess of log chi2 over its S/N trend."""
+        return self._excess(np.log(np.maximum(np.asarray(chi2, dtype=np.float64), 1e-12)), snr, trend)
+
     def broadening_excess(self, broadening: np.ndarray, snr: np.ndarray | None) -> np.ndarray:
-        """The standardised excess of the broadening statistic over its S/N trend (NaN without a trend)."""
+        """The standardised excess of the (signed) broadening statistic over its S/N trend (NaN without a
+        trend: a model fitted before the test)."""
         b = np.asarray(broadening, dtype=np.float64)
         if len(self.broadening_trend) != 5:
             return np.full(b.shape, np.nan)
-        t = np.clip(_snr_t(snr, len(b)), self.chi2_t_range[0], self.chi2_t_range[1])
-        a, bb, c, d, e = self.broadening_trend
-        return (b - (a + bb * t + c * t * t)) / np.exp(d + e * t)
-
+        return self._excess(b, snr, self.broadening_trend)
 
     def uncertainty_excess(self, sigma_norm: np.ndarray, snr: np.ndarray | None) -> np.ndarray:
         """Per star: the largest standardised excess of a label's log sigma over its S/N trend."""
