@@ -18,21 +18,21 @@ table:
 * recall of ``ood`` per injected out-of-distribution kind, and the false-flag
   rate among in-distribution stars, with the share each ood_reason bit flags;
 * the z-score spread (predicted - true) / err per label and S/N bin among
-  unflagged in-distribution stars the model never fitted (the observed and
-  test splits: the training stars' residuals are what the members were fitted
-  to, the validation stars' what early stopping and the calibration were, and
-  neither measures the calibration; the training stars' spread is printed
+  unflagged in-distribution stars the model never fitted (the observed split:
+  the training stars' residuals are what the members were fitted to, the
+  validation and test stars' what early stopping and the calibration were, and
+  none of them measures the calibration; the training stars' spread is printed
   beside it);
 * the RMSE of stars without BP coefficients against the others, both among
   the stars the model never fitted.
 
-Thresholds inside the model come from its validation split; nothing here is
-fed back into them.
+Thresholds inside the model come from its validation split, the uncertainty
+calibration from its validation and test splits; nothing here is fed back into them.
 
 ``--refit`` (with ``--work`` a finished run) re-assesses that run's champion with the
 current code instead of reading its predictions: the trust thresholds and the uncertainty
-calibration are fitted again on its validation stars exactly as the trainer fits them
-(``stellar.train.fit_trust_and_calibration``; the trained members and their emulator
+calibration are fitted again on its held-out stars exactly as the trainer fits them
+(``stellar.train.fit_trust_and_calibration`` and ``calibrate_on_held_out``; the trained members and their emulator
 are kept), and every feature row is predicted again (one process). A change to the trust
 tests or the calibration is then measured in seconds (~11 s on the demo run) instead of a retraining.
 """
@@ -56,8 +56,8 @@ from stellar.tables import read_table  # noqa: E402
 from stellar.trust import OOD_BITS, PHYSICAL_ENVELOPE  # noqa: E402
 
 SNR_BINS = ((15.0, 25.0), (25.0, 50.0), (50.0, np.inf))
-# the splits whose stars the model was fitted on (members; early stopping and calibration)
-FITTED_SPLITS = ("train", "validation")
+# the splits whose stars the model was fitted on (members; early stopping, calibration)
+FITTED_SPLITS = ("train", "validation", "test")  # the test stars join the published calibration
 CATASTROPHIC = {"teff": 1000.0, "logg": 1.0, "m_h": 0.5}
 # SB2 recall by the components' separation and the secondary's RVS light ratio (the RVS resolution
 # element is ~26 km/s)
@@ -171,13 +171,19 @@ def report(f: dict) -> str:
 def refit_champion(cfg, ens) -> None:
     """Refit a finished run's champion ``ens`` in place with the current post-training code (mean correction,
     trust thresholds, calibration; its own emulator kept), on the run's validation stars as the trainer fits
-    them. Shared by ``--refit`` here and in benchmarks/accuracy.py."""
+    them (then the calibration on the validation and test stars, :func:`stellar.train.calibrate_on_held_out`).
+    Shared by ``--refit`` here and in benchmarks/accuracy.py."""
+    from stellar.ensemble import load_split
     from stellar.instruments import load_instrument
     from stellar.tables import TableStore
-    from stellar.train import fit_trust_and_calibration, selection_table
+    from stellar.train import calibrate_on_held_out, fit_trust_and_calibration, selection_table
 
     selection, _ = selection_table(cfg, TableStore(cfg.preprocess.output_dir).current_version())
-    fit_trust_and_calibration(cfg, ens, load_instrument(cfg.instrument, cfg.conf_dir), selection, fit_emulator=False)
+    root = cfg.preprocess.output_dir
+    val = load_split(root, "validation", ens.labels, ens.stats)
+    fit_trust_and_calibration(cfg, ens, load_instrument(cfg.instrument, cfg.conf_dir), selection, val,
+                              fit_emulator=False)
+    calibrate_on_held_out(cfg, ens, selection, val, load_split(root, "test", ens.labels, ens.stats))
 
 
 def refit_predictions(work: Path, sets: list[str]):

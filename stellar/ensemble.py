@@ -348,49 +348,65 @@ def label_terms(mu_norm: np.ndarray, label_range: np.ndarray) -> np.ndarray:
 def fit_label_calibration(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.ndarray, u: np.ndarray,
                           prior: float = CALIBRATION_LABEL_PRIOR,
                           curvature_prior: float = CALIBRATION_CURVATURE_PRIOR,
-                          w: np.ndarray | None = None) -> tuple[float, float, float, np.ndarray]:
-    """(a, b, q, g) of c = exp(a + b t + q t^2 + g . u) by maximum (penalised) Gaussian likelihood of the
-    residuals, started from the S/N-only straight line; ``a`` is then set so the z-scores' mean square is
-    exactly 1.
+                          w: np.ndarray | None = None, floor: float = 0.0
+                          ) -> tuple[float, float, float, np.ndarray, np.ndarray]:
+    """(a, b, q, g, h) of the calibrated variance (c s)^2 + (f k)^2, c = exp(a + b t + q t^2 + g . u) and,
+    for an error floor ``floor`` = f > 0, k = exp(h . u), by maximum (penalised) Gaussian likelihood of
+    the residuals (label variance e^2 added), started from the S/N-only straight line; ``a`` is then set
+    so the z-scores' mean square is exactly 1. Without a floor h is 0.
 
     Args:
         r, s, e: residuals, raw predicted sigmas, label errors (N,).
         t: clipped log(S/N / pivot) (N,).
         u: (N, K) covariates of the predicted labels (:func:`label_terms`); K may be 0.
-        prior, curvature_prior: the Gaussian priors' widths on g and on q.
+        prior, curvature_prior: the Gaussian priors' widths on g and on q (h: :data:`CALIBRATION_FLOOR_PRIOR`).
         w: (N,) weights of the stars (None: equal): a star of weight 2 counts as that star twice
             (:func:`stellar.train.calibration_stars` gives each of a star's k faint copies 1 / k).
+        floor: the floor f (the units of ``s``); 0: none.
     """
     from scipy.optimize import minimize
 
     w = np.ones(len(r)) if w is None else np.asarray(w, dtype=np.float64)
-    a0, b0 = fit_snr_calibration(r, s, e, t, w)
     u = np.asarray(u, dtype=np.float64).reshape(len(r), -1)
+    K = u.shape[1]
+    kf = K if floor > 0 else 0  # the floor's own kind terms, only where there is a floor
+    a0, b0 = fit_snr_calibration(r, s, np.sqrt(e**2 + floor**2), t, w)
     X = np.column_stack([np.ones(len(r)), t, t**2, u])
-    s2, e2, r2 = s**2, e**2, r**2
-    pen = np.r_[0.0, 0.0, 1.0 / curvature_prior**2, np.full(u.shape[1], 1.0 / prior**2)]
+    s2, e2, r2, f2 = s**2, e**2, r**2, float(floor) ** 2
+    pen = np.r_[0.0, 0.0, 1.0 / curvature_prior**2, np.full(K, 1.0 / prior**2),
+                np.full(kf, 1.0 / CALIBRATION_FLOOR_PRIOR**2)]
 
     def nll(beta):
         # The line search may try steps whose factor overflows (with an error floor that explains the
         # residuals the likelihood is flat as c -> 0): such a step is infinitely unlikely, not an error.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            c2 = np.exp(2.0 * (X @ beta))
-            var = c2 * s2 + e2
+            c2 = np.exp(2.0 * (X @ beta[:3 + K]))
+            F2 = f2 * np.exp(2.0 * (u @ beta[3 + K:])) if kf else np.full(len(r), f2)
+            var = c2 * s2 + F2 + e2
             f = 0.5 * np.sum(w * (np.log(var) + r2 / var)) + 0.5 * np.sum(pen * beta**2)
-            # d var / d beta = 2 c2 s2 X
-            dvar = (0.5 * w * (1.0 / var - r2 / var**2) * 2.0 * c2 * s2)
-            grad = X.T @ dvar + pen * beta
+            dnll = 0.5 * w * (1.0 / var - r2 / var**2)  # d nll / d var
+            grad = np.r_[X.T @ (dnll * 2.0 * c2 * s2), u.T @ (dnll * 2.0 * F2) if kf else np.zeros(0)] + pen * beta
         if not (np.isfinite(f) and np.all(np.isfinite(grad))):
             return np.inf, np.zeros_like(beta)
         return f, grad
 
-    beta0 = np.r_[a0, b0, 0.0, np.zeros(u.shape[1])]
-    res = minimize(nll, beta0, jac=True, method="L-BFGS-B", options={"maxiter": 500, "gtol": 1e-8})
+    beta0 = np.r_[a0, b0, 0.0, np.zeros(K + kf)]
+    res = minimize(nll, beta0, jac=True, method="L-BFGS-B", options={"maxiter": 1000, "gtol": 1e-10})
     beta = res.x if np.all(np.isfinite(res.x)) and res.fun <= nll(beta0)[0] else beta0
-    g = np.exp(beta[1] * t + beta[2] * t**2
-               + np.clip(u @ beta[3:], -CALIBRATION_LABEL_MAX_LOG, CALIBRATION_LABEL_MAX_LOG))
-    a = np.log(_calibration_factor(r, s * g, e, w))
-    return float(a), float(beta[1]), float(beta[2]), np.asarray(beta[3:], dtype=float)
+    g, h = np.asarray(beta[3:3 + K], dtype=float), (np.asarray(beta[3 + K:], dtype=float) if kf else np.zeros(K))
+    fac = np.exp(beta[1] * t + beta[2] * t**2 + np.clip(u @ g, -CALIBRATION_LABEL_MAX_LOG, CALIBRATION_LABEL_MAX_LOG))
+    ef = np.sqrt(e2 + f2 * floor_scale(u, h) ** 2)
+    a = np.log(_calibration_factor(r, s * fac, ef, w))
+    return float(a), float(beta[1]), float(beta[2]), g, h
+
+
+def floor_scale(u: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """The error floor's kind-of-star factor exp(clip(h . u)) (N,) for covariates ``u`` (N, K)."""
+    h = np.asarray(h, dtype=np.float64)
+    if h.size == 0:
+        return np.ones(np.asarray(u).shape[0])
+    u = np.asarray(u, dtype=np.float64).reshape(-1, h.size)
+    return np.exp(np.clip(u @ h, -CALIBRATION_FLOOR_MAX_LOG, CALIBRATION_FLOOR_MAX_LOG))
 
 
 # An error floor in quadrature, sigma' = sqrt((c sigma)^2 + f^2): the network's sigma shrinks with S/N
@@ -401,37 +417,50 @@ def fit_label_calibration(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.nda
 # chosen per label on this grid (times the fit stars' median raw sigma) by the Gaussian likelihood of
 # the same residuals. 0 (no floor) is on it, so a label whose errors follow its sigma keeps none.
 CALIBRATION_FLOORS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0)
+# The floor has a kind-of-star factor of its own, f exp(h . u) with u the same predicted-label covariates
+# as the factor's: a network's systematic error is not the same for every kind of star, and one floor
+# for all, set by the giants (most of a label set), is larger than a dwarf's whole error. Hard survey,
+# log g at S/N > 50: the giants' floor made the dwarfs' published errors 0.042 dex against errors of
+# 0.028 (z-score spread 0.59 for dwarfs, 1.04 for giants); with the floor's own kind terms the likelihood
+# of the validation stars rises and the catalogue's dwarfs and giants come out alike. h has a Gaussian
+# prior N(0, CALIBRATION_FLOOR_PRIOR^2) and moves the floor at most CALIBRATION_FLOOR_MAX_LOG either way
+# (a floor is a small part of a large error and a large part of a small one, so it may move further
+# than the factor).
+CALIBRATION_FLOOR_PRIOR = 0.5
+CALIBRATION_FLOOR_MAX_LOG = float(np.log(4.0))
 
 
 def calibration_nll(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.ndarray, u: np.ndarray,
-                    coef: tuple[float, float, float, np.ndarray], w: np.ndarray | None = None) -> float:
+                    coef: tuple, w: np.ndarray | None = None, floor: float = 0.0) -> float:
     """The (``w``-weighted) Gaussian negative log-likelihood of residuals ``r`` under the calibrated
-    variance (c s)^2 + e^2, c = exp(a + b t + q t^2 + clip(g . u)) as the ensemble applies it."""
-    a, b, q, g = coef
+    variance (c s)^2 + (f k)^2 + e^2 as the ensemble applies it: c = exp(a + b t + q t^2 + clip(g . u)),
+    k = :func:`floor_scale` (``coef`` = (a, b, q, g[, h]); f = ``floor``)."""
+    a, b, q, g = coef[:4]
     w = np.ones(len(r)) if w is None else np.asarray(w, dtype=np.float64)
     u = np.asarray(u, dtype=np.float64).reshape(len(r), -1)
     lab = np.clip(u @ np.asarray(g, dtype=np.float64), -CALIBRATION_LABEL_MAX_LOG, CALIBRATION_LABEL_MAX_LOG) \
         if u.shape[1] else 0.0
+    fk = floor * floor_scale(u, coef[4]) if len(coef) > 4 and u.shape[1] else floor
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        var = (np.exp(a + b * t + q * t * t + lab) * s) ** 2 + e**2
+        var = (np.exp(a + b * t + q * t * t + lab) * s) ** 2 + fk**2 + e**2
         nll = float(0.5 * np.sum(w * (np.log(var) + r**2 / var)))
     return nll if np.isfinite(nll) else np.inf
 
 
 def fit_calibration_with_floor(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.ndarray, u: np.ndarray,
-                               w: np.ndarray | None = None) -> tuple[float, float, float, np.ndarray, float]:
-    """(a, b, q, g, f): :func:`fit_label_calibration` with the label errors ``e`` widened to
-    sqrt(e^2 + f^2), for each floor f of :data:`CALIBRATION_FLOORS` (times median s), and of those the
-    fit of the highest likelihood. The published sigma is then sqrt((c s)^2 + f^2)."""
+                               w: np.ndarray | None = None
+                               ) -> tuple[float, float, float, np.ndarray, float, np.ndarray]:
+    """(a, b, q, g, f, h): :func:`fit_label_calibration` for each floor f of :data:`CALIBRATION_FLOORS`
+    (times median s), and of those the fit of the highest likelihood. The published sigma is then
+    sqrt((c s)^2 + (f exp(clip(h . u)))^2)."""
     med = float(np.median(s)) if len(s) else 0.0
     best = None
     for k in CALIBRATION_FLOORS:
         f = k * med
-        ef = np.sqrt(e**2 + f**2)
-        coef = fit_label_calibration(r, s, ef, t, u, w=w)
-        nll = calibration_nll(r, s, ef, t, u, coef, w)
+        coef = fit_label_calibration(r, s, e, t, u, w=w, floor=f)
+        nll = calibration_nll(r, s, e, t, u, coef, w, floor=f)
         if best is None or nll < best[0] - 1e-9:
-            best = (nll, (*coef, f))
+            best = (nll, (*coef[:4], f, coef[4]))
     return best[1]
 
 
@@ -529,6 +558,9 @@ class Ensemble:
                                       dtype=float).reshape(len(labels), 2)
         # the error floor per label (normalised units; fit_calibration_with_floor); absent before it: none
         self.sigma_floor = np.asarray(sc.get("floor", np.zeros(len(labels))), dtype=float).reshape(len(labels))
+        # the floor's kind-of-star terms (CALIBRATION_FLOOR_PRIOR); absent before them: one floor for all
+        self.floor_coef = np.asarray(sc.get("floor_coef", np.zeros((len(labels), 2 * len(labels)))),
+                                     dtype=float).reshape(len(labels), 2 * len(labels))
         # the mean correction (fit_mean_correction); absent in models trained before it: none
         mc = mean_correction or {}
         self.mean_coef = np.asarray(mc.get("coef", np.zeros((len(labels), 1 + 2 * len(labels)))),
@@ -630,7 +662,8 @@ class Ensemble:
         ``ensemble.json``, read back by the constructor."""
         return {"kind": "logquadratic_labels", "pivot": self.snr_pivot, "t_range": list(self.snr_t_range),
                 "coef": self.snr_coef.tolist(), "label_coef": self.label_coef.tolist(),
-                "label_range": self.label_range.tolist(), "floor": self.sigma_floor.tolist()}
+                "label_range": self.label_range.tolist(), "floor": self.sigma_floor.tolist(),
+                "floor_coef": self.floor_coef.tolist()}
 
     def combine(self, means: np.ndarray, variances: np.ndarray, calibrated: bool = True,
                 snr: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -647,7 +680,11 @@ class Ensemble:
         if calibrated:
             sigma = sigma * self.factors(snr, mu.shape[0], mu)
             if np.any(self.sigma_floor):
-                sigma = np.sqrt(sigma**2 + self.sigma_floor**2)
+                floor = self.sigma_floor
+                if np.any(self.floor_coef):  # the floor's kind-of-star factor, per label
+                    terms = label_terms(mu, self.label_range)
+                    floor = floor * np.stack([floor_scale(terms, h) for h in self.floor_coef], axis=1)
+                sigma = np.sqrt(sigma**2 + floor**2)
         return {"mean": mu * self.label_std + self.label_mean, "sigma": sigma * self.label_std,
                 "sigma_aleatoric": np.sqrt(aleatoric) * self.label_std,
                 "sigma_epistemic": np.sqrt(epistemic) * self.label_std, "epistemic_norm": np.sqrt(epistemic),
@@ -681,7 +718,7 @@ class Ensemble:
         cov = np.array([k in CALIBRATION_COVARIATES for k in self.labels] * 2)
         w_all = np.ones(len(truth)) if weights is None else np.asarray(weights, dtype=np.float64)
         label_coef = np.zeros((L, 2 * L))
-        floor = np.zeros(L)
+        floor, floor_coef = np.zeros(L), np.zeros((L, 2 * L))
         for j in range(L):
             ok = keep & np.isfinite(truth[:, j])
             s, e = pred["sigma"][:, j], np.nan_to_num(err[:, j])
@@ -691,10 +728,11 @@ class Ensemble:
                 continue
             overall.append(_calibration_factor(r[ok], s[ok], e[ok], w_all[ok]))
             if ok.sum() >= MIN_LABEL_CALIBRATION_STARS:
-                a, b, q, g, f = fit_calibration_with_floor(r[ok], s[ok], e[ok], t[ok], u[ok][:, cov], w=w_all[ok])
-                coef[j], label_coef[j, cov], floor[j] = (a, b, q), g, f / self.label_std[j]
+                a, b, q, g, f, h = fit_calibration_with_floor(r[ok], s[ok], e[ok], t[ok], u[ok][:, cov], w=w_all[ok])
+                coef[j], label_coef[j, cov], floor[j], floor_coef[j, cov] = (a, b, q), g, f / self.label_std[j], h
                 if f > 0:  # the all-S/N factor (stars without an S/N) on the floored sigmas too
-                    overall[-1] = _calibration_factor(r[ok], s[ok], np.sqrt(e[ok] ** 2 + f * f), w_all[ok])
+                    fk = f * floor_scale(u[ok][:, cov], h)
+                    overall[-1] = _calibration_factor(r[ok], s[ok], np.sqrt(e[ok] ** 2 + fk**2), w_all[ok])
             elif ok.sum() >= MIN_CALIBRATION_STARS:
                 coef[j] = (*fit_snr_calibration(r[ok], s[ok], e[ok], t[ok], w_all[ok]), 0.0)
             else:
@@ -704,7 +742,7 @@ class Ensemble:
         self.snr_pivot = CALIBRATION_PIVOT_SNR
         self.snr_t_range = (float(lo), float(hi))
         self.label_coef, self.label_range = label_coef, np.asarray(label_range, dtype=float)
-        self.sigma_floor = floor
+        self.sigma_floor, self.floor_coef = floor, floor_coef
         return self.calibration
 
     def fit_emulator(self, data: dict[str, torch.Tensor], window: np.ndarray) -> SpectrumEmulator:

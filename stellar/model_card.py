@@ -69,10 +69,15 @@ def model_card(ens, metrics: dict, features_counts: dict, cfg, identity: dict | 
     sc = ens.snr_calibration()
     lines += ["", "## Calibration", "",
               "Uncertainties are the ensemble's (members' variance + spread) times a factor per label that varies "
-              "with log S/N and the predicted labels, fitted on the validation stars the trust tests keep. "
+              "with log S/N and the predicted labels, fitted on the held-out stars the trust tests keep "
+              + (f"({meta['calibration_stars']['kept']} of the {meta['calibration_stars']['validation']} validation "
+                 f"and {meta['calibration_stars']['test']} test stars, after the test metrics above were taken "
+                 "with a fit on the validation stars alone). " if meta.get("calibration_stars") else
+                 "(the validation stars). ") +
               "All-S/N factors: " + ", ".join(f"{lab} {f:.3f}" for lab, f in zip(ens.labels, ens.calibration)) + "; "
               f"pivot S/N {sc.get('pivot')}. Error floors added in quadrature (the errors the network's "
-              "sigma does not shrink below, chosen by likelihood on the same stars; 0: none): "
+              "sigma does not shrink below, chosen by likelihood on the same stars, each with its own factor "
+              "for the kind of star; 0: none): "
               + ", ".join(f"{lab} {f:.3g}" for lab, f in zip(ens.labels, ens.sigma_floor * ens.label_std)) + ".", ""]
     cc = meta.get("calibration_copies")
     if cc:

@@ -7,7 +7,10 @@ champion alias when, for every label, its RMSE is at most
 ``max_rmse_ratio`` times the champion's and its z-score spread is within
 ``1 +- max_z_std_error`` (calibrated uncertainties), on at least
 ``min_test_stars`` stars. With no champion yet, only the calibration and
-size criteria apply. The decision and both versions' metrics are written as
+size criteria apply. The test stars of the features a model was trained on are
+half of its published calibration's fit stars (``stellar.train.calibrate_on_held_out``),
+so there the z-score criterion checks that fit; the train run judged it held out,
+before they joined (its logged metrics). The decision and both versions' metrics are written as
 tags on both versions; the registered model keeps the champion history
 (tag ``champion_history``), which ``--rollback`` walks back.
 """

@@ -762,8 +762,8 @@ def test_trust_flags_on_a_small_survey(registry, tmp_path):
           f"others {cat_ind[~flagged].mean():.4f}")
     assert cat_ind[flagged].mean() >= 3 * max(cat_ind[~flagged].mean(), 1e-3)
     # the spread on the stars the model never fitted (not the members' training stars, whose residuals
-    # they were fitted to, nor the validation stars the calibration was): benchmarks/trust.py alike
-    unseen = keep[~keep.split.isin(["train", "validation"])]
+    # they were fitted to, nor the validation and test stars the calibration was): benchmarks/trust.py alike
+    unseen = keep[~keep.split.isin(["train", "validation", "test"])]
     z_std = {}
     for lab in labels:
         z = (unseen[lab] - unseen[f"{lab}_true"]) / unseen[f"{lab}_err"]

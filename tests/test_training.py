@@ -496,9 +496,15 @@ def test_register_load_by_alias_identical_predictions(features, tmp_path, rvs_in
     assert cc["copies"] == 4 and cc["made"] > len(load_split(root, "validation", ens.labels, stats)["snr"])
     assert 1.0 <= cc["noise_excess"] < 1.3 and cc["noise_lag1"] < 0.1, cc
     assert cc["dln_snr_dG"] < -0.2 and cc["dln_parallax_error_dG"] > 0.0, cc
+    # the published calibration is fitted on the validation and test stars together, after the test
+    # metrics were taken with one fitted on the validation stars alone
+    val = load_split(root, "validation", ens.labels, stats)
+    test = load_split(root, "test", ens.labels, stats)
+    cs = ens.meta["calibration_stars"]
+    assert (cs["validation"], cs["test"]) == (len(val["snr"]), len(test["snr"])) and cs["kept"] > len(val["snr"]), cs
+    assert summary["snr_calibration"] == ens.snr_calibration()
     loaded, ident = load_registered(cfg, "challenger")
     assert ident["version"] == 1 and ident["run_id"] == summary["run_id"]
-    test = load_split(root, "test", ens.labels, stats)
     a, b = ens.predict(test), loaded.predict(test)
     assert np.array_equal(a["mean"], b["mean"]) and np.array_equal(a["sigma"], b["sigma"])
     # the registry entry: tags, child runs per member, metrics by S/N bin, figures

@@ -422,7 +422,8 @@ def test_uncertainty_calibration_follows_the_kind_of_star():
 
     rng = np.random.default_rng(5)
     dwarf, u, t, s, e, r = sample(500, 0.25, 2.0, rng)
-    a, b, q, g = fit_label_calibration(r, s, e, t, u)
+    a, b, q, g, h = fit_label_calibration(r, s, e, t, u)
+    assert not np.any(h)  # no floor: no floor terms
     dwarf2, u2, t2, s2, e2, r2 = sample(4000, 0.6, 2.0, rng)
     c = np.exp(a + b * t2 + q * t2**2 + np.clip(u2 @ g, -np.log(2), np.log(2)))
     z = r2 / np.sqrt((c * s2) ** 2 + e2**2)
@@ -436,7 +437,7 @@ def test_uncertainty_calibration_follows_the_kind_of_star():
     z1 = r2 / np.sqrt((np.exp(a1 + b1 * t2) * s2) ** 2 + e2**2)
     assert z1[dwarf2].std() < 0.75, z1[dwarf2].std()
     _, u, t, s, e, r = sample(500, 0.25, 1.0, rng)
-    _, _, q0, g0 = fit_label_calibration(r, s, e, t, u)
+    _, _, q0, g0, _ = fit_label_calibration(r, s, e, t, u)
     assert abs(q0) < 0.05, q0  # no curvature in the data: the prior keeps it near zero
     assert np.all(np.abs(g0) < 0.15), g0
 
@@ -455,8 +456,8 @@ def test_weighted_calibration_equals_repeating_the_stars():
     r = rng.normal(0, np.sqrt((0.8 * s * np.exp(0.1 * t)) ** 2 + e**2))
     w = np.where(rng.random(n) < 0.3, 2.0, 1.0)
     rep = np.repeat(np.arange(n), w.astype(int))
-    a, b, q, g = fit_label_calibration(r, s, e, t, u, w=w)
-    a2, b2, q2, g2 = fit_label_calibration(r[rep], s[rep], e[rep], t[rep], u[rep])
+    a, b, q, g, _ = fit_label_calibration(r, s, e, t, u, w=w)
+    a2, b2, q2, g2, _ = fit_label_calibration(r[rep], s[rep], e[rep], t[rep], u[rep])
     assert np.allclose([a, b, q, *g], [a2, b2, q2, *g2], atol=2e-3)
     c = np.exp(a + b * t + q * t**2 + np.clip(u @ g, -np.log(2), np.log(2)))
     assert np.sum(w * r**2 / ((c * s) ** 2 + e**2)) / w.sum() == pytest.approx(1.0, abs=1e-6)
@@ -477,9 +478,9 @@ def test_calibration_floor_lifts_the_smallest_sigmas_and_stays_off_where_errors_
 
     none = np.zeros((3000, 0))
     t, s, e, r = sample(3000, 0.03)
-    a, b, q, g, f = fit_calibration_with_floor(r, s, e, t, none)
+    a, b, q, g, f, _ = fit_calibration_with_floor(r, s, e, t, none)
     assert 0.018 <= f <= 0.045, f
-    a0, b0, q0, _ = fit_label_calibration(r, s, e, t, none)
+    a0, b0, q0, *_ = fit_label_calibration(r, s, e, t, none)
     t2, s2, e2, r2 = sample(6000, 0.03)
     smallest = s2 < np.quantile(s2, 0.2)
     z = r2 / np.sqrt((np.exp(a + b * t2 + q * t2**2) * s2) ** 2 + f * f + e2**2)
@@ -488,8 +489,46 @@ def test_calibration_floor_lifts_the_smallest_sigmas_and_stays_off_where_errors_
     z0 = r2 / np.sqrt((np.exp(a0 + b0 * t2 + q0 * t2**2) * s2) ** 2 + e2**2)
     assert z0[smallest].std() > 1.12, z0[smallest].std()
     t, s, e, r = sample(3000, 0.0)
-    *_, f0 = fit_calibration_with_floor(r, s, e, t, none)
+    *_, f0, _ = fit_calibration_with_floor(r, s, e, t, none)
     assert f0 <= 0.2 * np.median(s), (f0, np.median(s))
+
+
+def test_calibration_floor_follows_the_kind_of_star():
+    """A floor that giants have and dwarfs have much less of (the network's systematic error is a kind of star's,
+    not the survey's), fitted on a 25 % dwarf sample with label noise:
+    the floor's own kind terms keep the giants' floor off the dwarfs, so both kinds' z-scores come out
+    right on a 60 % dwarf catalogue, where one floor for all leaves the dwarfs' errors too large."""
+    from stellar.ensemble import calibration_nll, fit_calibration_with_floor, floor_scale, label_terms
+
+    def sample(n, dwarf_share, rng):
+        dwarf = rng.random(n) < dwarf_share
+        u = label_terms(np.where(dwarf, rng.normal(1.0, 0.2, n), rng.normal(-0.5, 0.3, n))[:, None],
+                        np.array([[-1.5, 1.5]]))
+        snr = np.exp(rng.uniform(np.log(15), np.log(300), n))
+        t = np.clip(np.log(snr / 30), np.log(0.5), np.log(10))
+        s = 0.05 * (snr / 30) ** -0.8 * np.where(dwarf, 0.6, 1.0)
+        e = np.full(n, 0.01)
+        floor = np.where(dwarf, 0.015, 0.04)
+        r = rng.normal(0, np.sqrt(s**2 + floor**2 + e**2))
+        return dwarf, u, t, s, e, r, floor
+
+    rng = np.random.default_rng(17)
+    dwarf, u, t, s, e, r, _ = sample(1200, 0.25, rng)
+    a, b, q, g, f, h = fit_calibration_with_floor(r, s, e, t, u)
+    assert f > 0 and h[1] < -0.3, (f, h)  # the floor shrinks toward the dwarfs' end (u^2 grows there)
+    dwarf2, u2, t2, s2, _, _, floor2 = sample(20000, 0.6, rng)
+    true2 = rng.normal(0, np.sqrt(s2**2 + floor2**2))  # against the truth: no label noise
+    sig = np.sqrt((np.exp(a + b * t2 + q * t2**2 + np.clip(u2 @ g, -np.log(2), np.log(2))) * s2) ** 2
+                  + (f * floor_scale(u2, h)) ** 2)
+    z = true2 / sig
+    high = t2 > np.log(50 / 30)
+    for kind in (dwarf2 & high, ~dwarf2 & high):
+        assert 0.85 <= z[kind].std() <= 1.15, z[kind].std()
+    # with one floor for all (h = 0) the dwarfs' errors at high S/N come out too large, and the
+    # likelihood of the fit stars is lower
+    sig0 = np.sqrt((np.exp(a + b * t2 + q * t2**2 + np.clip(u2 @ g, -np.log(2), np.log(2))) * s2) ** 2 + f**2)
+    assert (true2 / sig0)[dwarf2 & high].std() < 0.8, (true2 / sig0)[dwarf2 & high].std()
+    assert calibration_nll(r, s, e, t, u, (a, b, q, g, h), floor=f) < calibration_nll(r, s, e, t, u, (a, b, q, g), floor=f)
 
 
 def test_uncertainty_calibration_follows_snr_smoothly():
@@ -532,7 +571,7 @@ def test_uncertainty_calibration_bends_where_a_straight_line_in_log_snr_cannot()
 
     rng = np.random.default_rng(11)
     snr, t, s, e, r = sample(1500, rng)
-    a, b, q, _ = fit_label_calibration(r, s, e, t, np.zeros((len(r), 0)))
+    a, b, q, *_ = fit_label_calibration(r, s, e, t, np.zeros((len(r), 0)))
     a1, b1 = fit_snr_calibration(r, s, e, t)
     assert q > 0.03, q
     snr2, t2, s2, e2, r2 = sample(20000, rng)

@@ -346,7 +346,10 @@ def residuals_snr(page: Page) -> None:
                         "and scatter about zero."))
         figures.append((_save(figc, out / "calibration.png"), "Calibration curves (test split)",
                         "Share of test stars whose label lies within the predicted interval, against the "
-                        "interval's nominal coverage: on the diagonal when the uncertainties are calibrated."))
+                        "interval's nominal coverage: on the diagonal when the uncertainties are calibrated. "
+                        "The test stars are half of the stars the published calibration is fitted on, so this "
+                        "is a check of its fit; the held-out figure is the training run's (the test stars "
+                        "judged before they joined it: the MLflow run's metrics and the promotion gate)."))
         data["residuals"] = res_data
         data["calibration"] = cal_data
 
