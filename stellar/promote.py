@@ -7,10 +7,11 @@ champion alias when, for every label, its RMSE is at most
 ``max_rmse_ratio`` times the champion's and its z-score spread is within
 ``1 +- max_z_std_error`` (calibrated uncertainties), on at least
 ``min_test_stars`` stars. With no champion yet, only the calibration and
-size criteria apply. The test stars of the features a model was trained on are
-half of its published calibration's fit stars (``stellar.train.calibrate_on_held_out``),
-so there the z-score criterion checks that fit; the train run judged it held out,
-before they joined (its logged metrics). The decision and both versions' metrics are written as
+size criteria apply. The test stars are half of a model's published calibration's
+fit stars (``stellar.train.calibrate_on_held_out``), so the z-score criterion reads
+the spreads the train stage measured on them before they joined it (the model's
+``meta["held_out_z_std"]``); a model trained before that record is judged on the
+re-evaluated spreads. The decision and both versions' metrics are written as
 tags on both versions; the registered model keeps the champion history
 (tag ``champion_history``), which ``--rollback`` walks back.
 """
@@ -48,17 +49,22 @@ def held_out_metrics(cfg: StellarConfig, ens: Ensemble) -> dict:
     return evaluate(ens, test)
 
 
-def decide(cfg: StellarConfig, labels: list[str], challenger: dict, champion: dict | None) -> tuple[bool, list[str]]:
-    """Apply the configured criteria; returns (promote?, reasons it may not)."""
+def decide(cfg: StellarConfig, labels: list[str], challenger: dict, champion: dict | None,
+           held_out_z: dict[str, float] | None = None) -> tuple[bool, list[str]]:
+    """Apply the configured criteria; returns (promote?, reasons it may not). ``held_out_z``: the
+    challenger's z-score spread per label measured before the test stars joined its calibration (the
+    train stage's record); where given, the calibration criterion reads it instead of ``challenger``'s."""
     p = cfg.promote
     fails = []
     for lab in labels:
         n = challenger.get(f"{lab}/all/n", 0)
         if n < p.min_test_stars:
             fails.append(f"{lab}: {n} test stars < {p.min_test_stars}")
-        z = challenger.get(f"{lab}/all/z_std", float("nan"))
+        held = lab in (held_out_z or {})
+        z = float(held_out_z[lab]) if held else challenger.get(f"{lab}/all/z_std", float("nan"))
         if not abs(z - 1.0) <= p.max_z_std_error:
-            fails.append(f"{lab}: z-score spread {z:.3f} outside 1 +- {p.max_z_std_error}")
+            fails.append(f"{lab}: z-score spread {z:.3f}{' (held out, at training)' if held else ''} "
+                         f"outside 1 +- {p.max_z_std_error}")
         if champion is not None:
             a, b = challenger.get(f"{lab}/all/rmse", float("inf")), champion.get(f"{lab}/all/rmse", float("nan"))
             if not a <= p.max_rmse_ratio * b:
@@ -96,11 +102,13 @@ def promote(cfg: StellarConfig, dry_run: bool = False) -> dict:
         if champ.labels != chal.labels:
             raise PromoteError(f"challenger labels {chal.labels} differ from champion labels {champ.labels}")
         m_champ = held_out_metrics(cfg, champ)
-    ok, reasons = decide(cfg, chal.labels, m_chal, m_champ)
+    held_out_z = chal.meta.get("held_out_z_std") or None
+    ok, reasons = decide(cfg, chal.labels, m_chal, m_champ, held_out_z)
     decision = "promoted" if ok else "rejected"
     record = {"decision": decision, "reasons": reasons, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "challenger": int(chal_mv.version), "champion": int(champ_mv.version) if champ_mv else None,
-              "criteria": p.model_dump(), "metrics": {"challenger": _summary(m_chal, chal.labels),
+              "criteria": p.model_dump(), "held_out_z_std": held_out_z,
+              "metrics": {"challenger": _summary(m_chal, chal.labels),
                                                       "champion": _summary(m_champ, chal.labels) if m_champ else None}}
     if dry_run:
         return {**record, "dry_run": True}

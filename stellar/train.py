@@ -200,9 +200,14 @@ def train_ensemble(cfg: StellarConfig, instrument: Instrument, mapper: Executor 
         raise TrainError("the validation or test split is empty: too few usable labelled stars")
     raw_cal = evaluate_uncalibrated(ens, test)
     trust = fit_trust_and_calibration(cfg, ens, instrument, selection, val)
-    # The test metrics (logged with the run, in its model card and figures) are taken with the calibration
-    # the test stars have not seen; only then do they join it (calibrate_on_held_out).
+    # The test metrics (logged with the run, in its model card and figures, and the promotion gate's
+    # z-score spreads) are taken with the calibration the test stars have not seen; only then do they
+    # join it (calibrate_on_held_out).
     metrics = evaluate(ens, test)
+    # kept with the model: the promotion gate's calibration criterion reads this held-out figure, since
+    # the test stars are fit stars of the published calibration
+    ens.meta["held_out_z_std"] = {lab: round(float(metrics.get(f"{lab}/all/z_std", float("nan"))), 5)
+                                  for lab in labels}
     figures = _figures(ens, test) if log_mlflow else None
     calibrate_on_held_out(cfg, ens, selection, val, test)
     summary = {"members": len(members), "kept": len(kept), "dropped": dropped,
@@ -270,9 +275,9 @@ def calibrate_on_held_out(cfg: StellarConfig, ens: Ensemble, selection: Path | N
     """The published uncertainty calibration: refitted as :func:`fit_trust_and_calibration` fits it, on
     the validation and the test stars together (the stars the trust tests keep, and their fainter copies),
     then the ``imprecise`` test's limits again on the validation stars with it. Run after the test
-    metrics are taken, so those (logged with the run) still judge a calibration the test stars did not
-    shape; ``stellar promote``, which evaluates the published model on the test split again, then
-    checks the fit.
+    metrics are taken, so those (logged with the run, and each label's z-score spread kept in the
+    model's ``meta["held_out_z_std"]`` for the promotion gate) still judge a calibration the test stars
+    did not shape.
 
     Why both splits: the calibration's kind-of-star terms are the difference between dwarfs and giants,
     and a label survey's dwarfs are few and their catalogue noise is as large as the network's error

@@ -460,6 +460,7 @@ def test_promote_reject_promote_rollback(registry, capsys):
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     tag = json.loads(client.get_model_version(name, "2").tags["promotion"])
     assert tag["decision"] == "rejected" and tag["champion"] == 1 and "teff" in tag["metrics"]["champion"]
+    assert set(tag["held_out_z_std"]) == set(tag["metrics"]["challenger"])  # the train stage's record decided
     assert json.loads(client.get_model_version(name, "1").tags["challenged_by"])["version"] == 2
     # asking for a model that is not there says why the newest version holds no alias and what to do
     assert main(["predict", "--no-spark", "--model", "nosuch", *base]) == 2
@@ -495,6 +496,10 @@ def test_promotion_rule_without_and_with_a_champion():
     assert decide(cfg, ["teff"], good, {"teff/all/rmse": 90.0})[0]
     assert not decide(cfg, ["teff"], {**good, "teff/all/n": 5}, None)[0]
     assert not decide(cfg, ["teff"], {**good, "teff/all/z_std": float("nan")}, None)[0]
+    # the spread the train stage measured before the test stars joined the calibration decides, where given
+    ok, why = decide(cfg, ["teff"], {**good, "teff/all/z_std": 1.0}, None, held_out_z={"teff": 1.3})
+    assert not ok and "z-score spread 1.300 (held out, at training) outside 1 +- 0.2" in why[0]
+    assert decide(cfg, ["teff"], {**good, "teff/all/z_std": 1.3}, None, held_out_z={"teff": 1.05})[0]
 
 
 def test_task_cpus_outside_spark_is_none():

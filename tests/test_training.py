@@ -503,6 +503,7 @@ def test_register_load_by_alias_identical_predictions(features, tmp_path, rvs_in
     cs = ens.meta["calibration_stars"]
     assert (cs["validation"], cs["test"]) == (len(val["snr"]), len(test["snr"])) and cs["kept"] > len(val["snr"]), cs
     assert summary["snr_calibration"] == ens.snr_calibration()
+    assert ens.meta["held_out_z_std"] == {lab: round(summary["metrics"][f"{lab}/all/z_std"], 5) for lab in ens.labels}
     loaded, ident = load_registered(cfg, "challenger")
     assert ident["version"] == 1 and ident["run_id"] == summary["run_id"]
     a, b = ens.predict(test), loaded.predict(test)
