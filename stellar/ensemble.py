@@ -401,12 +401,13 @@ def fit_label_calibration(r: np.ndarray, s: np.ndarray, e: np.ndarray, t: np.nda
 
 
 def floor_scale(u: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """The error floor's kind-of-star factor exp(clip(h . u)) (N,) for covariates ``u`` (N, K)."""
+    """The error floor's kind-of-star factor exp(clip(h . u)) for covariates ``u`` (N, K): (N,) for one
+    label's ``h`` (K,), (N, L) for every label's (L, K)."""
     h = np.asarray(h, dtype=np.float64)
-    if h.size == 0:
-        return np.ones(np.asarray(u).shape[0])
-    u = np.asarray(u, dtype=np.float64).reshape(-1, h.size)
-    return np.exp(np.clip(u @ h, -CALIBRATION_FLOOR_MAX_LOG, CALIBRATION_FLOOR_MAX_LOG))
+    if h.shape[-1] == 0:
+        return np.ones((np.asarray(u).shape[0], *h.shape[:-1]))
+    u = np.asarray(u, dtype=np.float64).reshape(-1, h.shape[-1])
+    return np.exp(np.clip(u @ h.T, -CALIBRATION_FLOOR_MAX_LOG, CALIBRATION_FLOOR_MAX_LOG))
 
 
 # An error floor in quadrature, sigma' = sqrt((c sigma)^2 + f^2): the network's sigma shrinks with S/N
@@ -682,8 +683,7 @@ class Ensemble:
             if np.any(self.sigma_floor):
                 floor = self.sigma_floor
                 if np.any(self.floor_coef):  # the floor's kind-of-star factor, per label
-                    terms = label_terms(mu, self.label_range)
-                    floor = floor * np.stack([floor_scale(terms, h) for h in self.floor_coef], axis=1)
+                    floor = floor * floor_scale(label_terms(mu, self.label_range), self.floor_coef)
                 sigma = np.sqrt(sigma**2 + floor**2)
         return {"mean": mu * self.label_std + self.label_mean, "sigma": sigma * self.label_std,
                 "sigma_aleatoric": np.sqrt(aleatoric) * self.label_std,
