@@ -799,14 +799,18 @@ def _pipeline_predictions(cfg, out_dir):
 
 
 def _assert_same_predictions(api, ref, labels, min_agreement=0.99):
-    """Labels and uncertainties equal within 1e-5 (relative), nulls in the same places, and the map's and
-    trust verdicts agreeing on >= ``min_agreement`` of the stars."""
+    """Labels and uncertainties equal within 1e-5 (relative, and 1e-5 of the column's spread absolute:
+    float32 forwards over other batch sizes differ by a few 1e-9 on some CPUs, which is more than 1e-5
+    of a label near zero), nulls in the same places, and the map's and trust verdicts agreeing on >=
+    ``min_agreement`` of the stars."""
     assert list(api["source_id"]) == list(ref["source_id"])
     for lab in labels:
         for col in (lab, f"{lab}_err"):
             a, b = api[col].to_numpy(float), ref[col].to_numpy(float)
             assert (np.isfinite(a) == np.isfinite(b)).all(), col
-            np.testing.assert_allclose(a[np.isfinite(a)], b[np.isfinite(b)], rtol=1e-5, err_msg=col)
+            b_ok = b[np.isfinite(b)]
+            np.testing.assert_allclose(a[np.isfinite(a)], b_ok, rtol=1e-5, atol=1e-5 * float(np.std(b_ok)),
+                                       err_msg=col)
     for col in ("train_like", "ood"):
         agree = (api[col].to_numpy() == ref[col].to_numpy()).mean()
         assert agree >= min_agreement, (col, agree)
