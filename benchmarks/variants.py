@@ -24,7 +24,6 @@ members), so a record from another machine or other code is refused and the base
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import subprocess
@@ -72,7 +71,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def code_commit() -> str:
+def code_trees() -> str:
     """The git trees of the code and presets that train (``stellar/``, ``conf/``), "+dirty" where tracked
     files there differ from them ("unknown" off git): a commit that touches neither keeps a record valid."""
     try:
@@ -87,12 +86,10 @@ def code_commit() -> str:
 
 def record_key(members: int, overrides: dict, sets: list[str], features_root: str) -> dict:
     """What decides an ensemble's figures on a run: compared whole before a record is reused. The features
-    table's committed manifest stands for the run's data (a pipeline rerun into the same folder that
-    changed them changes it)."""
-    manifest = TableStore(features_root).current_manifest()
-    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"members": members, "overrides": overrides, "sets": sorted(sets), "features": digest,
-            "commit": code_commit(), "cpu": cpu_model()}
+    table's content digest stands for the run's data (a pipeline rerun into the same folder that changed
+    them changes it)."""
+    return {"members": members, "overrides": overrides, "sets": sorted(sets),
+            "features": TableStore(features_root).content_digest(), "code": code_trees(), "cpu": cpu_model()}
 
 
 def save_record(path: Path, key: dict, row: dict) -> None:
@@ -106,12 +103,15 @@ def load_record(path: Path, key: dict) -> dict | None:
     """The figures recorded at ``path`` if its key equals ``key`` (else None, saying why)."""
     if not path.is_file():
         return None
+    if key["code"].endswith("+dirty") or key["code"] == "unknown":
+        print(f"{path}: not reused: the code is {key['code']}, so a record cannot say it matches", flush=True)
+        return None
     body = json.loads(path.read_text())
-    if body.get("key") != key or "+dirty" in key["commit"] or key["commit"] == "unknown":
+    if body.get("key") != key:
         print(f"{path}: recorded for {body.get('key')}, not {key}: training the base again", flush=True)
         return None
     return {"rmse": {(lab, b): v for lab, b, v in body["rmse"]}, "seconds": body["seconds"],
-            "overrides": {}, "labels": body["labels"], "reused": True}
+            "overrides": {}, "labels": body["labels"]}
 
 
 def main() -> None:
